@@ -1,0 +1,3 @@
+"""Configuration, CLI and orchestration shared by the extract, score and train stages."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""``python -m pipeline extract|score|train|run|predict|store ...``
+
+Problems the user can fix print as one line (``error: ...``) and exit 1; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+DEFAULT_CONFIG = "configs/default.toml"
+log = logging.getLogger("pipeline")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not (0 <= int(m[1]) < int(m[2])):
+        raise argparse.ArgumentTypeError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def _common(p: argparse.ArgumentParser, *, config: bool = True, out: bool = False) -> None:
+    if config:
+        p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment TOML (default: {DEFAULT_CONFIG})")
+    p.add_argument("--store", default=os.environ.get("FEATURESTORE", "featurestore"),
+                   help="store path or fsspec URL, e.g. /shared/fs or s3://bucket/prefix (default: $FEATURESTORE or ./featurestore)")
+    if out:
+        p.add_argument("--out", default="reports", help="folder for tables, plots and report.md (default: reports)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Offline feature store for transformer internals.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="run the models once over the corpus and cache per-layer features in the store",
+                       description="Pooled hidden states and FFN activations of every layer, one forward pass per batch; cached entries are skipped.")
+    _common(p)
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="do only store shards with index %% N == I (run N processes for N GPUs/machines)")
+    p.add_argument("--models", default="", help="comma-separated model names from the config (default: all)")
+
+    p = sub.add_parser("score", help="variability and sparsity statistics, out of core with Dask")
+    _common(p, out=True)
+    p.add_argument("--scheduler", default=None, help="threads, synchronous, or tcp://host:port of a dask.distributed scheduler (overrides score.scheduler)")
+
+    p = sub.add_parser("train", help="fit probes, variability-selected, top-layer and fused heads on cached features")
+    _common(p, out=True)
+
+    p = sub.add_parser("run", help="extract, score and train in order")
+    _common(p, out=True)
+    p.add_argument("--scheduler", default=None, help="Dask scheduler for score")
+
+    p = sub.add_parser("predict", help="label new text with a trained head (runs the needed models up to the layers it uses)")
+    _common(p)
+    p.add_argument("--head", required=True, help="head name from train.parquet (e.g. fusion, selected:bert:mean, probe:bert:3:mean) or a store key")
+    p.add_argument("--file", default=None, help="read texts from this file, one per line")
+    p.add_argument("texts", nargs="*", help="texts to label")
+
+    p = sub.add_parser("store", help="inspect and maintain a store: ls, verify, gc")
+    ssub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    q = ssub.add_parser("ls", help="list entries with human names, sizes and age")
+    _common(q, config=False)
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q = ssub.add_parser("verify", help="rehash every file; exit 1 naming each bad one")
+    _common(q, config=False)
+    q.add_argument("keys", nargs="*", help="entry keys (default: all)")
+    q = ssub.add_parser("gc", help="remove temporaries and unfinished entries older than the grace period (never committed ones)")
+    _common(q, config=False)
+    q.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    q.add_argument("--grace-hours", type=float, default=24.0, help="age below which unfinished work is kept (default: 24)")
+    for name, helptext in (("push", "copy entries from --store to --to, verified by hash"), ("pull", "copy entries from --from into --store, verified by hash")):
+        q = ssub.add_parser(name, help=helptext)
+        _common(q, config=False)
+        q.add_argument("--to" if name == "push" else "--from", dest="other", required=True, help="the other store (path or URL)")
+        q.add_argument("keys", nargs="*", help="entry keys (default: all committed)")
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s")
+    if not args.debug:
+        for noisy in ("distributed", "urllib3", "h5py", "fsspec", "transformers", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline import orchestrate
+
+    if args.command == "store":
+        return orchestrate.store_command(args)
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    if args.command == "extract":
+        models = [m for m in args.models.split(",") if m]
+        return orchestrate.extract(cfg, args.store, shard=args.shard, models=models, progress=not args.quiet)
+    if args.command == "score":
+        return orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet)
+    if args.command == "train":
+        return orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)
+    if args.command == "run":
+        for step in (lambda: orchestrate.extract(cfg, args.store, progress=not args.quiet),
+                     lambda: orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet),
+                     lambda: orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)):
+            rc = step()
+            if rc:
+                return rc
+        return 0
+    if args.command == "predict":
+        texts = list(args.texts)
+        if args.file:
+            texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise PipelineError("predict: give texts as arguments or --file")
+        return orchestrate.predict(cfg, args.store, args.head, texts)
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    if args.debug:
+        return _run(args)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted; committed shards are kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI edge turns known errors into one line
+        if not _is_user_error(e):
+            print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+            return 1
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
+
+
+def _is_user_error(e: Exception) -> bool:
+    if isinstance(e, (PipelineError, OSError)):
+        return True
+    try:
+        from store import StoreError
+    except ImportError:
+        return False
+    return isinstance(e, StoreError)

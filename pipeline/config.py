@@ -1,0 +1,277 @@
+"""Typed experiment configuration, one dataclass per stage, validated once at the edge.
+
+Every field carries its help text and its constraints in ``metadata`` so that the
+checks live in one declarative table (as scikit-learn's ``_parameter_constraints``)
+rather than in scattered ``if`` statements. Validation does no I/O beyond reading
+the TOML file itself: data files and models are checked where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+POOLINGS = ("mean", "first", "last")
+FFN_POOLINGS = ("mean", "max")
+STORAGE_DTYPES = ("float16", "float32")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DATA_FORMATS = (".tsv", ".csv", ".jsonl", ".parquet")
+
+
+def _field(default: Any = dataclasses.MISSING, help: str = "", **constraints: Any) -> Any:
+    """A dataclass field with its help text and constraints kept together."""
+    meta = {"help": help, **constraints}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which labelled corpus to run over."""
+
+    name: str = _field(help="Short dataset name used in store entries and reports.", pattern="name")
+    path: str = _field("", help="Folder holding one file per split named <split>.{tsv,csv,jsonl,parquet}.")
+    splits: tuple[str, ...] = _field(("train", "dev", "test"), help="Splits to use; the first must be the training split.", nonempty=True)
+    files: dict[str, str] = _field({}, help="Explicit split -> file paths; overrides `path` for the splits it names.")
+    text_column: str = _field("text", help="Column holding the text.")
+    label_column: str = _field("label", help="Column holding the integer class label.")
+    limit: int = _field(0, help="Keep only the first N rows of each split (0 = all); for quick runs.", min=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One frozen model to extract from."""
+
+    name: str = _field(help="Short name used in store entries and reports (e.g. 'bert').", pattern="name")
+    source: str = _field(help="An embedded model name (see README), a Hugging Face id in the local cache, or a local folder.")
+    revision: str = _field("", help="Hugging Face revision (commit, tag or branch) for hub ids; empty = the cached default.")
+    threshold: float = _field(0.0, help="An FFN neuron fires on a token when its activation is > threshold (exact for ReLU; a stated rule for GELU/SiLU).", finite=True)
+    trust_remote_code: bool = _field(False, help="Allow custom model code from the checkpoint. Off unless you trust the source.")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How features are computed and stored; fields in the key change the stored bytes."""
+
+    max_length: int = _field(128, help="Tokens per text after truncation (longer texts are truncated and counted).", min=2, max=1_000_000)
+    poolings: tuple[str, ...] = _field(POOLINGS, help="Hidden-state poolings to store.", choices=POOLINGS, nonempty=True)
+    ffn_poolings: tuple[str, ...] = _field(FFN_POOLINGS, help="FFN activation poolings to store.", choices=FFN_POOLINGS, nonempty=True)
+    special_tokens_in_mean: bool = _field(False, help="Count special tokens ([CLS], <s>, </s>, BOS) in mean pooling and firing counts.")
+    storage_dtype: str = _field("float16", help="dtype of stored float arrays.", choices=STORAGE_DTYPES)
+    compute_dtype: str = _field("auto", help="Model dtype: auto = bfloat16 on CUDA, float32 on CPU.", choices=COMPUTE_DTYPES)
+    device: str = _field("auto", help="auto, cpu, cuda or cuda:N.", pattern="device")
+    token_budget: int = _field(8192, help="Max padded tokens per batch (batches are grouped by length).", min=16)
+    max_batch_size: int = _field(128, help="Max texts per batch.", min=1)
+    shard_rows: int = _field(2048, help="Rows per store shard (the unit of resume and of --shard I/N).", min=1)
+    allow_nonfinite: bool = _field(False, help="Commit entries even if NaN/inf activations were found (they are always reported).")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Variability and sparsity statistics over stored features."""
+
+    split: str = _field("train", help="Split the statistics are computed on.")
+    keywords: str = _field("configs/keywords/stem.txt", help="Keyword list (one per line) for the per-neuron keyword score.")
+    scheduler: str = _field("threads", help="Dask scheduler: threads, synchronous, or a dask.distributed address tcp://host:port.", pattern="scheduler")
+    rows_per_chunk: int = _field(1024, help="Rows per Dask chunk; memory stays bounded by one chunk plus accumulators.", min=1)
+    top_neurons: int = _field(10, help="Neurons listed per layer by keyword score in the report.", min=0)
+    min_fires: int = _field(5, help="Sentences a neuron must fire on to be ranked by keyword score.", min=1)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """LLMEmbed-style fused head (Liu et al., ACL 2024)."""
+
+    inputs: tuple[str, ...] = _field(("llama:-1:mean", "llama:-2:mean", "llama:-3:mean", "llama:-4:mean", "bert:-1:first", "roberta:-1:first"), help="Feature blocks as model:layer:pooling; negative layers count from the top.")
+    average: tuple[str, ...] = _field(("llama:-1:mean", "llama:-2:mean", "llama:-3:mean", "llama:-4:mean"), help="Blocks (among inputs) whose raw average is concatenated before the MLP.")
+    width: int = _field(256, help="Common projection width.", min=1)
+    sigma: float = _field(1.0, help="Scale of the co-occurrence term: 2*sigmoid(sigma*P) - 1.", min=0.0, finite=True)
+    hidden: int = _field(256, help="MLP hidden width.", min=1)
+    dropout: float = _field(0.1, help="Dropout after projection and in the MLP.", min=0.0, max=0.95)
+    epochs: int = _field(40, help="Max epochs; early stopping on dev accuracy.", min=1)
+    patience: int = _field(5, help="Epochs without dev improvement before stopping.", min=1)
+    lr: float = _field(1e-3, help="Adam learning rate.", min=0.0, finite=True)
+    batch_size: int = _field(64, help="Mini-batch size.", min=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Heads fitted on cached features only."""
+
+    poolings: tuple[str, ...] = _field(POOLINGS, help="Hidden poolings to probe per layer.", choices=POOLINGS, nonempty=True)
+    Cs: tuple[float, ...] = _field((0.01, 0.1, 1.0, 10.0), help="Inverse regularisation strengths tried for logistic probes (chosen on dev).", nonempty=True, min=0.0)
+    dev_split: str = _field("dev", help="Split used for model choice and early stopping.")
+    test_split: str = _field("test", help="Split reported as test.")
+    fusion: FusionConfig = field(default_factory=FusionConfig, metadata={"help": "Fused multi-model head."})
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: a corpus, the models to run over it, and the stage settings."""
+
+    name: str = _field(help="Experiment name, used for report titles.", pattern="name")
+    data: DataConfig = field(metadata={"help": "The labelled corpus."})
+    models: tuple[ModelConfig, ...] = field(metadata={"help": "Models to extract from (a [[models]] table each).", "nonempty": True})
+    seed: int = _field(0, help="Seed for every random choice (head init, shuffling).", min=0)
+    extract: ExtractConfig = field(default_factory=ExtractConfig, metadata={"help": "Extract stage."})
+    score: ScoreConfig = field(default_factory=ScoreConfig, metadata={"help": "Score stage."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Train stage."})
+    source: str = field(default="", metadata={"help": "File the config was read from (set by the loader).", "internal": True})
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"models: no model named {name!r}; configured: {', '.join(m.name for m in self.models)}")
+
+    def resolve_path(self, p: str) -> Path:
+        """Relative paths in a config are relative to the working directory (the project root under make)."""
+        return Path(p).expanduser()
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"models: duplicate model name(s) {dupes}; each [[models]] needs a unique name")
+        for s in (self.score.split, self.train.dev_split, self.train.test_split):
+            if s not in self.data.splits:
+                raise ConfigError(f"split {s!r} is used by score/train but data.splits is {list(self.data.splits)}")
+        blocks = set(self.train.fusion.inputs)
+        missing = [b for b in self.train.fusion.average if b not in blocks]
+        if missing:
+            raise ConfigError(f"train.fusion.average: {missing} not among train.fusion.inputs")
+
+
+_PATTERNS = {
+    "name": (r"^[A-Za-z0-9][A-Za-z0-9._-]*$", "letters, digits, '.', '_' and '-'"),
+    "device": (r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", "auto, cpu, mps, cuda or cuda:N"),
+    "scheduler": (r"^(threads|synchronous|processes|tcp://.+|tls://.+)$", "threads, synchronous, processes or tcp://host:port"),
+}
+
+
+def _check_constraints(where: str, value: Any, meta: dict) -> None:
+    import re
+
+    items = value if isinstance(value, tuple) else (value,)
+    if meta.get("nonempty") and isinstance(value, tuple) and not value:
+        raise ConfigError(f"{where}: must not be empty")
+    for v in items:
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(f"{where}: {v!r} is not allowed; choose from {list(meta['choices'])}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if meta.get("finite") and not math.isfinite(v):
+                raise ConfigError(f"{where}: {v!r} must be finite")
+            if "min" in meta and v < meta["min"]:
+                raise ConfigError(f"{where}: {v!r} is below the minimum {meta['min']}")
+            if "max" in meta and v > meta["max"]:
+                raise ConfigError(f"{where}: {v!r} is above the maximum {meta['max']}")
+        if "pattern" in meta and isinstance(v, str):
+            pattern, allowed = _PATTERNS[meta["pattern"]]
+            if not re.match(pattern, v):
+                raise ConfigError(f"{where}: {v!r} is not valid; allowed: {allowed}")
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Convert a TOML value to the annotated type, or say which field is wrong and why."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        (inner, _) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(f"{where}[{i}]", v, inner) for i, v in enumerate(value))
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return {_coerce(where, k, kt): _coerce(f"{where}.{k}", v, vt) for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unions are not supported in configs ({where})")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build ``cls`` from a TOML table; unknown keys are errors, not ignored."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed in [{where or 'top level'}]: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {key}: {f.metadata.get('help', '')}")
+            continue
+        value = _coerce(key, data[name], hints[name])
+        _check_constraints(key, value, f.metadata)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate a TOML experiment config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: malformed TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = value
+    try:
+        cfg = from_dict(ExperimentConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    return dataclasses.replace(cfg, source=str(p))
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain JSON-able dict of a config (tuples become lists) for records next to outputs."""
+    return json_ready(dataclasses.asdict(cfg))
+
+
+def json_ready(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def field_help(cls: type) -> list[tuple[str, str, Any]]:
+    """(name, help, default) rows, for --help epilogs and the README table."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        rows.append((f.name, f.metadata.get("help", ""), default))
+    return rows

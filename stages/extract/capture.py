@@ -1,0 +1,91 @@
+"""One forward pass per batch yields every layer's pooled hidden states and FFN activations.
+
+Hidden states come from ``output_hidden_states``; FFN activations are the *input* of each
+block's FFN output projection, caught by a forward pre-hook and reduced on the device
+(masked mean, masked max, firing counts) before the next block runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.models.families import Family
+from stages.extract import pooling
+
+
+@dataclass
+class BatchFeatures:
+    arrays: dict[str, torch.Tensor]  # name -> (B, layers, width), on the device
+    fire_count: torch.Tensor  # (n_layers, ffn) int64
+    n_counted: int  # tokens that count for means and firing
+
+
+class FfnCapture:
+    """Forward pre-hooks on every block's FFN output projection; use as a context manager."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, poolings: tuple[str, ...], threshold: float):
+        self.blocks = list(family.block_list(model))
+        self.projections = [family.ffn_projection(b) for b in self.blocks]
+        self.poolings = poolings
+        self.threshold = threshold
+        self.mask: torch.Tensor | None = None
+        self.pooled: list[dict[str, torch.Tensor]] = []
+        self.fired: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def _hook(self, layer: int):
+        def hook(module, args):
+            x = args[0]
+            out = {}
+            if "mean" in self.poolings:
+                out["mean"] = pooling.masked_mean(x, self.mask)
+            if "max" in self.poolings:
+                out["max"] = pooling.masked_max(x, self.mask)
+            self.pooled[layer] = out
+            self.fired[layer] = pooling.fire_counts(x, self.mask, self.threshold)
+
+        return hook
+
+    def __enter__(self) -> "FfnCapture":
+        self._handles = [p.register_forward_pre_hook(self._hook(i)) for i, p in enumerate(self.projections)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def begin(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.pooled = [{} for _ in self.projections]
+        self.fired = [None] * len(self.projections)  # type: ignore[list-item]
+
+
+def forward_features(
+    model: torch.nn.Module,
+    capture: FfnCapture,
+    inputs: dict[str, torch.Tensor],
+    special_tokens_mask: torch.Tensor,
+    *,
+    poolings: tuple[str, ...],
+    include_special: bool,
+) -> BatchFeatures:
+    """Run one batch and reduce everything the store keeps, all on the model's device."""
+    attention = inputs["attention_mask"]
+    mask = pooling.token_masks(attention, special_tokens_mask, include_special)
+    capture.begin(mask)
+    out = model(**inputs, output_hidden_states=True, return_dict=True)
+    hidden = out.hidden_states
+    first, last = pooling.first_last_index(attention)
+    arrays: dict[str, torch.Tensor] = {}
+    if "mean" in poolings:
+        arrays["hidden/mean"] = torch.stack([pooling.masked_mean(h, mask) for h in hidden], dim=1)
+    if "first" in poolings:
+        arrays["hidden/first"] = torch.stack([pooling.gather_positions(h, first) for h in hidden], dim=1)
+    if "last" in poolings:
+        arrays["hidden/last"] = torch.stack([pooling.gather_positions(h, last) for h in hidden], dim=1)
+    for name in capture.poolings:
+        arrays[f"ffn/{name}"] = torch.stack([p[name] for p in capture.pooled], dim=1)
+    return BatchFeatures(arrays, torch.stack(capture.fired), int(mask.sum().item()))

@@ -1,0 +1,108 @@
+"""What a feature entry is: the description whose fingerprint is its store key.
+
+Everything that changes the stored bytes is in it (model identity, tokenizer via the
+model files, max length, poolings, dtypes, hook points, threshold, the data fingerprint,
+the shard layout and the format version); device, batch size, token budget and worker
+count are not, so a teammate computing the same thing elsewhere gets a cache hit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from pipeline.config import ExtractConfig, ModelConfig
+from pipeline.data import Split
+from pipeline.device import compute_dtype_name
+from pipeline.models import ModelSpec
+from pipeline.models.families import FAMILIES, Family
+from pipeline.models.registry import EMBEDDED
+from store import fingerprint
+
+FORMAT_VERSION = 1
+
+
+def spec_family(spec: ModelSpec) -> Family:
+    """The family from the model's config.json, read as JSON (no transformers import)."""
+    if spec.kind == "tiny":
+        name = spec.identity["family"]
+    elif spec.kind == "embedded":
+        name = EMBEDDED[spec.source].family
+    else:
+        from pipeline.models.families import family_of
+
+        class _Cfg:
+            model_type = json.loads((Path(spec.path) / "config.json").read_text()).get("model_type")
+
+        return family_of(_Cfg)
+    return next(f for f in FAMILIES if f.name == name)
+
+
+@dataclass(frozen=True)
+class FeatureRequest:
+    """One store entry to extract: a model over a split under one extract config."""
+
+    split: Split
+    model: ModelConfig
+    spec: ModelSpec
+    extract: ExtractConfig
+
+    @cached_property
+    def family(self) -> Family:
+        return spec_family(self.spec)
+
+    def key_material(self) -> dict:
+        cfg = self.extract
+        return {
+            "kind": "features",
+            "format_version": FORMAT_VERSION,
+            "data": {"fingerprint": self.split.fingerprint, "n_rows": len(self.split)},
+            "model": self.spec.identity,
+            "family": self.family.name,
+            "hooks": {"hidden": "output_hidden_states", "ffn": f"{self.family.blocks}.*.{self.family.ffn_out}:input"},
+            "max_length": cfg.max_length,
+            "poolings": sorted(cfg.poolings),
+            "ffn_poolings": sorted(cfg.ffn_poolings),
+            "special_tokens_in_mean": cfg.special_tokens_in_mean,
+            "storage_dtype": cfg.storage_dtype,
+            "compute_dtype": compute_dtype_name(cfg.compute_dtype, cfg.device),
+            "threshold": float(self.model.threshold),
+            "shard_rows": cfg.shard_rows,
+            "padding": "right",
+        }
+
+    @cached_property
+    def key(self) -> str:
+        return fingerprint(self.key_material())
+
+    def description(self) -> dict:
+        """Key material plus human context (names, paths) that does not change the bytes."""
+        return {
+            **self.key_material(),
+            "dataset": {"name": self.split.dataset, "split": self.split.name, "fingerprint": self.split.fingerprint, "path": self.split.path},
+            "model": {**self.spec.identity, "name": self.model.name, "source": self.spec.source, "random_init": self.spec.random_init},
+            "name": f"{self.split.dataset}/{self.split.name}/{self.model.name}",
+            **dict(zip(("n_layers", "hidden_size", "ffn_size"), model_dims(self.spec))),
+        }
+
+    def estimated_bytes(self) -> int:
+        layers, hidden, ffn = model_dims(self.spec)
+        per_row = (layers + 1) * hidden * len(self.extract.poolings) + layers * ffn * len(self.extract.ffn_poolings)
+        itemsize = 2 if self.extract.storage_dtype == "float16" else 4
+        return len(self.split) * per_row * itemsize
+
+
+def model_dims(spec: ModelSpec) -> tuple[int, int, int]:
+    """(n_layers, hidden_size, ffn_size) from config.json, for disk estimates and `store ls`."""
+    if spec.kind == "tiny":
+        from pipeline.models.random_init import TINY
+
+        return TINY.layers, TINY.hidden, TINY.ffn
+    cfg = json.loads((Path(spec.path) / "config.json").read_text())
+
+    def first(*names: str) -> int:
+        return int(next(cfg[n] for n in names if n in cfg))
+
+    return first("num_hidden_layers", "num_layers"), first("hidden_size", "d_model"), first("intermediate_size", "d_ff")

@@ -1,0 +1,50 @@
+"""Reductions over real tokens, done on the device so token tensors never reach the host."""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_masks(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor, include_special: bool) -> torch.Tensor:
+    """Float mask of the tokens that count for mean pooling and firing counts.
+
+    Padding never counts; special tokens count only if asked. A row whose tokens are all
+    special (possible after extreme truncation) falls back to all of its real tokens.
+    """
+    real = attention_mask.bool()
+    keep = real if include_special else real & ~special_tokens_mask.bool()
+    empty = ~keep.any(dim=1, keepdim=True)
+    keep = torch.where(empty, real, keep)
+    return keep.to(torch.float32)
+
+
+def first_last_index(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the first and last non-padding token; right or left padding alike."""
+    real = attention_mask.bool()
+    t = real.shape[1]
+    pos = torch.arange(t, device=real.device).expand_as(real)
+    first = torch.where(real, pos, t).amin(dim=1)
+    last = torch.where(real, pos, -1).amax(dim=1)
+    return first, last
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) x (B, T) -> (B, D), accumulated in float32."""
+    m = mask.to(torch.float32)
+    total = torch.bmm(m.unsqueeze(1), x.to(torch.float32)).squeeze(1)
+    return total / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B,) -> (B, D)."""
+    return x[torch.arange(x.shape[0], device=x.device), index]
+
+
+def fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, T, F) -> (F,) int64: how many counted tokens have activation > threshold."""
+    fired = (x > threshold) & mask.bool().unsqueeze(-1)
+    return fired.sum(dim=(0, 1), dtype=torch.int64)

@@ -1,0 +1,211 @@
+"""Extract one store entry: one model over one split, shard by shard, resumable.
+
+The model is loaded only when a shard is missing; writing runs on a background thread so
+the device does not wait on disk; a shard is published atomically by the store and the
+manifest is committed by whichever process finishes the last shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import ExtractConfig, ModelConfig
+from pipeline.data import Split
+from pipeline.errors import PipelineError
+from stages.extract.batching import plan_batches
+from stages.extract.key import FeatureRequest
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(PipelineError):
+    """NaN/inf in pooled features; the entry is not committed unless allow_nonfinite is set."""
+
+
+@dataclass
+class EntryStats:
+    model: str
+    split: str
+    rows: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    bytes_written: int = 0
+    cached: bool = False
+    committed: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    family: object
+    device: object
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
+    """Token ids and special-token masks, truncated to ``max_length``; also which texts were cut."""
+    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    truncated = np.array([len(ids) > max_length for ids in full], dtype=bool)
+    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length, return_special_tokens_mask=True)
+    return enc["input_ids"], enc["special_tokens_mask"], truncated
+
+
+def _pad(tokenizer, ids: list[list[int]], special: list[list[int]], family: str, device):
+    """Right-pad a batch (positions of real tokens then match an unpadded run for every family)."""
+    import torch
+
+    width = max(len(x) for x in ids)
+    pad_id = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    special_t = torch.ones((len(ids), width), dtype=torch.long)
+    for i, (x, s) in enumerate(zip(ids, special)):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        attention[i, : len(x)] = 1
+        special_t[i, : len(s)] = torch.tensor(s)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+    if family == "bert":
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    return inputs, special_t.to(device)
+
+
+def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str], row_start: int, labels: np.ndarray, progress=None):
+    """Compute one shard in memory: arrays in row order, its table, and its per-shard attrs."""
+    import torch
+
+    from stages.extract.capture import FfnCapture, forward_features
+
+    cfg = request.extract
+    ids, special, truncated = tokenize(loaded.tokenizer, texts, cfg.max_length)
+    lengths = np.array([len(x) for x in ids])
+    n = len(texts)
+    storage = getattr(torch, cfg.storage_dtype)
+    out: dict[str, np.ndarray] = {}
+    fire = None
+    counted = 0
+    with torch.inference_mode(), FfnCapture(loaded.model, loaded.family, cfg.ffn_poolings, request.model.threshold) as capture:
+        for batch in plan_batches(lengths, cfg.token_budget, cfg.max_batch_size):
+            inputs, special_t = _pad(loaded.tokenizer, [ids[i] for i in batch], [special[i] for i in batch], loaded.family.name, loaded.device)
+            feats = forward_features(loaded.model, capture, inputs, special_t, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean)
+            for name, t in feats.arrays.items():
+                t = t.to(storage)
+                bad = ~torch.isfinite(t)
+                if bad.any() and not cfg.allow_nonfinite:
+                    b, layer = (int(v) for v in bad.nonzero()[0][:2])
+                    raise NonFiniteError(
+                        f"{request.model.name}/{request.split.name}: non-finite {name} at layer {layer}, row {row_start + int(batch[b])} "
+                        f"(in {cfg.storage_dtype}); set extract.allow_nonfinite = true to store it anyway, or use storage_dtype = 'float32'"
+                    )
+                host = t.cpu()
+                if name not in out:
+                    out[name] = np.empty((n, *host.shape[1:]), dtype=host.numpy().dtype)
+                out[name][batch] = host.numpy()
+            fire = feats.fire_count if fire is None else fire + feats.fire_count
+            counted += feats.n_counted
+            if progress is not None:
+                progress.update(len(batch))
+                progress.tokens += int(lengths[batch].sum())
+    out["ffn/fire_count"] = fire.cpu().numpy()
+    attrs = {"ffn/fire_count": {"threshold": float(request.model.threshold), "n_tokens": int(counted),
+                                "special_tokens_counted": bool(cfg.special_tokens_in_mean)}}
+    table = pd.DataFrame({
+        "row": np.arange(row_start, row_start + n, dtype=np.int64),
+        "label": labels.astype(np.int64),
+        "text": texts,
+        "n_tokens": lengths.astype(np.int64),
+        "truncated": truncated,
+    })
+    return out, table, attrs, int(lengths.sum()), int(truncated.sum())
+
+
+def n_shards(n_rows: int, shard_rows: int) -> int:
+    return max(1, math.ceil(n_rows / shard_rows))
+
+
+def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[int, int] = (0, 1), progress: bool = True) -> EntryStats:
+    """Fill the missing shards of ``request`` that belong to ``shard`` = (I, N), then commit if all are there.
+
+    ``load_model`` is called at most once and only if there is work to do, so a cached
+    entry costs no model load.
+    """
+    from tqdm.auto import tqdm
+
+    split = request.split
+    stats = EntryStats(request.model.name, split.name)
+    key = request.key
+    if store.exists(key):
+        stats.cached = True
+        stats.committed = True
+        return stats
+    cfg = request.extract
+    total = n_shards(len(split), cfg.shard_rows)
+    writer = store.writer(key, request.description(), n_shards=total)
+    index, count = shard
+    todo = [k for k in range(total) if k % count == index and k not in writer.done_shards()]
+    t0 = time.perf_counter()
+    if todo:
+        loaded = load_model()
+        t0 = time.perf_counter()
+        rows_todo = sum(min(cfg.shard_rows, len(split) - k * cfg.shard_rows) for k in todo)
+        bar = tqdm(total=rows_todo, desc=f"extract {request.model.name}/{split.name}", unit="row", disable=not progress, leave=True)
+        bar.tokens = 0
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+            for k in todo:
+                lo, hi = k * cfg.shard_rows, min((k + 1) * cfg.shard_rows, len(split))
+                arrays, table, attrs, tokens, cut = extract_shard(loaded, request, list(split.texts[lo:hi]), lo, split.labels[lo:hi], bar)
+                if pending is not None:
+                    stats.bytes_written += pending.result()
+                pending = pool.submit(_write, writer, k, arrays, table, attrs, lo)
+                stats.rows += hi - lo
+                stats.tokens += tokens
+                stats.truncated += cut
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix_str(f"{bar.tokens / elapsed:,.0f} tok/s")
+            if pending is not None:
+                stats.bytes_written += pending.result()
+        bar.close()
+    stats.seconds = time.perf_counter() - t0
+    if stats.truncated:
+        log.warning("%s/%s: %d text(s) longer than max_length=%d were truncated", request.model.name, split.name, stats.truncated, cfg.max_length)
+    if len(writer.done_shards()) == total:
+        writer.commit(expected_shards=total)
+        stats.committed = True
+    else:
+        log.info("%s/%s: %d of %d shards present; the process that writes the last one commits the entry",
+                 request.model.name, split.name, len(writer.done_shards()), total)
+    return stats
+
+
+def _write(writer, k: int, arrays: dict, table: pd.DataFrame, attrs: dict, row_start: int) -> int:
+    writer.write_shard(k, arrays, table, row_start=row_start, attrs=attrs)
+    return sum(a.nbytes for a in arrays.values())
+
+
+def load_for_extract(model_cfg: ModelConfig, spec, extract_cfg: ExtractConfig):
+    """A loader closure: the model is built only if some shard needs computing."""
+
+    def load() -> LoadedModel:
+        from pipeline.device import resolve_device, resolve_dtype
+        from pipeline.models import load as load_model
+
+        device = resolve_device(extract_cfg.device)
+        dtype = resolve_dtype(extract_cfg.compute_dtype, device)
+        t0 = time.perf_counter()
+        model, tokenizer, family = load_model(spec, device=device, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+        log.info("loaded %s (%s, %s, %s) in %.1f s", model_cfg.name, spec.display, device, str(dtype).removeprefix("torch."), time.perf_counter() - t0)
+        return LoadedModel(model, tokenizer, family, device)
+
+    return load

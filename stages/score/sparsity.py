@@ -1,0 +1,223 @@
+"""FFN activation sparsity per layer and per neuron, computed out of core.
+
+Firing rule: a neuron fires on a token when its activation is strictly
+greater than ``threshold`` (0.0 for ReLU models means "non-zero"; GELU/SiLU
+models need a positive threshold, which is reported in every table). A
+sentence fires a neuron when the neuron fires on at least one of its real
+tokens, i.e. when the stored per-sentence max is > threshold. The stored
+max (float16 typically) is compared in float64, so a sentence whose max
+sits within float16 rounding of the threshold may disagree with extract's
+token counts, which were taken in the model's compute dtype.
+
+Per-neuron class selectivity, with r_k the share of class-k sentences that
+fire the neuron, m = max_k r_k and o = mean of the other K-1 rates::
+
+    selectivity = (m - o) / (m + o)     in [0, 1]; 0 where m == 0
+
+1 means only one class fires it; 0 means all classes fire it equally (or
+it never fires). NaN when there is a single class.
+
+Keyword score (the "KT-score" of Li et al., 2022): of the sentences that
+fire a neuron, the share that contain a keyword; NaN where none fires it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+
+
+def sparsity_stats(fire_count, n_tokens, ffn_max, labels, has_keyword,
+                   threshold: float, *,
+                   scheduler=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-layer and per-neuron firing statistics in one pass over ``ffn_max``.
+
+    Parameters
+    ----------
+    fire_count : dask or numpy array, (n_shards, n_layers, ffn), int
+        Per-shard counts of real tokens with activation > threshold.
+    n_tokens : array-like, (n_shards,)
+        Real tokens per shard.
+    ffn_max : dask or numpy array, (n_rows, n_layers, ffn)
+        Per-sentence max activation over real tokens.
+    labels, has_keyword : array-like, (n_rows,)
+        Class label and keyword flag of each sentence, in row order.
+    threshold : float
+        The firing threshold extract used for ``fire_count``.
+    scheduler : optional
+        Forwarded to ``dask.compute``.
+
+    Returns
+    -------
+    layers : DataFrame
+        layer, n_neurons, threshold, token_fire_fraction, dead_fraction,
+        sentence_fire_fraction.
+    neurons : DataFrame
+        layer, neuron, token_fire_rate, sentence_fire_rate,
+        n_fire_sentences, keyword_score, selectivity.
+    """
+    fire_count, ffn_max = _as_dask(fire_count), _as_dask(ffn_max)
+    n_tokens = np.asarray(n_tokens, dtype=np.int64)
+    yidx, class_sizes = _label_index(labels, ffn_max.shape[0])
+    kw = np.asarray(has_keyword, dtype=bool)
+    _check_shapes(fire_count, n_tokens, ffn_max, kw)
+
+    token_fires, sentence_fires = dask.compute(
+        fire_count.sum(axis=0, dtype=np.int64),
+        _sentence_counts(ffn_max, yidx, kw, class_sizes.size,
+                         float(threshold)).sum(axis=0, dtype=np.int64),
+        scheduler=scheduler,
+    )
+    per_class, kw_fires = sentence_fires[:-1], sentence_fires[-1]
+    neurons = _neuron_table(token_fires, per_class, kw_fires,
+                            int(n_tokens.sum()), class_sizes)
+    layers = _layer_table(token_fires, per_class, int(n_tokens.sum()),
+                          ffn_max.shape[0], float(threshold))
+    return layers, neurons
+
+
+def keyword_mask(texts: Sequence[str], keywords: Sequence[str]) -> np.ndarray:
+    """Whether each text contains any keyword as a whole word or phrase.
+
+    Case-insensitive; a multi-word keyword matches with any whitespace
+    between its words; word edges are "not a word character", so
+    "physics" does not match "astrophysics" and "c++" works.
+    """
+    pattern = _keyword_pattern(keywords)
+    if pattern is None:
+        return np.zeros(len(texts), dtype=bool)
+    return np.array([pattern.search(t) is not None for t in texts], dtype=bool)
+
+
+def top_keyword_neurons(neurons_df: pd.DataFrame, k: int, *,
+                        min_fire_sentences: int = 5) -> pd.DataFrame:
+    """Top-``k`` neurons per layer by keyword score.
+
+    Ties go to the higher sentence fire rate, then the lower neuron index.
+    Neurons fired by fewer than ``min_fire_sentences`` sentences are left
+    out: a neuron fired by one keyword sentence scores 1.0 by luck.
+    """
+    eligible = neurons_df[(neurons_df["n_fire_sentences"] >= min_fire_sentences)
+                          & neurons_df["keyword_score"].notna()]
+    ranked = eligible.sort_values(
+        ["layer", "keyword_score", "sentence_fire_rate", "neuron"],
+        ascending=[True, False, False, True], kind="mergesort")
+    return ranked.groupby("layer", sort=True).head(k).reset_index(drop=True)
+
+
+def _as_dask(a) -> da.Array:
+    """Wrap numpy input so both kinds take the same path."""
+    return a if isinstance(a, da.Array) else da.from_array(np.asarray(a))
+
+
+def _label_index(labels, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as 0..K-1 (sorted label order) and the class sizes."""
+    labels = np.asarray(labels)
+    if labels.shape != (n_rows,):
+        raise ValueError(f"labels must have shape ({n_rows},), got {labels.shape}")
+    _, yidx = np.unique(labels, return_inverse=True)
+    yidx = yidx.reshape(-1).astype(np.int64)
+    return yidx, np.bincount(yidx)
+
+
+def _check_shapes(fire_count, n_tokens, ffn_max, kw) -> None:
+    """Fail early on inputs that cannot belong to the same split."""
+    if fire_count.ndim != 3 or ffn_max.ndim != 3:
+        raise ValueError("fire_count and ffn_max must be 3-D")
+    if fire_count.shape[1:] != ffn_max.shape[1:]:
+        raise ValueError(f"fire_count {fire_count.shape} and ffn_max "
+                         f"{ffn_max.shape} disagree on (n_layers, ffn)")
+    if n_tokens.shape != (fire_count.shape[0],):
+        raise ValueError("n_tokens must have one entry per shard")
+    if kw.shape != (ffn_max.shape[0],):
+        raise ValueError("has_keyword must have one entry per row")
+
+
+def _sentence_counts(ffn_max: da.Array, yidx: np.ndarray, kw: np.ndarray,
+                     n_classes: int, threshold: float) -> da.Array:
+    """Per row chunk: (1, K+1, L, F) fired-sentence counts, class 0..K-1 and
+    keyword sentences in the last slot."""
+    rows = (ffn_max.chunks[0],)
+    return da.blockwise(
+        _count_block, "nklf", ffn_max, "nlf",
+        da.from_array(yidx, chunks=rows), "n",
+        da.from_array(kw, chunks=rows), "n",
+        n_classes=n_classes, threshold=threshold,
+        new_axes={"k": n_classes + 1}, adjust_chunks={"n": 1},
+        dtype=np.int64, meta=np.empty((0, 0, 0, 0), dtype=np.int64),
+    )
+
+
+def _count_block(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
+                 n_classes: int, threshold: float) -> np.ndarray:
+    """Compare in float64 (exact for any stored dtype), count per class."""
+    fired = np.greater(x, np.float64(threshold))
+    out = np.zeros((1, n_classes + 1) + x.shape[1:], dtype=np.int64)
+    for k in np.unique(yb):
+        out[0, k] = fired[yb == k].sum(axis=0)
+    out[0, n_classes] = fired[kwb].sum(axis=0)
+    return out
+
+
+def _neuron_table(token_fires: np.ndarray, per_class: np.ndarray,
+                  kw_fires: np.ndarray, n_tok: int,
+                  class_sizes: np.ndarray) -> pd.DataFrame:
+    """One row per (layer, neuron)."""
+    n_layers, n_ffn = token_fires.shape
+    fired = per_class.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        token_rate = token_fires / n_tok if n_tok else np.full(fired.shape, np.nan)
+        keyword = np.where(fired > 0, kw_fires / np.maximum(fired, 1), np.nan)
+    return pd.DataFrame({
+        "layer": np.repeat(np.arange(n_layers), n_ffn),
+        "neuron": np.tile(np.arange(n_ffn), n_layers),
+        "token_fire_rate": np.asarray(token_rate, dtype=np.float64).ravel(),
+        "sentence_fire_rate": (fired / class_sizes.sum()).ravel(),
+        "n_fire_sentences": fired.ravel().astype(np.int64),
+        "keyword_score": keyword.ravel(),
+        "selectivity": _selectivity(per_class, class_sizes).ravel(),
+    })
+
+
+def _selectivity(per_class: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
+    """(max - mean of others) / (max + mean of others) of class fire rates."""
+    n_classes = class_sizes.size
+    if n_classes < 2:
+        return np.full(per_class.shape[1:], np.nan)
+    rates = per_class / class_sizes[:, None, None]
+    top = rates.max(axis=0)
+    others = (rates.sum(axis=0) - top) / (n_classes - 1)
+    denom = top + others
+    return np.where(top > 0, (top - others) / np.where(top > 0, denom, 1.0), 0.0)
+
+
+def _layer_table(token_fires: np.ndarray, per_class: np.ndarray, n_tok: int,
+                 n_rows: int, threshold: float) -> pd.DataFrame:
+    """One row per layer."""
+    n_layers, n_ffn = token_fires.shape
+    fired = per_class.sum(axis=0)
+    token_fraction = (token_fires.sum(axis=1) / (n_tok * n_ffn)
+                      if n_tok else np.full(n_layers, np.nan))
+    return pd.DataFrame({
+        "layer": np.arange(n_layers),
+        "n_neurons": np.full(n_layers, n_ffn, dtype=np.int64),
+        "threshold": np.full(n_layers, threshold),
+        "token_fire_fraction": token_fraction,
+        "dead_fraction": (token_fires == 0).mean(axis=1),
+        "sentence_fire_fraction": fired.sum(axis=1) / (n_rows * n_ffn),
+    })
+
+
+def _keyword_pattern(keywords: Sequence[str]) -> re.Pattern | None:
+    """One alternation, longest first, with non-word-character edges."""
+    words = sorted({" ".join(k.split()).lower() for k in keywords if k.strip()},
+                   key=lambda w: (-len(w), w))
+    if not words:
+        return None
+    parts = [r"\s+".join(re.escape(p) for p in w.split(" ")) for w in words]
+    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)

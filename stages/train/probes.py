@@ -1,0 +1,404 @@
+"""Linear probes on cached per-layer features, and their safe persistence.
+
+A probe is a standardised multinomial logistic regression whose inverse
+regularisation ``C`` is chosen on the dev split. It is the yardstick the
+train stage uses to ask "how linearly readable is the task at layer l?",
+which is what the variability score ``nu`` claims to predict without
+training anything; :func:`spearman_nu_accuracy` checks that claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from os import PathLike
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from stages.train import _serial
+
+__all__ = [
+    "DEFAULT_CS",
+    "ProbeResult",
+    "fit_probe",
+    "evaluate",
+    "probe_layers",
+    "spearman_nu_accuracy",
+    "probe_to_arrays",
+    "probe_from_arrays",
+    "probe_to_bytes",
+    "probe_from_bytes",
+    "save_probe",
+    "load_probe",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+PROBE_FORMAT = "linear-probe"
+PROBE_FORMAT_VERSION = 1
+
+LayerSplits = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""``(X_train, X_dev, X_test)`` for one layer."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """A dev-selected probe and what it cost.
+
+    Attributes
+    ----------
+    model : sklearn.pipeline.Pipeline
+        ``StandardScaler`` then ``LogisticRegression``, fitted on train with the chosen ``C``.
+    C : float
+        The inverse regularisation strength with the best dev accuracy (ties go to the smaller).
+    dev_accuracy : float
+        Dev accuracy of ``model``.
+    fit_seconds : float
+        Wall time of the whole ``C`` sweep, since that is what choosing the probe cost.
+    n_params : int
+        Learned weights of the classifier: ``coef_.size + intercept_.size``.
+    """
+
+    model: Pipeline
+    C: float
+    dev_accuracy: float
+    fit_seconds: float
+    n_params: int
+
+
+def _make_probe(C: float, seed: int, max_iter: int) -> Pipeline:
+    # lbfgs on >2 classes fits the multinomial (softmax) loss; on 2 classes the
+    # binary logistic loss, which is the same model with one weight vector.
+    return Pipeline(
+        [
+            ("scaler", StandardScaler()),
+            ("logreg", LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed)),
+        ]
+    )
+
+
+def _check_Cs(Cs: Sequence[float]) -> list[float]:
+    Cs = [float(c) for c in Cs]
+    if not Cs or any(not math.isfinite(c) or c <= 0 for c in Cs):
+        raise ValueError(f"Cs must be a non-empty sequence of finite positive floats, got {Cs!r}")
+    return sorted(set(Cs))
+
+
+def fit_probe(
+    X_train,
+    y_train,
+    X_dev,
+    y_dev,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> ProbeResult:
+    """Fit one probe per ``C`` on train and keep the one with the best dev accuracy.
+
+    No refit on train+dev: the dev split stays an honest selection set and the
+    returned model is exactly the one that was scored.
+
+    Parameters
+    ----------
+    X_train, X_dev : array-like of shape (n_samples, n_features)
+    y_train, y_dev : array-like of shape (n_samples,)
+    Cs : sequence of float
+        Candidate inverse regularisation strengths; ties in dev accuracy go to the smaller ``C``.
+    seed : int
+        Passed as ``random_state`` (lbfgs itself is deterministic).
+    max_iter : int
+        lbfgs iteration cap; hitting it is logged as a warning, not raised.
+
+    Returns
+    -------
+    ProbeResult
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 5)); y = (X[:, 0] > 0).astype(int)
+    >>> res = fit_probe(X[:100], y[:100], X[100:], y[100:])
+    >>> res.dev_accuracy > 0.9
+    True
+    """
+    Cs = _check_Cs(Cs)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    best: tuple[float, float, Pipeline] | None = None
+    t0 = time.perf_counter()
+    for C in Cs:
+        model = _make_probe(C, seed, max_iter)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(X_train, y_train)
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            logger.warning("probe with C=%g did not converge in max_iter=%d", C, max_iter)
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        acc = accuracy_score(y_dev, model.predict(X_dev))
+        logger.debug("probe C=%g dev accuracy %.4f", C, acc)
+        if best is None or acc > best[1]:
+            best = (C, acc, model)
+    fit_seconds = time.perf_counter() - t0
+    C, acc, model = best
+    lr = model[-1]
+    return ProbeResult(
+        model=model,
+        C=C,
+        dev_accuracy=float(acc),
+        fit_seconds=fit_seconds,
+        n_params=int(lr.coef_.size + lr.intercept_.size),
+    )
+
+
+def evaluate(model, X, y) -> dict[str, float]:
+    """Accuracy and macro-F1 of any fitted classifier with ``predict`` (probes and heads alike).
+
+    Returns
+    -------
+    dict
+        ``{"accuracy": float, "macro_f1": float}``.
+    """
+    pred = model.predict(X)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+    }
+
+
+def _layer_loader(
+    features: Mapping[int, LayerSplits | Callable[[], LayerSplits]] | Callable[[int], LayerSplits],
+    layers: Sequence[int] | None,
+) -> tuple[list[int], Callable[[int], LayerSplits]]:
+    if callable(features) and not isinstance(features, Mapping):
+        if layers is None:
+            raise ValueError("layers must be given when features is a callable loader")
+        return list(layers), features
+    if not isinstance(features, Mapping):
+        raise ValueError(
+            "features must be a mapping {layer: (X_train, X_dev, X_test) or a zero-argument "
+            f"loader}} or a callable layer -> splits, got {type(features).__name__}"
+        )
+    if layers is None:
+        layers = sorted(features)
+    unknown = [layer for layer in layers if layer not in features]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not in features (has {sorted(features)})")
+
+    def load(layer: int) -> LayerSplits:
+        value = features[layer]
+        return value() if callable(value) else value
+
+    return list(layers), load
+
+
+def probe_layers(
+    features: Mapping[int, LayerSplits | Callable[[], LayerSplits]] | Callable[[int], LayerSplits],
+    y_train,
+    y_dev,
+    y_test,
+    *,
+    layers: Sequence[int] | None = None,
+    Cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+    max_iter: int = 1000,
+    on_result: Callable[[int, ProbeResult], None] | None = None,
+) -> pd.DataFrame:
+    """Fit and score one probe per layer, holding one layer's features at a time.
+
+    Parameters
+    ----------
+    features : mapping or callable
+        Either ``{layer: (X_train, X_dev, X_test)}``, ``{layer: loader}`` where
+        ``loader()`` returns that tuple, or a callable ``layer -> (X_train, X_dev, X_test)``
+        (then ``layers`` is required). Loaders let the caller stream layers from disk.
+    y_train, y_dev, y_test : array-like of shape (n_samples,)
+    layers : sequence of int, optional
+        Layers to probe, in order; defaults to the sorted keys of ``features``.
+    Cs, seed, max_iter
+        As in :func:`fit_probe`.
+    on_result : callable, optional
+        Called as ``on_result(layer, result)`` after each layer, e.g. to save the probe,
+        so that the fitted models need not all be kept.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per layer with columns ``layer, C, dev_accuracy, dev_macro_f1,
+        test_accuracy, test_macro_f1, n_params, fit_seconds``.
+    """
+    layers, load = _layer_loader(features, layers)
+    rows = []
+    for i, layer in enumerate(layers):
+        X_train, X_dev, X_test = load(layer)
+        res = fit_probe(X_train, y_train, X_dev, y_dev, Cs=Cs, seed=seed, max_iter=max_iter)
+        dev = evaluate(res.model, X_dev, y_dev)
+        test = evaluate(res.model, X_test, y_test)
+        rows.append(
+            {
+                "layer": layer,
+                "C": res.C,
+                "dev_accuracy": dev["accuracy"],
+                "dev_macro_f1": dev["macro_f1"],
+                "test_accuracy": test["accuracy"],
+                "test_macro_f1": test["macro_f1"],
+                "n_params": res.n_params,
+                "fit_seconds": res.fit_seconds,
+            }
+        )
+        logger.info(
+            "layer %s (%d/%d): C=%g dev acc %.4f test acc %.4f (%.2fs)",
+            layer, i + 1, len(layers), res.C, dev["accuracy"], test["accuracy"], res.fit_seconds,
+        )
+        if on_result is not None:
+            on_result(layer, res)
+        del X_train, X_dev, X_test, res
+    columns = [
+        "layer", "C", "dev_accuracy", "dev_macro_f1",
+        "test_accuracy", "test_macro_f1", "n_params", "fit_seconds",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def spearman_nu_accuracy(nu: Sequence[float], acc: Sequence[float]) -> float:
+    """Spearman rank correlation between per-layer ``nu`` and probe accuracy.
+
+    The variability paper predicts a strongly negative value (low ``nu``, high
+    accuracy). ``nu = +inf`` (coinciding class means) ranks above every finite
+    value; pairs with a NaN are dropped; fewer than two pairs or a constant
+    side give ``nan`` rather than a warning.
+
+    Examples
+    --------
+    >>> spearman_nu_accuracy([1.0, 2.0, float("inf")], [0.9, 0.8, 0.5])
+    -1.0
+    """
+    nu = np.asarray(nu, dtype=float)
+    acc = np.asarray(acc, dtype=float)
+    if nu.ndim != 1 or acc.shape != nu.shape:
+        raise ValueError(
+            f"nu and acc must be 1-D of equal length, got shapes {nu.shape} and {acc.shape}"
+        )
+    keep = ~(np.isnan(nu) | np.isnan(acc))
+    nu, acc = nu[keep], acc[keep]
+    if nu.size < 2:
+        return float("nan")
+    # rankdata orders +-inf correctly; ranking explicitly keeps the Pearson step finite.
+    r_nu, r_acc = stats.rankdata(nu), stats.rankdata(acc)
+    if np.all(r_nu == r_nu[0]) or np.all(r_acc == r_acc[0]):
+        return float("nan")
+    return float(stats.spearmanr(r_nu, r_acc).statistic)
+
+
+# --- persistence ---------------------------------------------------------------------------
+
+
+def probe_to_arrays(pipeline: Pipeline) -> tuple[dict[str, np.ndarray], dict]:
+    """Split a fitted scaler + logistic-regression pipeline into arrays and JSON-able metadata.
+
+    The arrays are exactly the state ``predict_proba`` reads, so
+    :func:`probe_from_arrays` rebuilds a pipeline with bit-identical output.
+
+    Returns
+    -------
+    arrays : dict of str to ndarray
+        ``scaler.mean``, ``scaler.scale``, ``scaler.var``, ``logreg.coef``, ``logreg.intercept``.
+    meta : dict
+        Format tag, hyper-parameters, class labels and feature count.
+    """
+    if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 2:
+        raise ValueError("probe_to_arrays expects a Pipeline(StandardScaler, LogisticRegression)")
+    scaler, lr = pipeline[0], pipeline[-1]
+    if not isinstance(scaler, StandardScaler) or not isinstance(lr, LogisticRegression):
+        raise ValueError(
+            "probe_to_arrays expects a Pipeline(StandardScaler, LogisticRegression), got "
+            f"({type(scaler).__name__}, {type(lr).__name__})"
+        )
+    check_is_fitted(scaler)
+    check_is_fitted(lr)
+    arrays = {"logreg.coef": lr.coef_, "logreg.intercept": lr.intercept_}
+    for name in ("mean", "scale", "var"):
+        value = getattr(scaler, f"{name}_")
+        if value is not None:
+            arrays[f"scaler.{name}"] = value
+    meta = {
+        "format": PROBE_FORMAT,
+        "version": PROBE_FORMAT_VERSION,
+        "step_names": [name for name, _ in pipeline.steps],
+        "scaler": {
+            "with_mean": scaler.with_mean,
+            "with_std": scaler.with_std,
+            "n_samples_seen": np.asarray(scaler.n_samples_seen_).tolist(),
+        },
+        "logreg": {
+            "params": {k: lr.get_params()[k] for k in ("C", "max_iter", "tol", "random_state", "solver")},
+            "n_iter": np.asarray(lr.n_iter_).tolist(),
+        },
+        "classes": _serial.labels_to_json(lr.classes_),
+        "n_features_in": int(lr.n_features_in_),
+    }
+    return {k: np.ascontiguousarray(v) for k, v in arrays.items()}, meta
+
+
+def probe_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> Pipeline:
+    """Rebuild the pipeline written by :func:`probe_to_arrays` (no pickle involved)."""
+    if meta.get("format") != PROBE_FORMAT or meta.get("version") != PROBE_FORMAT_VERSION:
+        raise ValueError(
+            f"not a {PROBE_FORMAT} v{PROBE_FORMAT_VERSION} probe: format={meta.get('format')!r} "
+            f"version={meta.get('version')!r}"
+        )
+    n_features = int(meta["n_features_in"])
+    sm = meta["scaler"]
+    scaler = StandardScaler(with_mean=sm["with_mean"], with_std=sm["with_std"])
+    scaler.mean_ = np.asarray(arrays["scaler.mean"]) if "scaler.mean" in arrays else None
+    scaler.scale_ = np.asarray(arrays["scaler.scale"]) if "scaler.scale" in arrays else None
+    scaler.var_ = np.asarray(arrays["scaler.var"]) if "scaler.var" in arrays else None
+    scaler.n_samples_seen_ = np.asarray(sm["n_samples_seen"]) if isinstance(
+        sm["n_samples_seen"], list) else sm["n_samples_seen"]
+    scaler.n_features_in_ = n_features
+
+    lr = LogisticRegression(**meta["logreg"]["params"])
+    lr.coef_ = np.asarray(arrays["logreg.coef"])
+    lr.intercept_ = np.asarray(arrays["logreg.intercept"])
+    lr.classes_ = _serial.labels_from_json(meta["classes"])
+    lr.n_iter_ = np.asarray(meta["logreg"]["n_iter"], dtype=np.int32)
+    lr.n_features_in_ = n_features
+    if lr.coef_.shape[1] != n_features:
+        raise ValueError(f"probe coef has {lr.coef_.shape[1]} features, meta says {n_features}")
+    names = meta.get("step_names", ["scaler", "logreg"])
+    return Pipeline([(names[0], scaler), (names[1], lr)])
+
+
+def probe_to_bytes(pipeline: Pipeline) -> dict[str, bytes]:
+    """``{'head.safetensors': ..., 'head.json': ...}`` for a content-addressed store."""
+    return _serial.pack(*probe_to_arrays(pipeline))
+
+
+def probe_from_bytes(blobs: Mapping[str, bytes]) -> Pipeline:
+    """Inverse of :func:`probe_to_bytes`."""
+    return probe_from_arrays(*_serial.unpack(blobs))
+
+
+def save_probe(pipeline: Pipeline, path: str | PathLike) -> None:
+    """Write ``head.safetensors`` and ``head.json`` into directory ``path``."""
+    _serial.write_dir(probe_to_bytes(pipeline), path)
+
+
+def load_probe(path: str | PathLike) -> Pipeline:
+    """Load a probe written by :func:`save_probe`."""
+    return probe_from_bytes(_serial.read_dir(path))

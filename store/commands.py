@@ -1,0 +1,98 @@
+"""Text for the `store ls|verify|gc` commands; pure functions, the CLI prints what they return."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .store import EntryInfo, Store, lookup
+
+_MISSING_TEXT = "-"
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float | None) -> str:
+    """3700 -> '1h'; None -> '-'."""
+    if seconds is None:
+        return _MISSING_TEXT
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def _name(info: EntryInfo) -> str:
+    parts = [lookup(info.description, f) for f in ("dataset.name", "dataset.split", "model.name")]
+    parts = [str(p) for p in parts if isinstance(p, (str, int, float))]
+    if parts:
+        return "/".join(parts)
+    return str(info.name) if info.name is not None else _MISSING_TEXT
+
+
+def _row(info: EntryInfo) -> dict[str, Any]:
+    return {
+        "name": _name(info),
+        "kind": info.kind,
+        "key": info.key,
+        "rows": info.n_rows,
+        "layers": info.description.get("n_layers"),
+        "bytes": info.bytes,
+        "created": info.created,
+        "age_seconds": info.age_seconds,
+        "complete": info.complete,
+        "created_by": info.created_by,
+    }
+
+
+def ls(store: Store, as_json: bool = False) -> str:
+    """A table (or JSON list) of every entry with its human name, kind, key, size and age."""
+    rows = [_row(info) for info in store.list()]
+    if as_json:
+        return json.dumps(rows, indent=1, sort_keys=True)
+    header = ["NAME", "KIND", "KEY", "ROWS", "LAYERS", "SIZE", "AGE", "COMPLETE", "CREATED_BY"]
+    lines = [header]
+    for r in rows:
+        by = r["created_by"]
+        lines.append([
+            r["name"], r["kind"] or _MISSING_TEXT, r["key"][:12],
+            _MISSING_TEXT if r["rows"] is None else str(r["rows"]),
+            _MISSING_TEXT if r["layers"] is None else str(r["layers"]),
+            human_bytes(r["bytes"]), human_age(r["age_seconds"]), "yes" if r["complete"] else "no",
+            f"{by.get('user', '?')}@{by.get('host', '?')}" if by else _MISSING_TEXT,
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return text if rows else text + f"\n(no entries in {store.url})"
+
+
+def verify(store: Store, keys: list[str] | None = None) -> tuple[str, int]:
+    """(report, exit code): 0 if every file matches its manifest, 1 naming each bad file, 2 for a bad key."""
+    try:
+        problems = store.verify(keys or None)
+    except ValueError as exc:
+        return str(exc), 2
+    checked = keys or [i.key for i in store.list() if i.complete]
+    if not problems:
+        return f"ok: {len(checked)} entries verified in {store.url}", 0
+    lines = [f"{p.path}: {p.reason}" for p in problems]
+    bad = sorted({p.key for p in problems})
+    lines.append(f"{len(problems)} problems in {len(bad)} of {len(checked)} entries; remove them and re-run the stages that built them")
+    return "\n".join(lines), 1
+
+
+def gc(store: Store, grace_seconds: float = 86400, dry_run: bool = False) -> str:
+    """Report of what gc removed (or would remove with dry_run)."""
+    removed = store.gc(grace_seconds=grace_seconds, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    if not removed:
+        return f"nothing to remove in {store.url} (grace {grace_seconds:g}s)"
+    return "\n".join([*(f"{verb} {p}" for p in removed), f"{verb} {len(removed)} paths from {store.url}"])

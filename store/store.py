@@ -1,0 +1,242 @@
+"""Store: the entry point to a content-addressed, write-once feature store at a path or fsspec URL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from . import layout, manifest as mf
+from .entry import Entry
+from .errors import CorruptEntryError, StoreError
+from .fs import StoreFS
+from .keys import validate_key
+from .writer import EntryWriter
+
+log = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One line of `Store.list()`: a committed or incomplete entry."""
+
+    key: str
+    kind: str | None
+    name: str | None
+    complete: bool
+    n_rows: int | None
+    bytes: int
+    created: float | None
+    age_seconds: float | None
+    description: dict[str, Any] = field(default_factory=dict)
+    created_by: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One failed check of `Store.verify()`: which entry, which file, and why."""
+
+    key: str
+    path: str
+    reason: str
+
+
+def lookup(description: dict[str, Any], dotted: str) -> Any:
+    """Value at a dotted path like 'dataset.name' in a nested description, or a sentinel if absent."""
+    value: Any = description
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+class Store:
+    """A feature store rooted at a local path or fsspec URL ('s3://bucket/prefix', 'memory://x')."""
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+        self._sfs = StoreFS(url, storage_options)
+        self.url = self._sfs.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    @property
+    def fs(self) -> StoreFS:
+        return self._sfs
+
+    def exists(self, key: str) -> bool:
+        """True if entry `key` is committed (its manifest is published)."""
+        return self._sfs.exists(layout.entry_file(self._sfs, key, mf.MANIFEST_NAME))
+
+    def open(self, key: str, verify: bool = False) -> Entry:
+        """The committed entry `key`; with verify=True every file is rehashed first."""
+        validate_key(key)
+        if verify:
+            problems = self.verify([key])
+            if problems:
+                p = problems[0]
+                cls = StoreError if p.reason == "not committed" else CorruptEntryError
+                raise cls(f"{p.path}: {p.reason}; remove entry {key} and re-run the stage that built it")
+        return Entry(self._sfs, key)
+
+    def writer(self, key: str, description: dict, *, n_shards: int, code_version: str = "unknown",
+               compression: str | None = None) -> EntryWriter:
+        """A writer for entry `key` (creates the store root on first use)."""
+        return EntryWriter(self._sfs, key, description, n_shards=n_shards, code_version=code_version, compression=compression)
+
+    # listing -----------------------------------------------------------------------------------------
+
+    def _keys(self) -> list[str]:
+        keys = []
+        for item in self._sfs.listdir(self._sfs.join(layout.ENTRIES)):
+            try:
+                keys.append(validate_key(item["basename"]))
+            except ValueError:
+                log.warning("ignoring %s in store %s: not an entry key", item["name"], self.url)
+        return sorted(keys)
+
+    def list(self) -> list[EntryInfo]:
+        """Committed and incomplete entries, newest first."""
+        now = time.time()
+        infos = []
+        for key in self._keys():
+            files = list(self._sfs.walk_files(layout.entry_dir(self._sfs, key)))
+            size = sum(int(f.get("size") or 0) for f in files)
+            manifest = None
+            if any(f["name"].endswith("/" + mf.MANIFEST_NAME) for f in files):
+                try:
+                    manifest = Entry(self._sfs, key).manifest
+                except CorruptEntryError as exc:
+                    log.warning("%s", exc)
+            if manifest is not None:
+                description, created = manifest["description"], float(manifest.get("created") or 0)
+                n_rows, created_by = manifest["n_rows"], manifest.get("created_by") or {}
+            else:
+                description, n_rows, created_by = self._incomplete_description(files), None, {}
+                times = [t for t in (StoreFS.mtime(f) for f in files) if t is not None]
+                created = max(times) if times else None
+            infos.append(EntryInfo(
+                key=key, kind=description.get("kind"), name=description.get("name"),
+                complete=manifest is not None, n_rows=n_rows, bytes=size, created=created,
+                age_seconds=None if created is None else max(0.0, now - created),
+                description=description, created_by=created_by,
+            ))
+        return sorted(infos, key=lambda i: -(i.created or 0))
+
+    def _incomplete_description(self, files: list[dict[str, Any]]) -> dict[str, Any]:
+        """Description of an uncommitted entry, read from the metadata of its first Parquet shard."""
+        for f in sorted(files, key=lambda f: f["name"]):
+            if f["name"].endswith(".parquet"):
+                try:
+                    with self._sfs.open(f["name"], "rb") as fh:
+                        meta = pq.read_schema(fh).metadata or {}
+                    return json.loads(meta[b"store.description"])
+                except (KeyError, OSError, ValueError) as exc:
+                    log.debug("no description in %s: %s", f["name"], exc)
+        return {}
+
+    def find(self, **match: Any) -> list[Entry]:
+        """Committed entries whose description has every given (dotted) field equal to the given value."""
+        found = []
+        for key in self._keys():
+            if not self.exists(key):
+                continue
+            try:
+                entry = Entry(self._sfs, key)
+            except CorruptEntryError as exc:
+                log.warning("%s", exc)
+                continue
+            if all(lookup(entry.description, k) == v for k, v in match.items()):
+                found.append(entry)
+        return found
+
+    # integrity ---------------------------------------------------------------------------------------
+
+    def verify(self, keys: list[str] | None = None) -> list[Problem]:
+        """Rehash every file of the given (default: all committed) entries against their manifests."""
+        if keys is None:
+            keys = [k for k in self._keys() if self.exists(k)]
+        problems: list[Problem] = []
+        for key in keys:
+            validate_key(key)
+            mpath = layout.entry_file(self._sfs, key, mf.MANIFEST_NAME)
+            try:
+                manifest = mf.loads(self._sfs.cat(mpath), key, mpath)
+            except FileNotFoundError:
+                problems.append(Problem(key, mpath, "not committed"))
+                continue
+            except CorruptEntryError as exc:
+                reason = "path escapes store" if str(exc).startswith("path escapes store") else "manifest invalid"
+                problems.append(Problem(key, mpath, reason))
+                continue
+            for name, sha, size in mf.file_records(manifest):
+                path = layout.entry_file(self._sfs, key, name)
+                try:
+                    actual_size = self._sfs.size(path)
+                    if actual_size != size:
+                        problems.append(Problem(key, path, "size mismatch (truncated?)" if actual_size < size else "size mismatch"))
+                        continue
+                    if self._sfs.sha256(path)[0] != sha:
+                        problems.append(Problem(key, path, "sha256 mismatch"))
+                except FileNotFoundError:
+                    problems.append(Problem(key, path, "missing"))
+        for p in problems:
+            log.warning("verify: %s: %s", p.path, p.reason)
+        return problems
+
+    # garbage collection ------------------------------------------------------------------------------
+
+    def _leases(self) -> dict[str, tuple[str, float]]:
+        """key -> (lease path, expiry); unreadable leases count as expired."""
+        out = {}
+        for item in self._sfs.listdir(self._sfs.join(layout.LEASES)):
+            base = item["basename"]
+            if not base.endswith(".json"):
+                continue
+            try:
+                expires = float(json.loads(self._sfs.cat(item["name"])).get("expires", 0))
+            except (ValueError, AttributeError, TypeError, FileNotFoundError):
+                expires = 0.0
+            out[base[: -len(".json")]] = (item["name"], expires)
+        return out
+
+    def gc(self, grace_seconds: float = 86400, dry_run: bool = False) -> list[str]:
+        """Remove temporaries and unfinished entries older than `grace_seconds`, and expired leases.
+
+        A committed entry (manifest present) is never touched; an unfinished entry under a live lease
+        is kept whatever its age. Returns the removed (or, with dry_run, removable) paths.
+        """
+        now = time.time()
+        leases = self._leases()
+        doomed: list[str] = []
+        for item in self._sfs.walk_files(self._sfs.join(layout.TMP)):
+            mtime = StoreFS.mtime(item)
+            if mtime is None or now - mtime > grace_seconds:
+                doomed.append(item["name"])
+        for key in self._keys():
+            if self.exists(key):
+                continue
+            if key in leases and leases[key][1] > now:
+                continue
+            times = [StoreFS.mtime(f) for f in self._sfs.walk_files(layout.entry_dir(self._sfs, key))]
+            known = [t for t in times if t is not None]
+            if not known or now - max(known) > grace_seconds:
+                doomed.append(layout.entry_dir(self._sfs, key))
+        for key, (path, expires) in sorted(leases.items()):
+            if expires <= now:
+                doomed.append(path)
+        if not dry_run:
+            for path in doomed:
+                if path.startswith(self._sfs.join(layout.ENTRIES) + "/") and self._sfs.exists(path + "/" + mf.MANIFEST_NAME):
+                    continue
+                self._sfs.remove(path)
+                log.info("gc removed %s", path)
+        return doomed

@@ -1,0 +1,38 @@
+"""Plots write files and leave no pyplot state behind."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from stages.score.plots import plot_sparsity, plot_variability
+
+
+def test_plot_variability(tmp_path):
+    df = pd.DataFrame({
+        "model": ["bert"] * 4 + ["llama"] * 6,
+        "pooling": ["mean", "mean", "first", "first"] + ["mean"] * 6,
+        "layer": [0, 1, 0, 1, 0, 1, 2, 3, 4, 5],
+        "nu": [np.inf, 1.5, 2.0, np.nan, np.inf, 3.0, 2.0, 1.0, 0.8, 0.0],
+    })
+    out = plot_variability(df, tmp_path / "sub" / "nu.png")
+    assert out.exists() and out.stat().st_size > 1000
+    assert plt.get_fignums() == []
+
+
+def test_plot_sparsity(tmp_path):
+    df = pd.DataFrame({
+        "model": ["t5"] * 3 + ["bert"] * 2,
+        "layer": [0, 1, 2, 0, 1],
+        "n_layers": [3, 3, 3, 2, 2],
+        "threshold": [0.0] * 3 + [0.1] * 2,
+        "token_fire_fraction": [0.1, 0.05, 0.02, 0.3, 0.2],
+        "dead_fraction": [0.0, 0.2, 0.35, 0.0, 0.01],
+    })
+    out = plot_sparsity(df, tmp_path / "sparsity.png")
+    assert out.exists() and out.stat().st_size > 1000
+    assert plt.get_fignums() == []
+
+
+def test_plot_variability_all_infinite(tmp_path):
+    df = pd.DataFrame({"model": ["m"], "layer": [0], "nu": [np.inf]})
+    assert plot_variability(df, tmp_path / "empty.png").exists()

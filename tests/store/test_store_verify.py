@@ -1,0 +1,118 @@
+"""verify names every damaged file; open refuses manifests that are invalid or point outside the entry."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from store import CorruptEntryError, Store, commands
+
+
+@pytest.fixture
+def entry_dir(tmp_path, write_entry):
+    store = Store(tmp_path / "fs")
+    key, _, _ = write_entry(store)
+    return store, key, tmp_path / "fs" / "entries" / key
+
+
+def _writable(path):
+    os.chmod(path, 0o644)
+    return path
+
+
+def test_clean_store_verifies(entry_dir):
+    store, key, _ = entry_dir
+    assert store.verify() == []
+    assert commands.verify(store, []) == (f"ok: 1 entries verified in {store.url}", 0)
+
+
+def test_flipped_byte(entry_dir):
+    store, key, d = entry_dir
+    path = _writable(d / "shard_00001.h5")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    problems = store.verify([key])
+    assert [(p.path, p.reason) for p in problems] == [(str(path), "sha256 mismatch")]
+    text, code = commands.verify(store, [key])
+    assert code == 1 and f"{path}: sha256 mismatch" in text
+    with pytest.raises(CorruptEntryError, match="shard_00001.h5: sha256 mismatch"):
+        store.open(key, verify=True)
+
+
+def test_truncated_file(entry_dir):
+    store, key, d = entry_dir
+    path = _writable(d / "shard_00002.parquet")
+    path.write_bytes(path.read_bytes()[:-10])
+    assert [(p.path, p.reason) for p in store.verify()] == [(str(path), "size mismatch (truncated?)")]
+
+
+def test_deleted_shard(entry_dir):
+    store, key, d = entry_dir
+    (d / "shard_00000.h5").unlink()
+    assert [(p.path, p.reason) for p in store.verify()] == [(str(d / "shard_00000.h5"), "missing")]
+    text, code = commands.verify(store, [])
+    assert code == 1 and "shard_00000.h5: missing" in text
+
+
+def _edit_manifest(d, edit):
+    path = _writable(d / "manifest.json")
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("bad", ["../other/shard_00000.h5", "/etc/passwd", "..", "../" + "b" * 64 + "/manifest.json"])
+def test_manifest_pointing_outside_the_entry(entry_dir, bad):
+    store, key, d = entry_dir
+
+    def edit(m):
+        m["files"].append({"name": bad, "sha256": "0" * 64, "bytes": 1})
+
+    _edit_manifest(d, edit)
+    assert [p.reason for p in store.verify()] == ["path escapes store"]
+    with pytest.raises(CorruptEntryError, match="path escapes store"):
+        store.open(key)
+
+
+def test_shard_path_outside_the_entry(entry_dir):
+    store, key, d = entry_dir
+    _edit_manifest(d, lambda m: m["shards"][0].update(file="../../tmp/shard_00000.h5"))
+    with pytest.raises(CorruptEntryError, match="path escapes store"):
+        store.open(key)
+
+
+def test_hand_edited_invalid_manifest(entry_dir):
+    store, key, d = entry_dir
+    path = _writable(d / "manifest.json")
+    path.write_text(path.read_text()[:-20] + "# edited by hand")
+    assert [(p.path, p.reason) for p in store.verify()] == [(str(path), "manifest invalid")]
+    with pytest.raises(CorruptEntryError, match="manifest invalid: .*manifest.json is not valid JSON"):
+        store.open(key)
+    info = {i.key: i for i in store.list()}[key]
+    assert not info.complete
+    assert store.find(kind="features") == []
+
+
+def test_manifest_with_wrong_structure(entry_dir):
+    store, key, d = entry_dir
+    _edit_manifest(d, lambda m: m["shards"][1].update(n_rows="five"))
+    with pytest.raises(CorruptEntryError, match=r"shards\[1\].n_rows"):
+        store.open(key)
+    _edit_manifest(d, lambda m: m.update(key="c" * 64))
+    with pytest.raises(CorruptEntryError, match="does not match directory"):
+        store.open(key)
+
+
+def test_verify_uncommitted_key(tmp_path, write_entry):
+    store = Store(tmp_path / "fs")
+    key, _, _ = write_entry(store, commit=False)
+    assert [p.reason for p in store.verify([key])] == ["not committed"]
+    assert store.verify() == []
+
+
+def test_verify_command_rejects_bad_key(tmp_path):
+    text, code = commands.verify(Store(tmp_path / "fs"), ["not-a-key"])
+    assert code == 2 and "invalid store key 'not-a-key'" in text
