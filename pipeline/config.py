@@ -94,7 +94,7 @@ class FusionConfig:
     inputs: tuple[str, ...] = _field(("llama:-1:mean", "llama:-2:mean", "llama:-3:mean", "llama:-4:mean", "bert:-1:first", "roberta:-1:first"), help="Feature blocks as model:layer:pooling; negative layers count from the top.")
     average: tuple[str, ...] = _field(("llama:-1:mean", "llama:-2:mean", "llama:-3:mean", "llama:-4:mean"), help="Blocks (among inputs) whose raw average is concatenated before the MLP.")
     width: int = _field(256, help="Common projection width.", min=1)
-    sigma: float = _field(1.0, help="Scale of the co-occurrence term: 2*sigmoid(sigma*P) - 1.", min=0.0, finite=True)
+    sigma: float = _field(0.01, help="Scale of the co-occurrence term 2*sigmoid(sigma*P) - 1; about 1/width keeps it from saturating.", min=0.0, finite=True)
     hidden: int = _field(256, help="MLP hidden width.", min=1)
     dropout: float = _field(0.1, help="Dropout after projection and in the MLP.", min=0.0, max=0.95)
     epochs: int = _field(40, help="Max epochs; early stopping on dev accuracy.", min=1)

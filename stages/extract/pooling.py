@@ -29,9 +29,15 @@ def first_last_index(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) x (B, T) -> (B, D), accumulated in float32."""
+    """(B, T, D) x (B, T) -> (B, D), accumulated in float32.
+
+    Positions outside the mask are zeroed rather than multiplied by 0, so a NaN/inf at a
+    padded or excluded position (0 * inf = NaN) cannot leak into the mean.
+    """
     m = mask.to(torch.float32)
-    total = torch.bmm(m.unsqueeze(1), x.to(torch.float32)).squeeze(1)
+    xf = x.to(torch.float32, copy=True)  # a fresh copy: never write into the model's activations
+    xf.masked_fill_(~mask.bool().unsqueeze(-1), 0.0)
+    total = torch.bmm(m.unsqueeze(1), xf).squeeze(1)
     return total / m.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 

@@ -261,7 +261,7 @@ def probe_layers(
                 "fit_seconds": res.fit_seconds,
             }
         )
-        logger.info(
+        logger.debug(
             "layer %s (%d/%d): C=%g dev acc %.4f test acc %.4f (%.2fs)",
             layer, i + 1, len(layers), res.C, dev["accuracy"], test["accuracy"], res.fit_seconds,
         )

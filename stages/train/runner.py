@@ -1,0 +1,264 @@
+"""Train stage: heads fitted on cached features only (no model forward pass).
+
+Per-layer probes give the accuracy curve users compare with ``nu``; the probe at the
+lowest-``nu`` layer is set against the top-layer probe (Xie et al.); a fused head over
+several models' blocks (LLMEmbed) is set against a concatenation baseline. All heads are
+saved to the store with the keys of the features they were trained on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import ExperimentConfig, to_dict
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger(__name__)
+
+TRAIN_VERSION = 1
+TRAIN_COLUMNS = ["dataset", "head", "models", "layers", "pooling", "split", "accuracy", "macro_f1", "n_params", "fit_seconds"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A feature block ``model:layer:pooling``; negative layers count from the top."""
+
+    model: str
+    layer: int
+    pooling: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Block":
+        m = re.fullmatch(r"([A-Za-z0-9._-]+):(-?\d+):(mean|first|last)", text)
+        if not m:
+            raise ConfigError(f"train.fusion.inputs: {text!r} is not model:layer:pooling (e.g. 'llama:-1:mean')")
+        return cls(m[1], int(m[2]), m[3])
+
+    def resolved(self, n_layers: int) -> "Block":
+        layer = self.layer if self.layer >= 0 else n_layers + 1 + self.layer
+        if not 0 <= layer <= n_layers:
+            raise ConfigError(f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})")
+        return Block(self.model, layer, self.pooling)
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.layer}:{self.pooling}"
+
+
+@dataclass
+class FeatureCache:
+    """Pooled hidden states of each (model, pooling, split), read from the store once."""
+
+    entries: dict[tuple[str, str], object]
+    arrays: dict[tuple[str, str, str], np.ndarray] = field(default_factory=dict)
+
+    def get(self, model: str, pooling: str, split: str) -> np.ndarray:
+        key = (model, pooling, split)
+        if key not in self.arrays:
+            entry = self.entries[(model, split)]
+            if f"hidden/{pooling}" not in entry.datasets():
+                raise PipelineError(f"{model}/{split}: pooling {pooling!r} was not extracted; add it to extract.poolings and re-run `make extract`")
+            self.arrays[key] = entry.array(f"hidden/{pooling}").compute()
+        return self.arrays[key]
+
+    def layer(self, block: Block, split: str) -> np.ndarray:
+        return np.asarray(self.get(block.model, block.pooling, split)[:, block.layer, :], dtype=np.float32)
+
+
+def _labels(entry) -> np.ndarray:
+    return entry.table()["label"].to_numpy()
+
+
+def head_file(name: str) -> str:
+    """A store-safe file stem for a head name like 'probe:bert:3:mean'."""
+    return name.replace(":", "-")
+
+
+def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True) -> pd.DataFrame:
+    from tqdm.auto import tqdm
+
+    from pipeline.data import load_splits
+    from pipeline.orchestrate import feature_requests
+    from stages.score.runner import load_keywords, load_scores, open_features, scores_key
+    from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
+
+    train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
+    splits = load_splits(cfg.data)
+    requests = feature_requests(cfg, splits={s: splits[s] for s in dict.fromkeys((train_split, dev_split, test_split))})
+    entries = {(r.model.name, r.split.name): open_features(store, r) for r in requests}
+    by_model = {r.model.name: r for r in requests if r.split.name == train_split}
+    skey = scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords), cfg)
+    if not store.exists(skey):
+        raise PipelineError(f"no scores for this config in {store.url}; run `make score CONFIG={cfg.source or '...'}` first")
+    nu_table = load_scores(store, skey)
+    cache = FeatureCache(entries)
+    y = {s: _labels(entries[(next(iter(by_model)), s)]) for s in (train_split, dev_split, test_split)}
+    rows: list[dict] = []
+    layer_rows: list[pd.DataFrame] = []
+    selection: list[dict] = []
+    blobs: dict[str, bytes] = {}
+    random_models = [f"{r.model.name} ({r.spec.source})" for r in by_model.values() if r.spec.random_init]
+
+    def add_rows(head: str, models: str, layers: str, pooling: str, metrics: dict, n_params: int, seconds: float) -> None:
+        for split in ("dev", "test"):
+            rows.append({"dataset": cfg.data.name, "head": head, "models": models, "layers": layers, "pooling": pooling,
+                         "split": split, "accuracy": metrics[f"{split}_accuracy"], "macro_f1": metrics[f"{split}_macro_f1"],
+                         "n_params": n_params, "fit_seconds": seconds})
+
+    jobs = [(m, p) for m in by_model for p in cfg.train.poolings]
+    for model, pooling in tqdm(jobs, desc="train probes", unit="model/pooling", disable=not progress):
+        n_layers = int(entries[(model, train_split)].description["n_layers"])
+
+        def load(layer: int, model=model, pooling=pooling):
+            b = Block(model, layer, pooling)
+            return cache.layer(b, train_split), cache.layer(b, dev_split), cache.layer(b, test_split)
+
+        def keep(layer: int, res, model=model, pooling=pooling):
+            stem = head_file(f"probe:{model}:{layer}:{pooling}")
+            for name, data in probe_to_bytes(res.model).items():
+                blobs[f"{stem}.{name.split('.', 1)[1]}"] = data
+
+        df = probe_layers(load, y[train_split], y[dev_split], y[test_split], layers=range(n_layers + 1),
+                          Cs=cfg.train.Cs, seed=cfg.seed, on_result=keep)
+        nus = nu_table[(nu_table["model"] == model) & (nu_table["pooling"] == pooling)].set_index("layer")["variability"]
+        df.insert(0, "pooling", pooling)
+        df.insert(0, "model", model)
+        df["nu"] = df["layer"].map(nus)
+        layer_rows.append(df)
+        for r in df.itertuples(index=False):
+            add_rows("probe", model, str(r.layer), pooling, r._asdict(), int(r.n_params), float(r.fit_seconds))
+        finite = df[np.isfinite(df["nu"])]
+        top = df.iloc[-1]
+        sel = finite.loc[finite["nu"].idxmin()] if len(finite) else None
+        for head, r in (("selected", sel), ("top", top)):
+            if r is not None:
+                add_rows(head, model, str(int(r["layer"])), pooling, r.to_dict(), int(r["n_params"]), float(r["fit_seconds"]))
+                src = head_file(f"probe:{model}:{int(r['layer'])}:{pooling}")
+                dst = head_file(f"{head}:{model}:{pooling}")
+                for suffix in ("safetensors", "json"):
+                    blobs[f"{dst}.{suffix}"] = blobs[f"{src}.{suffix}"]
+        selection.append({"model": model, "pooling": pooling, "n_layers": n_layers,
+                          "selected_layer": int(sel["layer"]) if sel is not None else -1,
+                          "selected_test_accuracy": float(sel["test_accuracy"]) if sel is not None else float("nan"),
+                          "top_layer": int(top["layer"]), "top_test_accuracy": float(top["test_accuracy"]),
+                          "best_layer": int(df.loc[df["dev_accuracy"].idxmax(), "layer"]),
+                          "best_test_accuracy": float(df.loc[df["dev_accuracy"].idxmax(), "test_accuracy"]),
+                          "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy())})
+
+    fusion_blocks = _fusion_blocks(cfg, entries, train_split)
+    if fusion_blocks:
+        blobs.update(_fit_fused_heads(cfg, cache, fusion_blocks, y, (train_split, dev_split, test_split), add_rows))
+
+    train_df = pd.DataFrame(rows, columns=TRAIN_COLUMNS)
+    layers_df = pd.concat(layer_rows, ignore_index=True)
+    selection_df = pd.DataFrame(selection)
+    lineage = {"config": to_dict(cfg), "features": {f"{m}/{s}": r.key for (m, s), r in
+                                                     {(r.model.name, r.split.name): r for r in requests}.items()},
+               "scores": skey}
+    key = _save_heads(store, cfg, blobs, train_df, lineage)
+    _write_outputs(cfg, out, train_df, layers_df, selection_df, random_models, key)
+    return train_df
+
+
+def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Block]:
+    blocks = []
+    for text in cfg.train.fusion.inputs:
+        b = Block.parse(text)
+        if (b.model, train_split) not in entries:
+            raise ConfigError(f"train.fusion.inputs: model {b.model!r} of {text!r} is not in [[models]] (configured: "
+                              f"{sorted({m for m, _ in entries})}); add it and run `make extract`")
+        blocks.append(b.resolved(int(entries[(b.model, train_split)].description["n_layers"])))
+    return blocks
+
+
+def _fit_fused_heads(cfg, cache: FeatureCache, blocks: list[Block], y: dict, split_names, add_rows) -> dict[str, bytes]:
+    from stages.train.concat import ConcatHead
+    from stages.train.fusion import FusionHead
+    from stages.train.probes import evaluate
+
+    train_split, dev_split, test_split = split_names
+    fc = cfg.train.fusion
+    raw_avg = [Block.parse(t) for t in fc.average]
+    avg = [str(b.resolved(int(cache.entries[(b.model, train_split)].description["n_layers"]))) for b in raw_avg]
+    inputs = {s: {str(b): cache.layer(b, s) for b in blocks} for s in (train_split, dev_split, test_split)}
+    models = "+".join(dict.fromkeys(b.model for b in blocks))
+    layers = ",".join(f"{b.model}:{b.layer}" for b in blocks)
+    pools = ",".join(sorted({b.pooling for b in blocks}))
+    out: dict[str, bytes] = {}
+    t0 = time.perf_counter()
+    fusion = FusionHead(width=fc.width, sigma=fc.sigma, dropout=fc.dropout, hidden=fc.hidden, epochs=fc.epochs, lr=fc.lr,
+                        batch_size=fc.batch_size, patience=fc.patience, seed=cfg.seed)
+    fusion.fit(inputs[train_split], y[train_split], inputs[dev_split], y[dev_split], avg_keys=avg)
+    seconds = time.perf_counter() - t0
+    concat = ConcatHead(Cs=cfg.train.Cs, seed=cfg.seed).fit(inputs[train_split], y[train_split], inputs[dev_split], y[dev_split])
+    for name, head, secs in (("fusion", fusion, seconds), ("concat", concat, concat.fit_seconds_)):
+        metrics = {f"{split}_{k}": v for split, s in (("dev", dev_split), ("test", test_split))
+                   for k, v in evaluate(head, inputs[s], y[s]).items()}
+        add_rows(name, models, layers, pools, metrics, int(head.n_params_), float(secs))
+        for fname, data in head.to_bytes().items():
+            out[f"{name}.{fname.split('.', 1)[1]}"] = data
+        log.info("%s head: dev %.4f test %.4f (%d params, %.1f s)", name, metrics["dev_accuracy"], metrics["test_accuracy"], head.n_params_, secs)
+    return out
+
+
+def heads_key(lineage: dict) -> str:
+    from store import fingerprint
+
+    return fingerprint({"kind": "heads", "version": TRAIN_VERSION, "features": lineage["features"], "scores": lineage["scores"],
+                        "train": lineage["config"]["train"], "seed": lineage["config"]["seed"]})
+
+
+def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df: pd.DataFrame, lineage: dict) -> str:
+    """One write-once ``heads`` entry: every head (safetensors + JSON), the metrics and the lineage."""
+    key = heads_key(lineage)
+    if store.exists(key):
+        return key
+    desc = {"kind": "heads", "name": f"{cfg.data.name}/heads/{cfg.name}", "dataset": {"name": cfg.data.name, "split": "heads"},
+            "model": {"name": "+".join(m.name for m in cfg.models)}, "features": lineage["features"], "scores": lineage["scores"]}
+    writer = store.writer(key, desc, n_shards=0)
+    for name, data in sorted(blobs.items()):
+        writer.write_file(name, data)
+    buf = io.BytesIO()
+    train_df.to_parquet(buf, index=False)
+    writer.write_file("train.parquet", buf.getvalue())
+    writer.write_file("lineage.json", json.dumps(lineage, indent=2, sort_keys=True).encode())
+    writer.commit()
+    return key
+
+
+def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str) -> None:
+    from stages.score.runner import _md_table
+    from stages.train.plots import plot_layers
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_df.to_parquet(out / "train.parquet", index=False)
+    layers_df.to_parquet(out / "layers.parquet", index=False)
+    selection_df.to_parquet(out / "selection.parquet", index=False)
+    for pooling, part in layers_df.groupby("pooling", sort=False):
+        plot_layers(part, out / ("layers.png" if pooling == cfg.train.poolings[0] else f"layers_{pooling}.png"),
+                    title=f"{cfg.data.name}: probe test accuracy and nu per layer ({pooling} pooling)")
+    test = train_df[train_df["split"] == "test"]
+    summary = test[test["head"].isin(["selected", "top", "fusion", "concat"])][["head", "models", "layers", "pooling", "accuracy", "macro_f1", "n_params", "fit_seconds"]]
+    best = test[test["head"] == "probe"].sort_values("accuracy", ascending=False).groupby("models", sort=False).head(1)
+    section = [f"## Train: heads on cached features (store entry {key[:12]})", ""]
+    if random_models:
+        section += [f"> **Random weights:** {', '.join(random_models)}; their heads show the pipeline works, not what a trained model does.", ""]
+    section += ["Test-split results; the probe for each layer is chosen on dev. Full tables: train.parquet, layers.parquet, selection.parquet.", "",
+                _md_table(summary), "", "### Variability-selected layer vs top layer", "",
+                _md_table(selection_df[["model", "pooling", "selected_layer", "selected_test_accuracy", "top_layer", "top_test_accuracy",
+                                        "best_layer", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
+                "### Best probe per model (by test accuracy)", "",
+                _md_table(best[["models", "layers", "pooling", "accuracy", "macro_f1"]]), "", "![layers](layers.png)", ""]
+    report = out / "report.md"
+    text = report.read_text(encoding="utf-8") if report.exists() else f"# {cfg.name}\n\n"
+    text = text.split("## Train: heads on cached features")[0].rstrip() + "\n\n"
+    report.write_text(text + "\n".join(section), encoding="utf-8")
+    log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)
