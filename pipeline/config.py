@@ -170,6 +170,8 @@ def _check_constraints(where: str, value: Any, meta: dict) -> None:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if meta.get("finite") and not math.isfinite(v):
                 raise ConfigError(f"{where}: {v!r} must be finite")
+            if ("min" in meta or "max" in meta) and math.isnan(v):  # nan passes every comparison
+                raise ConfigError(f"{where}: {v!r} is not a number; allowed: {meta.get('min', '-inf')} to {meta.get('max', 'inf')}")
             if "min" in meta and v < meta["min"]:
                 raise ConfigError(f"{where}: {v!r} is below the minimum {meta['min']}")
             if "max" in meta and v > meta["max"]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pandas as pd
 
 from pipeline.config import DATA_FORMATS, DataConfig
 from pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ def _labels(path: Path, column: pd.Series) -> np.ndarray:
             raise DataError(f"{path}: row {i + 1}: label {v!r} is not an integer")
         if isinstance(v, str):
             s = v.strip()
-            if not s.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]+", s):  # not isdigit(): "--1" and "²" pass it, then int() fails
                 raise DataError(f"{path}: row {i + 1}: label {v!r} is not an integer")
             out[i] = int(s)
         elif isinstance(v, (int, np.integer)):
@@ -113,7 +117,26 @@ def load_split(cfg: DataConfig, split: str) -> Split:
         if not isinstance(t, str) or not t.strip():
             raise DataError(f"{path}: row {i + 1}: empty or missing text")
         texts.append(t)
-    return Split(cfg.name, split, tuple(texts), _labels(path, df[cfg.label_column]), str(path))
+    labels = _labels(path, df[cfg.label_column])
+    _warn_duplicates(path, texts, labels)
+    return Split(cfg.name, split, tuple(texts), labels, str(path))
+
+
+def _warn_duplicates(path: Path, texts: list[str], labels: np.ndarray) -> None:
+    """Duplicated rows are warnings, not errors: SST-2 train itself repeats 9 (text, label) rows and TREC 71.
+
+    A text with two different labels is label noise the user should see, but it is not an error either:
+    every statistic and probe stays well defined, and noisy corpora are legitimate inputs.
+    """
+    frame = pd.DataFrame({"text": texts, "label": labels})
+    exact = int(frame.duplicated().sum())
+    if exact:
+        log.warning("%s: %d duplicate (text, label) row(s) kept as they are", path, exact)
+    n_labels = frame.drop_duplicates().groupby("text", sort=False)["label"].nunique()
+    conflicting = n_labels[n_labels > 1]
+    if len(conflicting):
+        log.warning("%s: %d text(s) occur with different labels, e.g. %r; kept as they are (label noise)",
+                    path, len(conflicting), conflicting.index[0][:60])
 
 
 def load_splits(cfg: DataConfig) -> dict[str, Split]:

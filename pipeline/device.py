@@ -9,7 +9,22 @@ def cuda_available() -> bool:
     """Ask the CUDA driver directly, so a cached run can decide its store key without
     importing torch (which takes seconds on a small CPU)."""
     import ctypes
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
 
+    if "torch" in sys.modules:  # already paid for: ask torch itself
+        return bool(sys.modules["torch"].cuda.is_available())
+    # A driver is not enough: a CPU-only torch build (what `make setup` pins) on a GPU machine
+    # runs on the CPU, so the store key must not say bfloat16. Read torch/version.py, no import.
+    spec = importlib.util.find_spec("torch")
+    try:
+        version_py = Path(spec.origin).parent / "version.py" if spec and spec.origin else None
+        if version_py is None or re.search(r"^cuda\s*(:[^=]*)?=\s*None\s*$", version_py.read_text(), re.M):
+            return False
+    except OSError:
+        pass
     try:
         lib = ctypes.CDLL("libcuda.so.1")
         count = ctypes.c_int(0)

@@ -22,9 +22,15 @@ def human_bytes(n: float) -> str:
 
 
 def open_store(url: str, *, create: bool = False):
+    """The store at a path or fsspec URL; entries written through it record this code version.
+
+    s3:// URLs need s3fs (`pip install .[s3]`); credentials and the endpoint come from the usual
+    AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an S3-compatible server).
+    """
+    from pipeline.version import code_version
     from store import Store
 
-    return Store(url)
+    return Store(url, code_version=code_version())
 
 
 def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, splits: dict[str, Split] | None = None):
@@ -55,8 +61,9 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
     if not missing:
         log.info("extract: all %d entries are cached in %s", len(requests), store_url)
         return 0
-    log.info("extract: %d of %d entries to compute, about %s before compression", len(missing), len(requests),
-             human_bytes(sum(r.estimated_bytes() for r in missing)))
+    need = sum(r.estimated_bytes() for r in missing)
+    log.info("extract: %d of %d entries to compute, about %s on disk", len(missing), len(requests), human_bytes(need))
+    _check_free_space(store_url, need)
     for r in requests:
         if r.spec.random_init:
             log.info("note: %s is %s", r.model.name, r.spec.display)
@@ -71,6 +78,20 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
             stats.append(extract_entry(r, store, loader, shard=shard, progress=progress))
     log.info("%s", format_summary(stats))
     return 0
+
+
+def _check_free_space(store_url: str, need: int) -> None:
+    """Refuse to start an extract that cannot fit on a local disk (remote stores are not checked)."""
+    import shutil
+
+    if "://" in store_url and not store_url.startswith("file://"):
+        return
+    path = Path(store_url.removeprefix("file://")).resolve()
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < need * 1.1:
+        raise PipelineError(f"not enough free space for extract in {store_url}: about {human_bytes(need)} needed, {human_bytes(free)} free")
 
 
 def _memo(fn):
@@ -119,9 +140,9 @@ def predict(cfg: ExperimentConfig, store_url: str, head: str, texts: list[str]) 
 
 
 def store_command(args: argparse.Namespace) -> int:
-    from store import Store, commands
+    from store import commands
 
-    store = Store(args.store)
+    store = open_store(args.store)
     if args.store_command == "ls":
         print(commands.ls(store, as_json=args.json))
         return 0
@@ -133,10 +154,8 @@ def store_command(args: argparse.Namespace) -> int:
         print(commands.gc(store, grace_seconds=args.grace_hours * 3600, dry_run=args.dry_run))
         return 0
     if args.store_command in ("push", "pull"):
-        other = Store(args.other)
+        other = open_store(args.other)
         src, dst = (store, other) if args.store_command == "push" else (other, store)
-        if not hasattr(commands, "copy"):
-            raise PipelineError(f"store {args.store_command} is not implemented yet")
         print(commands.copy(src, dst, args.keys or None))
         return 0
     raise AssertionError(args.store_command)

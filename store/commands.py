@@ -1,10 +1,11 @@
-"""Text for the `store ls|verify|gc` commands; pure functions, the CLI prints what they return."""
+"""Text for the `store ls|verify|gc|push|pull` commands; the CLI prints what they return."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from . import transfer
 from .store import EntryInfo, Store, lookup
 
 _MISSING_TEXT = "-"
@@ -58,7 +59,7 @@ def ls(store: Store, as_json: bool = False) -> str:
     rows = [_row(info) for info in store.list()]
     if as_json:
         return json.dumps(rows, indent=1, sort_keys=True)
-    header = ["NAME", "KIND", "KEY", "ROWS", "LAYERS", "SIZE", "AGE", "COMPLETE", "CREATED_BY"]
+    header = ["NAME", "KIND", "KEY", "ROWS", "LAYERS", "SIZE", "AGE", "COMPLETE", "CREATED_BY", "CODE"]
     lines = [header]
     for r in rows:
         by = r["created_by"]
@@ -68,6 +69,7 @@ def ls(store: Store, as_json: bool = False) -> str:
             _MISSING_TEXT if r["layers"] is None else str(r["layers"]),
             human_bytes(r["bytes"]), human_age(r["age_seconds"]), "yes" if r["complete"] else "no",
             f"{by.get('user', '?')}@{by.get('host', '?')}" if by else _MISSING_TEXT,
+            str(by.get("code_version") or _MISSING_TEXT) if by else _MISSING_TEXT,
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
@@ -80,7 +82,8 @@ def verify(store: Store, keys: list[str] | None = None) -> tuple[str, int]:
         problems = store.verify(keys or None)
     except ValueError as exc:
         return str(exc), 2
-    checked = keys or [i.key for i in store.list() if i.complete]
+    # an entry whose manifest is unreadable lists as incomplete, but it was checked (and failed)
+    checked = keys or sorted({i.key for i in store.list() if i.complete} | {p.key for p in problems})
     if not problems:
         return f"ok: {len(checked)} entries verified in {store.url}", 0
     lines = [f"{p.path}: {p.reason}" for p in problems]
@@ -96,3 +99,22 @@ def gc(store: Store, grace_seconds: float = 86400, dry_run: bool = False) -> str
     if not removed:
         return f"nothing to remove in {store.url} (grace {grace_seconds:g}s)"
     return "\n".join([*(f"{verb} {p}" for p in removed), f"{verb} {len(removed)} paths from {store.url}"])
+
+
+def copy(src: Store, dst: Store, keys: list[str] | None = None) -> str:
+    """Copy committed entries (default: all of `src`) to `dst`, every file verified by sha256 at the
+    destination and the manifest published last; entries already committed in `dst` are skipped."""
+    results = transfer.copy(src, dst, keys or None)
+    if not results:
+        return f"nothing to copy: no committed entries in {src.url}"
+    lines = []
+    for r in results:
+        if r.status == "present":
+            lines.append(f"skipped {r.key[:12]}: already committed in {dst.url}")
+        else:
+            how = "copied" if r.status == "copied" else "copied (committed meanwhile by another writer)"
+            lines.append(f"{how} {r.key[:12]}: {r.files} files, {human_bytes(r.bytes)}")
+    n = sum(r.status != "present" for r in results)
+    lines.append(f"{n} copied, {len(results) - n} already present; {human_bytes(sum(r.bytes for r in results))} "
+                 f"from {src.url} to {dst.url}, verified by sha256")
+    return "\n".join(lines)

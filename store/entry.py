@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dask
-import dask.array as da
 import h5py
 import numpy as np
 import pandas as pd
@@ -23,6 +21,9 @@ from .errors import CorruptEntryError, StoreError
 from .fs import StoreFS
 from .keys import validate_key, validate_name
 
+if TYPE_CHECKING:  # dask is imported by the methods that build graphs: a cached run never needs it
+    import dask.array as da
+
 
 @contextlib.contextmanager
 def open_h5(sfs: StoreFS, path: str) -> Iterator[h5py.File]:
@@ -32,7 +33,7 @@ def open_h5(sfs: StoreFS, path: str) -> Iterator[h5py.File]:
         with h5py.File(local, "r", locking=False) as f:
             yield f
     else:
-        with sfs.open(path, "rb") as fh, h5py.File(fh, "r", locking=False) as f:
+        with sfs.open_random_access(path) as fh, h5py.File(fh, "r", locking=False) as f:
             yield f
 
 
@@ -115,6 +116,9 @@ class Entry:
 
     def array(self, name: str, rows_per_chunk: int | None = None) -> da.Array:
         """Row-wise dataset `name` over all shards, concatenated on axis 0, lazily (one chunk per shard)."""
+        import dask
+        import dask.array as da
+
         if rows_per_chunk is not None and (not isinstance(rows_per_chunk, int) or rows_per_chunk < 1):
             raise ValueError(f"rows_per_chunk={rows_per_chunk!r}: expected a positive integer")
         shape0, dtype = self._meta(name)
@@ -139,6 +143,9 @@ class Entry:
 
     def per_shard(self, name: str) -> da.Array:
         """Per-shard dataset `name` (e.g. firing counts) stacked to shape (n_shards, ...)."""
+        import dask
+        import dask.array as da
+
         shape0, dtype = self._meta(name)
         token = dask.base.tokenize(self._sfs.url, self.key, name)
         blocks = [

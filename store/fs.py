@@ -6,6 +6,7 @@ the published files and publishing is a rename (local) or a create-if-absent cop
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -23,6 +24,8 @@ from .errors import StoreError
 log = logging.getLogger(__name__)
 
 _HASH_BLOCK = 1 << 20
+RANDOM_ACCESS_BLOCK = 1 << 20
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
 class StoreFS:
@@ -131,15 +134,53 @@ class StoreFS:
         if self.is_local and not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store path {self.url} is not writable; choose another store path or fix its permissions")
 
+    @property
+    def is_object_store(self) -> bool:
+        """Flat key spaces (S3, GCS, Azure): no directories to create, a PUT is atomic."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return any(p in _OBJECT_STORES for p in protocols)
+
     def makedirs(self, path: str) -> None:
+        if self.is_object_store:
+            return
         try:
             self.fs.makedirs(path, exist_ok=True)
         except PermissionError as exc:
             raise StoreError(f"cannot create {path} in store {self.url} ({exc.strerror}); fix its permissions") from exc
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a whole file (used for temporaries only; published files go through `publish`)."""
-        self.fs.pipe_file(path, data)
+        """Write a whole file (used for temporaries only; published files go through `publish`).
+
+        An OSError (disk full, quota, read-only filesystem) becomes a one-line StoreError naming the
+        store, and the partial temporary is removed so it does not keep holding the space that ran out.
+        """
+        try:
+            self.fs.pipe_file(path, data)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(path)
+            raise StoreError(
+                f"cannot write {self.rel(path)} in store {self.url} ({exc.strerror or exc}); free space or fix "
+                "permissions and re-run: published shards are kept and the rerun resumes"
+            ) from exc
+
+    def publish_bytes(self, data: bytes, dst: str, tmp: str) -> bool:
+        """Publish `data` at `dst` unless `dst` exists; True if this call published it.
+
+        On an object store that supports conditional writes this is one create-if-absent PUT (atomic:
+        readers see all of it or nothing); elsewhere `data` goes to temporary `tmp`, then `publish`.
+        """
+        if self.is_object_store:
+            try:
+                with self.fs.open(dst, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
+                return False
+            except (ValueError, NotImplementedError, TypeError):
+                pass  # no exclusive create on this backend: temporary + publish
+        self.write_bytes(tmp, data)
+        return self.publish(tmp, dst)
 
     def publish(self, tmp: str, dst: str) -> bool:
         """Move temporary `tmp` to `dst` unless `dst` exists; True if this call published it.
@@ -180,6 +221,22 @@ class StoreFS:
             return True
         self.fs.rm_file(tmp)
         return True
+
+    def overwrite(self, path: str, data: bytes, tmp: str) -> None:
+        """Replace `path` with `data` atomically (rename over it locally; a single PUT on object stores)."""
+        if self.is_local:
+            self.fs.pipe_file(tmp, data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def open_random_access(self, path: str) -> BinaryIO:
+        """A read handle for formats that seek (HDF5): remote files fetch small byte ranges on demand
+        instead of a whole-file first block (s3fs's default block is 50 MiB)."""
+        try:
+            return self.fs.open(path, "rb", block_size=RANDOM_ACCESS_BLOCK, cache_type="readahead")
+        except TypeError:
+            return self.fs.open(path, "rb")
 
     def remove(self, path: str) -> None:
         """Remove a file or a directory tree (read-only published files included)."""

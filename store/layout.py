@@ -1,4 +1,4 @@
-"""Where things live under a store root: entries/<key>/, tmp/ and leases/<key>.json."""
+"""Where things live under a store root: entries/<key>/, tmp/ and leases/<key>[.shard_NNNNN].json."""
 
 from __future__ import annotations
 
@@ -22,6 +22,23 @@ def entry_file(sfs: StoreFS, key: str, name: str) -> str:
 
 def lease_path(sfs: StoreFS, key: str) -> str:
     return sfs.join(LEASES, f"{validate_key(key)}.json")
+
+
+def lease_file(sfs: StoreFS, name: str) -> str:
+    """Path of lease `name`: '<key>' (a whole entry) or '<key>.shard_00003' (one shard of it)."""
+    validate_key(name.split(".", 1)[0])
+    if "/" in name or name.endswith("."):
+        raise ValueError(f"invalid lease name {name!r}")
+    return sfs.join(LEASES, f"{name}.json")
+
+
+def shard_lease_name(key: str, index: int) -> str:
+    return f"{validate_key(key)}.shard_{index:05d}"
+
+
+def lease_key(basename: str) -> str:
+    """The entry key a lease file 'KEY[.shard_N].json' belongs to."""
+    return basename.split(".", 1)[0]
 
 
 def tmp_path(sfs: StoreFS, key: str, name: str) -> str:

@@ -16,6 +16,7 @@ from .entry import Entry
 from .errors import CorruptEntryError, StoreError
 from .fs import StoreFS
 from .keys import validate_key
+from .lease import Lease
 from .writer import EntryWriter
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ def lookup(description: dict[str, Any], dotted: str) -> Any:
 class Store:
     """A feature store rooted at a local path or fsspec URL ('s3://bucket/prefix', 'memory://x')."""
 
-    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None, *, code_version: str = "unknown"):
         self._sfs = StoreFS(url, storage_options)
         self.url = self._sfs.url
+        self.code_version = code_version
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -87,10 +89,11 @@ class Store:
                 raise cls(f"{p.path}: {p.reason}; remove entry {key} and re-run the stage that built it")
         return Entry(self._sfs, key)
 
-    def writer(self, key: str, description: dict, *, n_shards: int, code_version: str = "unknown",
+    def writer(self, key: str, description: dict, *, n_shards: int, code_version: str | None = None,
                compression: str | None = None) -> EntryWriter:
-        """A writer for entry `key` (creates the store root on first use)."""
-        return EntryWriter(self._sfs, key, description, n_shards=n_shards, code_version=code_version, compression=compression)
+        """A writer for entry `key` (creates the store root on first use); code_version defaults to the store's."""
+        return EntryWriter(self._sfs, key, description, n_shards=n_shards, code_version=code_version or self.code_version,
+                           compression=compression)
 
     # listing -----------------------------------------------------------------------------------------
 
@@ -194,18 +197,20 @@ class Store:
 
     # garbage collection ------------------------------------------------------------------------------
 
-    def _leases(self) -> dict[str, tuple[str, float]]:
-        """key -> (lease path, expiry); unreadable leases count as expired."""
-        out = {}
+    def _leases(self) -> dict[str, list[tuple[str, bool]]]:
+        """key -> [(lease path, live)] for the entry lease and its shard leases; unreadable ones are not live."""
+        out: dict[str, list[tuple[str, bool]]] = {}
+        now = time.time()
         for item in self._sfs.listdir(self._sfs.join(layout.LEASES)):
             base = item["basename"]
             if not base.endswith(".json"):
                 continue
             try:
-                expires = float(json.loads(self._sfs.cat(item["name"])).get("expires", 0))
+                body = json.loads(self._sfs.cat(item["name"]))
+                live = isinstance(body, dict) and Lease.is_live(body, now)
             except (ValueError, AttributeError, TypeError, FileNotFoundError):
-                expires = 0.0
-            out[base[: -len(".json")]] = (item["name"], expires)
+                live = False
+            out.setdefault(layout.lease_key(base), []).append((item["name"], live))
         return out
 
     def gc(self, grace_seconds: float = 86400, dry_run: bool = False) -> list[str]:
@@ -224,15 +229,14 @@ class Store:
         for key in self._keys():
             if self.exists(key):
                 continue
-            if key in leases and leases[key][1] > now:
+            if any(live for _, live in leases.get(key, ())):
                 continue
             times = [StoreFS.mtime(f) for f in self._sfs.walk_files(layout.entry_dir(self._sfs, key))]
             known = [t for t in times if t is not None]
             if not known or now - max(known) > grace_seconds:
                 doomed.append(layout.entry_dir(self._sfs, key))
-        for key, (path, expires) in sorted(leases.items()):
-            if expires <= now:
-                doomed.append(path)
+        for key, held in sorted(leases.items()):
+            doomed.extend(path for path, live in sorted(held) if not live)
         if not dry_run:
             for path in doomed:
                 if path.startswith(self._sfs.join(layout.ENTRIES) + "/") and self._sfs.exists(path + "/" + mf.MANIFEST_NAME):

@@ -13,10 +13,8 @@ import getpass
 import io
 import json
 import logging
-import os
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +28,7 @@ from . import layout, manifest as mf
 from .entry import Entry, open_h5
 from .errors import CorruptEntryError, StoreError
 from .fs import StoreFS
+from .lease import Lease
 from .keys import canonical_json, parse_shard_name, shard_name, validate_key, validate_name
 
 log = logging.getLogger(__name__)
@@ -90,8 +89,7 @@ class EntryWriter:
         self.compression = compression
         self._sfs = sfs
         self._dir = layout.entry_dir(sfs, key)
-        self._lease_owner = uuid.uuid4().hex
-        self._lease_ttl: float | None = None
+        self._entry_lease: Lease | None = None
         sfs.ensure_writable()
         for path in (self._dir, sfs.join(layout.TMP), sfs.join(layout.LEASES)):
             sfs.makedirs(path)
@@ -196,10 +194,8 @@ class EntryWriter:
                 )
 
     def _put(self, name: str, data: bytes) -> bool:
-        tmp = layout.tmp_path(self._sfs, self.key, name)
-        self._sfs.write_bytes(tmp, data)
         self._sfs.makedirs(self._dir)  # gc may have removed an empty, stale entry directory
-        return self._sfs.publish(tmp, layout.entry_file(self._sfs, self.key, name))
+        return self._sfs.publish_bytes(data, layout.entry_file(self._sfs, self.key, name), layout.tmp_path(self._sfs, self.key, name))
 
     # commit ---------------------------------------------------------------------------------------------
 
@@ -269,79 +265,45 @@ class EntryWriter:
             "table_sha256": tsha, "table_bytes": tsize,
         }
 
-    # lease ----------------------------------------------------------------------------------------------
+    # leases -------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def lease(self, ttl: float = 600) -> Iterator["EntryWriter"]:
         """Hold the per-key lease while writing, so others and `gc` see the entry is in progress.
 
-        Advisory, not a lock: it tells a second writer (and gc) that someone is working on this key;
-        an expired lease (crashed writer) is taken over. Call `refresh_lease()` during long work.
+        Advisory, not a lock: a second `lease()` on the key raises StoreError naming the holder; an
+        expired lease (crashed writer) is taken over. Call `refresh_lease()` during long work.
+        For several processes on one entry use `shard_lease`, which lets them split the shards.
         """
-        self._acquire_lease(ttl)
+        lease = Lease(self._sfs, self.key, ttl, what=f"entry {self.key}")
+        lease.acquire()
+        self._entry_lease = lease
         try:
             yield self
         finally:
-            self._release_lease()
-
-    def _lease_body(self, ttl: float) -> bytes:
-        return json.dumps({
-            "key": self.key, "owner": self._lease_owner, "host": socket.gethostname(),
-            "pid": os.getpid(), "expires": time.time() + ttl,
-        }, sort_keys=True).encode()
-
-    def _read_lease(self) -> dict[str, Any] | None:
-        path = layout.lease_path(self._sfs, self.key)
-        try:
-            lease = json.loads(self._sfs.cat(path))
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("lease %s is not valid JSON; treating it as expired", path)
-            return {"owner": None, "expires": 0.0}
-        return lease if isinstance(lease, dict) else {"owner": None, "expires": 0.0}
-
-    def _acquire_lease(self, ttl: float) -> None:
-        path = layout.lease_path(self._sfs, self.key)
-        current = self._read_lease()
-        if current is not None and current.get("owner") != self._lease_owner:
-            if float(current.get("expires", 0)) > time.time():
-                raise StoreError(self._held_message(current))
-            log.warning("taking over expired lease of entry %s from %s pid %s", self.key, current.get("host"), current.get("pid"))
-            self._sfs.remove(path)
-        tmp = layout.tmp_path(self._sfs, self.key, "lease")
-        self._sfs.write_bytes(tmp, self._lease_body(ttl))
-        if not self._sfs.publish(tmp, path):
-            current = self._read_lease()
-            if current is None or current.get("owner") != self._lease_owner:
-                raise StoreError(self._held_message(current or {}))
-        self._lease_ttl = ttl
+            lease.release()
+            self._entry_lease = None
 
     def refresh_lease(self, ttl: float | None = None) -> None:
-        """Push the lease expiry forward; StoreError if the lease was lost (expired and taken over)."""
-        if self._lease_ttl is None:
+        """Push the entry lease's expiry forward; StoreError if it was lost (expired and taken over)."""
+        lease = self._entry_lease
+        if lease is None:
             raise StoreError(f"refresh_lease on entry {self.key} without holding its lease; use `with writer.lease():`")
-        ttl = self._lease_ttl if ttl is None else ttl
-        current = self._read_lease()
-        if current is None or current.get("owner") != self._lease_owner:
-            raise StoreError(f"lost the lease of entry {self.key} (it expired and was taken over); stop writing and resume later")
-        path = layout.lease_path(self._sfs, self.key)
-        self._sfs.remove(path)
-        tmp = layout.tmp_path(self._sfs, self.key, "lease")
-        self._sfs.write_bytes(tmp, self._lease_body(ttl))
-        if not self._sfs.publish(tmp, path):
-            raise StoreError(f"lost the lease of entry {self.key} while refreshing it; stop writing and resume later")
-        self._lease_ttl = ttl
+        if ttl is not None:
+            lease.ttl = float(ttl)
+        lease.refresh()
 
-    def _release_lease(self) -> None:
-        current = self._read_lease()
-        if current is not None and current.get("owner") == self._lease_owner:
-            self._sfs.remove(layout.lease_path(self._sfs, self.key))
-        self._lease_ttl = None
+    def shard_lease(self, index: int, ttl: float = 600, *, heartbeat: bool = True) -> Lease | None:
+        """Claim shard `index` before computing it: a held Lease (release it once the shard is
+        published), or None if another writer holds a live lease on it (skip it and come back).
 
-    def _held_message(self, lease: dict[str, Any]) -> str:
-        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lease.get("expires", 0))))
-        return (
-            f"entry {self.key} is being written by {lease.get('host')} pid {lease.get('pid')} (lease until {until}); "
-            "wait for it, or run `store gc` after the lease expires"
-        )
+        With `heartbeat` the lease is refreshed every ttl/3 seconds on a daemon thread, so a long
+        shard keeps its claim while a crashed writer's claim expires after `ttl` (at once on the
+        same host, where a dead pid is recognised). Also keeps `gc` off the unfinished entry.
+        """
+        if not isinstance(index, int) or not 0 <= index < self.n_shards:
+            raise ValueError(f"shard index {index!r} out of range for entry {self.key} with n_shards={self.n_shards}")
+        lease = Lease(self._sfs, layout.shard_lease_name(self.key, index), ttl, what=f"shard {index} of entry {self.key}")
+        if not lease.try_acquire():
+            return None
+        return lease.heartbeat() if heartbeat else lease

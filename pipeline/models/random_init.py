@@ -10,13 +10,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+# torch, tokenizers and transformers are imported where they are used: resolving a tiny
+# model (TINY, _CONVENTIONS) on a cached run must not pay seconds of imports.
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerFast
 
 SHIPPED_CORPUS = Path(__file__).resolve().parents[2] / "data"
+CORPUS_FILES = ("sst2/train.tsv", "trec/train.tsv")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ SMALL = Size(vocab=8000, hidden=256, layers=4, heads=4, ffn=1024)
 def shipped_texts() -> list[str]:
     """The texts tokenizers are trained on: the shipped SST-2 and TREC training splits."""
     texts: list[str] = []
-    for rel in ("sst2/train.tsv", "trec/train.tsv"):
+    for rel in CORPUS_FILES:
         lines = (SHIPPED_CORPUS / rel).read_text(encoding="utf-8").splitlines()[1:]
         texts.extend(line.rsplit("\t", 1)[0] for line in lines if line)
     return texts
@@ -59,6 +62,9 @@ def train_tokenizer(family: str, vocab: int, texts: Iterable[str]) -> PreTrained
     the same texts always give the same tokenizer (the subword trainers of ``tokenizers``
     break ties in hash order, which would change the store key from machine to machine).
     """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     if family not in _CONVENTIONS:
         raise ValueError(f"no random-init recipe for family {family!r}")
     specials, template, lowercase, names = _CONVENTIONS[family]
@@ -80,11 +86,18 @@ def train_tokenizer(family: str, vocab: int, texts: Iterable[str]) -> PreTrained
 
 def build_random_model(family: str, tokenizer: PreTrainedTokenizerFast, size: Size, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised base model of ``family``; the same seed gives the same weights."""
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, RobertaConfig, RobertaModel, T5Config, T5EncoderModel
+    import torch
 
     vocab = len(tokenizer)
     pad = tokenizer.pad_token_id
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _init(family, tokenizer, size, vocab, pad)
+
+
+def _init(family, tokenizer, size: Size, vocab: int, pad: int):
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, RobertaConfig, RobertaModel, T5Config, T5EncoderModel
+
     if family == "bert":
         cfg = BertConfig(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
                          intermediate_size=size.ffn, max_position_embeddings=512, pad_token_id=pad)

@@ -72,6 +72,16 @@ def folder_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def corpus_digest() -> str:
+    """sha256 of the shipped texts the tiny models' tokenizers are built from."""
+    from pipeline.models.random_init import CORPUS_FILES, SHIPPED_CORPUS
+
+    h = hashlib.sha256()
+    for rel in CORPUS_FILES:
+        h.update((SHIPPED_CORPUS / rel).read_bytes())
+    return h.hexdigest()
+
+
 def resolve(source: str, revision: str = "") -> ModelSpec:
     """Find ``source`` without touching the network."""
     if source.startswith(TINY_PREFIX):
@@ -80,7 +90,7 @@ def resolve(source: str, revision: str = "") -> ModelSpec:
 
         if fam not in _CONVENTIONS:
             raise ModelError(f"unknown tiny model {source!r}; available: {', '.join(TINY_PREFIX + f for f in _CONVENTIONS)}")
-        ident = {"kind": "tiny", "family": fam, "seed": 0, "size": TINY.__dict__, "recipe": 1}
+        ident = {"kind": "tiny", "family": fam, "seed": 0, "size": TINY.__dict__, "recipe": 1, "corpus": corpus_digest()}
         return ModelSpec(source, "tiny", "", ident, random_init=True)
     if source in EMBEDDED:
         path = models_dir() / source

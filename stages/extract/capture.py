@@ -42,9 +42,10 @@ class FfnCapture:
             if "mean" in self.poolings:
                 out["mean"] = pooling.masked_mean(x, self.mask)
             if "max" in self.poolings:
-                out["max"] = pooling.masked_max(x, self.mask)
+                out["max"], self.fired[layer] = pooling.masked_max_and_fire_counts(x, self.mask, self.threshold)
+            else:
+                self.fired[layer] = pooling.fire_counts(x, self.mask, self.threshold)
             self.pooled[layer] = out
-            self.fired[layer] = pooling.fire_counts(x, self.mask, self.threshold)
 
         return hook
 

@@ -35,10 +35,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     padded or excluded position (0 * inf = NaN) cannot leak into the mean.
     """
     m = mask.to(torch.float32)
+    denom = m.sum(dim=1, keepdim=True).clamp_min(1.0)
+    if x.device.type == "cpu":
+        # Fast path: a masked matmul reads x once and copies nothing. Only a non-finite value
+        # somewhere can make it differ from the zero-filled path, so that case is redone below.
+        total = torch.bmm(m.unsqueeze(1), x.to(torch.float32)).squeeze(1)
+        if bool(torch.isfinite(total).all()):
+            return total / denom
     xf = x.to(torch.float32, copy=True)  # a fresh copy: never write into the model's activations
     xf.masked_fill_(~mask.bool().unsqueeze(-1), 0.0)
     total = torch.bmm(m.unsqueeze(1), xf).squeeze(1)
-    return total / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return total / denom
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -54,3 +61,21 @@ def fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.
     """(B, T, F) -> (F,) int64: how many counted tokens have activation > threshold."""
     fired = (x > threshold) & mask.bool().unsqueeze(-1)
     return fired.sum(dim=(0, 1), dtype=torch.int64)
+
+
+def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_max`` and ``fire_counts`` from one masked copy of ``x`` (same results, fewer passes).
+
+    Excluded positions become -inf, which is never > a finite threshold, so the firing test
+    needs no second mask; counting is a sum over the fired booleans.
+    """
+    xm = x.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+    fired = (xm > threshold).flatten(0, 1)
+    if fired.shape[0] < 2**24:
+        # A float32 matmul with a ones row counts exactly below 2**24 and is several times
+        # faster than an int64 reduction over booleans.
+        ones = torch.ones((1, fired.shape[0]), dtype=torch.float32, device=x.device)
+        counts = (ones @ fired.to(torch.float32)).squeeze(0).round().to(torch.int64)
+    else:
+        counts = fired.sum(dim=0, dtype=torch.int64)
+    return xm.amax(dim=1), counts

@@ -1,7 +1,8 @@
 """Extract one store entry: one model over one split, shard by shard, resumable.
 
 The model is loaded only when a shard is missing; writing runs on a background thread so
-the device does not wait on disk; a shard is published atomically by the store and the
+the device does not wait on disk; each shard is claimed with a store lease before it is computed
+(so processes on the same entry split the work), published atomically by the store, and the
 manifest is committed by whichever process finishes the last shard.
 """
 
@@ -134,11 +135,18 @@ def n_shards(n_rows: int, shard_rows: int) -> int:
     return max(1, math.ceil(n_rows / shard_rows))
 
 
-def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[int, int] = (0, 1), progress: bool = True) -> EntryStats:
+LEASE_TTL = 300.0
+
+
+def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[int, int] = (0, 1), progress: bool = True,
+                  lease_ttl: float = LEASE_TTL) -> EntryStats:
     """Fill the missing shards of ``request`` that belong to ``shard`` = (I, N), then commit if all are there.
 
     ``load_model`` is called at most once and only if there is work to do, so a cached
-    entry costs no model load.
+    entry costs no model load. Each shard is claimed with a store lease before it is computed, so
+    several processes on one entry (same or overlapping ``--shard``) split its shards dynamically: a
+    shard another live process holds is skipped, and waited for at the end (taken over if its lease
+    expires); whoever sees the last shard published commits the entry, once.
     """
     from tqdm.auto import tqdm
 
@@ -153,29 +161,61 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
     total = n_shards(len(split), cfg.shard_rows)
     writer = store.writer(key, request.description(), n_shards=total)
     index, count = shard
-    todo = [k for k in range(total) if k % count == index and k not in writer.done_shards()]
+    done = writer.done_shards()
+    remaining = [k for k in range(total) if k % count == index and k not in done]
     t0 = time.perf_counter()
-    if todo:
-        loaded = load_model()
-        t0 = time.perf_counter()
-        rows_todo = sum(min(cfg.shard_rows, len(split) - k * cfg.shard_rows) for k in todo)
-        bar = tqdm(total=rows_todo, desc=f"extract {request.model.name}/{split.name}", unit="row", disable=not progress, leave=True)
-        bar.tokens = 0
+    bar = None
+    poll = min(2.0, lease_ttl / 10)
+    waited = False
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
         pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
-            for k in todo:
-                lo, hi = k * cfg.shard_rows, min((k + 1) * cfg.shard_rows, len(split))
-                arrays, table, attrs, tokens, cut = extract_shard(loaded, request, list(split.texts[lo:hi]), lo, split.labels[lo:hi], bar)
-                if pending is not None:
-                    stats.bytes_written += pending.result()
-                pending = pool.submit(_write, writer, k, arrays, table, attrs, lo)
+        while remaining:
+            progressed = False
+            for k in list(remaining):
+                if k in writer.done_shards():
+                    remaining.remove(k)
+                    continue
+                lease = writer.shard_lease(k, lease_ttl)
+                if lease is None:
+                    continue  # another process computes it; come back to it later
+                try:
+                    if k in writer.done_shards():  # published between the listing and the claim
+                        remaining.remove(k)
+                        lease.release()
+                        continue
+                    if bar is None:
+                        loaded = load_model()
+                        t0 = time.perf_counter()
+                        rows_todo = sum(min(cfg.shard_rows, len(split) - j * cfg.shard_rows) for j in remaining)
+                        bar = tqdm(total=rows_todo, desc=f"extract {request.model.name}/{split.name}", unit="row", disable=not progress, leave=True)
+                        bar.tokens = 0
+                    lo, hi = k * cfg.shard_rows, min((k + 1) * cfg.shard_rows, len(split))
+                    arrays, table, attrs, tokens, cut = extract_shard(loaded, request, list(split.texts[lo:hi]), lo, split.labels[lo:hi], bar)
+                    if pending is not None:
+                        stats.bytes_written += pending.result()
+                        pending = None
+                except BaseException:
+                    lease.release()
+                    raise
+                pending = pool.submit(_write, writer, k, arrays, table, attrs, lo, lease)
+                remaining.remove(k)
+                progressed = True
                 stats.rows += hi - lo
                 stats.tokens += tokens
                 stats.truncated += cut
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix_str(f"{bar.tokens / elapsed:,.0f} tok/s")
-            if pending is not None:
-                stats.bytes_written += pending.result()
+            if remaining and not progressed:
+                if pending is not None:
+                    stats.bytes_written += pending.result()
+                    pending = None
+                if not waited:
+                    log.info("%s/%s: waiting for shards %s, which other processes are writing", request.model.name, split.name, remaining)
+                    waited = True
+                time.sleep(poll)
+        if pending is not None:
+            stats.bytes_written += pending.result()
+    if bar is not None:
         bar.close()
     stats.seconds = time.perf_counter() - t0
     if stats.truncated:
@@ -183,14 +223,21 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
     if len(writer.done_shards()) == total:
         writer.commit(expected_shards=total)
         stats.committed = True
+    elif writer.committed():
+        stats.committed = True
     else:
         log.info("%s/%s: %d of %d shards present; the process that writes the last one commits the entry",
                  request.model.name, split.name, len(writer.done_shards()), total)
     return stats
 
 
-def _write(writer, k: int, arrays: dict, table: pd.DataFrame, attrs: dict, row_start: int) -> int:
-    writer.write_shard(k, arrays, table, row_start=row_start, attrs=attrs)
+def _write(writer, k: int, arrays: dict, table: pd.DataFrame, attrs: dict, row_start: int, lease=None) -> int:
+    """Publish shard ``k`` on the writer thread, then give up its lease."""
+    try:
+        writer.write_shard(k, arrays, table, row_start=row_start, attrs=attrs)
+    finally:
+        if lease is not None:
+            lease.release()
     return sum(a.nbytes for a in arrays.values())
 
 

@@ -56,13 +56,17 @@ def dask_scheduler(spec: str):
         yield spec
 
 
-def open_features(store, request, *, verify: bool = True):
-    """The committed entry for a request, verified; a missing or corrupt one is a clear error."""
+def open_features(store, request, *, verify: bool = True, config: str = ""):
+    """The committed entry for a request, verified; a missing or corrupt one is a clear error.
+
+    ``config`` (the config file's path) is named in the error, so the user knows which
+    ``make extract`` run provides the entry.
+    """
     from store import CorruptEntryError
 
     name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
     if not store.exists(request.key):
-        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG=...` with this config first")
+        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG={config or '...'}` with this config first")
     try:
         return store.open(request.key, verify=verify)
     except CorruptEntryError as e:
@@ -131,7 +135,7 @@ def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "thre
     _check_train_split(split)
     requests = feature_requests(cfg, splits={split.name: split})
     keywords = load_keywords(cfg.score.keywords)
-    entries = [(r, open_features(store, r)) for r in requests]
+    entries = [(r, open_features(store, r, config=cfg.source)) for r in requests]
     var, spa, neu = [], [], []
     t0 = time.perf_counter()
     with dask_scheduler(scheduler) as sched:

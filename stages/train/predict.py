@@ -23,18 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def heads_entry(cfg: ExperimentConfig, store):
-    """The committed heads entry that ``make train`` wrote for this config."""
-    from stages.train.runner import heads_key
+    """The heads entry `make train` wrote for this config and its current features (never a stale one)."""
+    from stages.train.runner import expected_heads_key
 
-    entries = [e for e in store.find(kind="heads") if e.description.get("name") == f"{cfg.data.name}/heads/{cfg.name}"]
-    if not entries:
-        raise PipelineError(f"no trained heads for {cfg.name!r} in {store.url}; run `make train CONFIG={cfg.source or '...'}` first")
-    entries.sort(key=lambda e: e.manifest.get("created", 0))
-    entry = entries[-1]
-    lineage = json.loads(entry.read_file("lineage.json"))
-    if heads_key(lineage) != entry.key:
-        raise PipelineError(f"heads entry {entry.key[:12]} does not match its lineage; re-run `make train`")
-    return store.open(entry.key, verify=True)
+    key = expected_heads_key(cfg)
+    if not store.exists(key):
+        raise PipelineError(f"no trained heads for {cfg.name!r} with its current features in {store.url}; "
+                            f"run `make train CONFIG={cfg.source or '...'}` first")
+    return store.open(key, verify=True)
 
 
 def _head_blocks(name: str, entry) -> tuple[object, list[Block]]:
@@ -42,10 +38,10 @@ def _head_blocks(name: str, entry) -> tuple[object, list[Block]]:
     from stages.train.fusion import FusionHead
     from stages.train.probes import probe_from_bytes
 
-    stem = head_file(name)
-    if f"{stem}.json" not in entry.files:
-        heads = sorted({f.rsplit(".", 1)[0].replace("-", ":", 3) for f in entry.files if f.endswith(".json") and f != "lineage.json"})
-        raise PipelineError(f"--head {name!r} not found; available: {', '.join(heads)}")
+    index = json.loads(entry.read_file("heads.json"))
+    if name not in index:
+        raise PipelineError(f"--head {name!r} not found; available: {', '.join(sorted(index))}")
+    stem = index[name]
     blobs = {"head.safetensors": entry.read_file(f"{stem}.safetensors"), "head.json": entry.read_file(f"{stem}.json")}
     if name in ("fusion", "concat"):
         head = (FusionHead if name == "fusion" else ConcatHead).from_bytes(blobs)

@@ -85,15 +85,13 @@ def head_file(name: str) -> str:
 def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    from pipeline.data import load_splits
-    from pipeline.orchestrate import feature_requests
     from stages.score.runner import load_keywords, load_scores, open_features, scores_key
     from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
 
     train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
-    splits = load_splits(cfg.data)
-    requests = feature_requests(cfg, splits={s: splits[s] for s in dict.fromkeys((train_split, dev_split, test_split))})
-    entries = {(r.model.name, r.split.name): open_features(store, r) for r in requests}
+    requests = train_requests(cfg)
+    entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
+    fusion_blocks = _fusion_blocks(cfg, entries, train_split)  # a config error before any fitting
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
     skey = scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords), cfg)
     if not store.exists(skey):
@@ -153,19 +151,39 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
                           "best_test_accuracy": float(df.loc[df["dev_accuracy"].idxmax(), "test_accuracy"]),
                           "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy())})
 
-    fusion_blocks = _fusion_blocks(cfg, entries, train_split)
     if fusion_blocks:
         blobs.update(_fit_fused_heads(cfg, cache, fusion_blocks, y, (train_split, dev_split, test_split), add_rows))
 
     train_df = pd.DataFrame(rows, columns=TRAIN_COLUMNS)
     layers_df = pd.concat(layer_rows, ignore_index=True)
     selection_df = pd.DataFrame(selection)
-    lineage = {"config": to_dict(cfg), "features": {f"{m}/{s}": r.key for (m, s), r in
-                                                     {(r.model.name, r.split.name): r for r in requests}.items()},
-               "scores": skey}
+    lineage = make_lineage(cfg, requests, skey)
     key = _save_heads(store, cfg, blobs, train_df, lineage)
     _write_outputs(cfg, out, train_df, layers_df, selection_df, random_models, key)
     return train_df
+
+
+def train_requests(cfg: ExperimentConfig):
+    """Feature requests for the train, dev and test splits of every configured model."""
+    from pipeline.data import load_splits
+    from pipeline.orchestrate import feature_requests
+
+    names = dict.fromkeys((cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split))
+    splits = load_splits(cfg.data)
+    return feature_requests(cfg, splits={s: splits[s] for s in names})
+
+
+def make_lineage(cfg: ExperimentConfig, requests, scores: str) -> dict:
+    return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores}
+
+
+def expected_heads_key(cfg: ExperimentConfig) -> str:
+    """The heads entry `make train` writes for this config and these exact features."""
+    from stages.score.runner import load_keywords, scores_key
+
+    requests = train_requests(cfg)
+    skey = scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords), cfg)
+    return heads_key(make_lineage(cfg, requests, skey))
 
 
 def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Block]:
@@ -230,6 +248,9 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
     train_df.to_parquet(buf, index=False)
     writer.write_file("train.parquet", buf.getvalue())
     writer.write_file("lineage.json", json.dumps(lineage, indent=2, sort_keys=True).encode())
+    names = sorted({f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in ("fusion", "concat") else f"{h}:{m}:{p}")
+                    for h, m, lay, p in train_df[["head", "models", "layers", "pooling"]].itertuples(index=False)})
+    writer.write_file("heads.json", json.dumps({n: head_file(n) for n in names}, indent=2, sort_keys=True).encode())
     writer.commit()
     return key
 

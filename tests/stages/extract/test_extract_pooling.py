@@ -96,6 +96,20 @@ def test_masked_mean_max_fire_match_loop(padding, include_special):
     np.testing.assert_array_equal(fired.numpy(), want_fire)
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("threshold", [-0.5, 0.0, 0.25])
+def test_fused_max_and_fire_counts_equal_separate(padding, threshold):
+    """The capture hook's one-pass max + firing counts must equal the two separate reductions."""
+    fused = getattr(pooling, "masked_max_and_fire_counts", None)
+    if fused is None:
+        pytest.skip("no fused max/fire reduction in this version")
+    x, attention, special, _ = _batch(padding)
+    mask = pooling.token_masks(attention, special, False)
+    mx, fired = fused(x, mask, threshold)
+    assert torch.equal(mx, pooling.masked_max(x, mask))
+    assert torch.equal(fired, pooling.fire_counts(x, mask, threshold)) and fired.dtype == torch.int64
+
+
 def test_masked_mean_accumulates_in_float32():
     x = torch.full((1, 4096, 2), 1.0 + 2**-7, dtype=torch.bfloat16)
     mask = torch.ones(1, 4096)
@@ -111,9 +125,14 @@ def test_masked_mean_ignores_non_finite_padding():
         x[r, :a] = float("nan")
         if a:
             x[r, 0, 0] = float("inf")
+    x[0, spans[0][0], 1] = float("inf")  # an excluded special token ([CLS]-like) of row 0
     mask = pooling.token_masks(attention, special, False)
     assert torch.isfinite(pooling.masked_mean(x, mask)).all()
     assert torch.isfinite(pooling.masked_max(x, mask)).all()
+    # ...while a non-finite *counted* token must show, so the runner can report it
+    x[3, spans[3][0] + 1, 2] = float("nan")
+    bad = ~torch.isfinite(pooling.masked_mean(x, mask))
+    assert bad[3, 2] and bad.sum() == 1
 
 
 # batching -----------------------------------------------------------------------------------------

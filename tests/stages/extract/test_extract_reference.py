@@ -28,6 +28,9 @@ FFN_OUT = {
 # A neuron's activation this close to the threshold may legitimately flip between a padded,
 # batched forward and the unpadded reference (float32 rounding); anything else must match exactly.
 NEAR = 1e-5
+# Thresholds with no activation of the toy data within NEAR of them (checked in the test): there the
+# stored fire counts must equal the unpadded float32 reference exactly, with no slack at all.
+CLEAR_THRESHOLD = {"llama": 0.012, "bert": 0.05, "roberta": 0.05, "t5": 0.05}
 N_LAYERS, HIDDEN, FFN = TINY.layers, TINY.hidden, TINY.ffn
 
 
@@ -97,7 +100,7 @@ def _pool(hidden, ffn, special, *, include_special, threshold):
         f_sum += ffn[:, t]
         f_max = np.maximum(f_max, ffn[:, t])
         fired += ffn[:, t] > threshold
-        near += np.abs(ffn[:, t] - threshold) <= NEAR
+        near += (np.abs(ffn[:, t] - threshold) <= NEAR) & (ffn[:, t] != threshold)  # exact zeros (ReLU) cannot flip
     return {
         "hidden/mean": h_sum / len(counted),
         "hidden/first": hidden[:, 0],
@@ -160,12 +163,14 @@ def _shards(n_rows: int, shard_rows: int):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", ["float16", "float32", "special"])
+@pytest.mark.parametrize("variant", ["float16", "float32", "special", "threshold"])
 def test_stored_features_match_reference(tmp_path, family, variant):
+    """float16 / float32 storage, special tokens in the mean, and a threshold no activation is near."""
     overrides = {"storage_dtype": "float32"} if variant == "float32" else {}
     if variant == "special":
         overrides["special_tokens_in_mean"] = True
-    request = make_request(family, **overrides)
+    threshold = CLEAR_THRESHOLD[family] if variant == "threshold" else 0.0
+    request = make_request(family, threshold=threshold, **overrides)
     cfg = request.extract
     store = Store(tmp_path / "store")
     loader = CountingLoader(family)
@@ -176,7 +181,10 @@ def test_stored_features_match_reference(tmp_path, family, variant):
     entry = store.open(request.key)
     shards = _shards(len(TEXTS), cfg.shard_rows)
     assert entry.n_rows == len(TEXTS) and entry.n_shards == len(shards) >= 2
-    ref = reference(family, "single", include_special=cfg.special_tokens_in_mean)
+    ref = reference(family, "single", include_special=cfg.special_tokens_in_mean, threshold=threshold)
+    if variant == "threshold":
+        assert ref["near"].sum() == 0, "pick a threshold no activation is near: fire counts are then compared exactly"
+        assert 0 < ref["fire"].sum() < ref["n_counted"].sum() * N_LAYERS * FFN
 
     # The setup really exercises length-grouped batching: several batches, some of mixed lengths.
     for lo, hi in shards[:2]:
@@ -208,7 +216,7 @@ def test_stored_features_match_reference(tmp_path, family, variant):
     attrs = entry.shard_attrs("ffn/fire_count")
     for s, (lo, hi) in enumerate(shards):
         assert_fire_counts(fire[s], ref["fire"][lo:hi].sum(axis=0), ref["near"][lo:hi].sum(axis=0), f"{family} {variant} shard {s}")
-        assert attrs[s]["threshold"] == 0.0
+        assert attrs[s]["threshold"] == threshold
         assert attrs[s]["n_tokens"] == int(ref["n_counted"][lo:hi].sum())
         assert bool(attrs[s]["special_tokens_counted"]) == cfg.special_tokens_in_mean
     if family == "t5":  # ReLU: exactly sparse, activations never negative
@@ -236,3 +244,22 @@ def test_stored_features_match_padded_references(tmp_path, family):
         ref = reference(family, mode)
         for name in ("hidden/mean", "hidden/first", "hidden/last", "ffn/mean", "ffn/max"):
             assert_close(entry.array(name).compute(), ref[name], rel=1e-4, what=f"{family} vs {mode}-padded {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_bfloat16_matches_reference(tmp_path, family):
+    """The GPU path (bf16 weights, device-side pooling) against the float32 CPU reference, loosely."""
+    from stages.extract.runner import load_for_extract
+
+    request = make_request(family, device="cuda", compute_dtype="bfloat16", storage_dtype="float32")
+    assert request.key != make_request(family, storage_dtype="float32").key  # compute dtype changes the bytes
+    store = Store(tmp_path)
+    assert extract_entry(request, store, load_for_extract(request.model, request.spec, request.extract), progress=False).committed
+    entry = store.open(request.key)
+    ref = reference(family, "single")
+    for name in ("hidden/mean", "hidden/first", "hidden/last", "ffn/mean", "ffn/max"):
+        assert_close(entry.array(name).compute(), ref[name], rel=1e-1, what=f"{family} cuda bf16 {name}")
+    assert entry.table()["n_tokens"].tolist() == ref["n_tokens"].tolist()
+    assert [a["n_tokens"] for a in entry.shard_attrs("ffn/fire_count")] == [int(ref["n_counted"][lo:hi].sum()) for lo, hi in _shards(len(TEXTS), 5)]

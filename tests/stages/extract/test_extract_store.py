@@ -106,6 +106,63 @@ def test_resume_after_crash_recomputes_only_missing_shards(tmp_path, uninterrupt
     _assert_identical(tmp_path, single_root, request.key)
 
 
+_KILLED_RUN = """
+import os, signal, sys, time
+import stages.extract.runner as runner
+from extract_helpers import CountingLoader, make_request
+from store import Store
+
+request = make_request("bert")
+store = Store(sys.argv[1])
+real = runner.extract_shard
+
+def extract_then_die(loaded, req, texts, row_start, labels, progress=None):
+    if row_start == 10:  # holding the lease of shard 2: wait until shards 0 and 1 are published, then die
+        writer = store.writer(request.key, request.description(), n_shards=3)
+        deadline = time.time() + 60
+        while writer.done_shards() != {0, 1} and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(loaded, req, texts, row_start, labels, progress)
+
+runner.extract_shard = extract_then_die
+runner.extract_entry(request, store, CountingLoader("bert"), progress=False)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: ~5 s idle, far more on a busy machine
+def test_resume_after_sigkill(tmp_path, uninterrupted, monkeypatch):
+    """A process killed with SIGKILL (no cleanup: its shard lease stays behind) resumes at once, identically."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    request, single_root = uninterrupted
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parents[2]), str(here), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    store = Store(tmp_path)
+    assert not store.exists(request.key)
+    assert store.writer(request.key, request.description(), n_shards=3).done_shards() == {0, 1}
+
+    computed = []
+    real_extract_shard = runner.extract_shard
+
+    def recording(loaded, req, texts, row_start, labels, progress=None):
+        computed.append(row_start)
+        return real_extract_shard(loaded, req, texts, row_start, labels, progress)
+
+    monkeypatch.setattr(runner, "extract_shard", recording)
+    t0 = time.monotonic()
+    stats = extract_entry(request, store, CountingLoader(FAMILY), progress=False)
+    assert time.monotonic() - t0 < 30, "the dead process's shard lease should not make the resume wait for its expiry"
+    assert stats.committed and computed == [10]
+    _assert_identical(tmp_path, single_root, request.key)
+
+
 def test_crash_in_forward_pass_leaves_earlier_shards_and_no_manifest(tmp_path, uninterrupted, monkeypatch):
     """A failure while computing (not writing) shard 1: shard 0 is kept, the rerun finishes identically."""
     request, single_root = uninterrupted
@@ -144,8 +201,8 @@ def test_orchestrate_extract_second_run_loads_nothing(tmp_path, monkeypatch):
 
     data = tmp_path / "data"
     data.mkdir()
-    for split in ("train", "dev"):
-        rows = "".join(f"{t}\t{y % 2}\n" for t, y in zip(TEXTS[:6], range(6)))
+    for split, texts in (("train", TEXTS[:6]), ("dev", TEXTS[6:])):
+        rows = "".join(f"{t}\t{y % 2}\n" for y, t in enumerate(texts))
         (data / f"{split}.tsv").write_text("text\tlabel\n" + rows)
     cfg = ExperimentConfig(
         name="toy", data=DataConfig(name="toy", path=str(data), splits=("train", "dev")),
@@ -155,7 +212,7 @@ def test_orchestrate_extract_second_run_loads_nothing(tmp_path, monkeypatch):
     url = str(tmp_path / "store")
     assert orchestrate.extract(cfg, url, progress=False) == 0
     keys = [r.key for r in orchestrate.feature_requests(cfg)]
-    assert len(keys) == 2 and all(Store(url).exists(k) for k in keys)
+    assert len(set(keys)) == 2 and all(Store(url).exists(k) for k in keys)
     before = {k: entry_files(Path(url), k) for k in keys}
 
     def must_not_load(*a, **k):

@@ -1,5 +1,6 @@
 """Same numbers on dask.distributed, and bounded memory out of core."""
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -14,11 +15,29 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client():
-    """Two single-threaded worker processes with a small memory limit."""
+    """Two single-threaded worker processes, as the brief's cluster."""
     with distributed.LocalCluster(n_workers=2, processes=True,
-                                  threads_per_worker=1, memory_limit="200MB",
-                                  dashboard_address=None) as cluster, \
+                                  threads_per_worker=1,
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture
+def small_client():
+    """Workers limited to 200 MB each. Pausing and spilling are off, so a
+    worker that outgrows its limit is killed (at 95%) instead of waiting
+    forever; a restart shows up as a changed worker set."""
+    no_pause = {"distributed.worker.memory.target": False,
+                "distributed.worker.memory.spill": False,
+                "distributed.worker.memory.pause": False}
+    with dask.config.set(no_pause), \
+            distributed.LocalCluster(n_workers=2, processes=True,
+                                     threads_per_worker=1, memory_limit="200MB",
+                                     dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        assert all(c.run(lambda: dask.config.get(
+            "distributed.worker.memory.pause") is False).values())
         yield c
 
 
@@ -46,16 +65,16 @@ def test_sparsity_same_numbers_as_threads(client):
         assert a.equals(b)
 
 
-def test_array_far_larger_than_worker_memory(client):
+def test_array_far_larger_than_worker_memory(small_client):
     # 640 MB of lazily generated float64, 10 MB chunks, 200 MB per worker.
     n, n_layers, d = 20_000, 4, 1_000
     X = da.random.default_rng(0).standard_normal((n, n_layers, d),
                                                  chunks=(312, n_layers, d))
     assert X.nbytes > 3 * 200e6
     y = np.arange(n) % 3
-    workers = set(client.scheduler_info()["workers"])
-    remote = variability_by_layer(X, y, scheduler=client)
-    assert set(client.scheduler_info()["workers"]) == workers  # none restarted
+    workers = set(small_client.scheduler_info()["workers"])
+    remote = variability_by_layer(X, y, scheduler=small_client)
+    assert set(small_client.scheduler_info()["workers"]) == workers
     local = variability_by_layer(X, y, scheduler="threads")
     assert [r.rank for r in remote] == [2] * n_layers
     for a, b in zip(local, remote):

@@ -36,3 +36,18 @@ def test_plot_sparsity(tmp_path):
 def test_plot_variability_all_infinite(tmp_path):
     df = pd.DataFrame({"model": ["m"], "layer": [0], "nu": [np.inf]})
     assert plot_variability(df, tmp_path / "empty.png").exists()
+
+
+def test_plots_with_runner_columns(tmp_path):
+    rows = [dict(dataset=ds, split="train", model=m, pooling=p, layer=l,
+                 n_layers=3, relative_depth=l / 3, nu=1.0 + l)
+            for ds in ("sst2", "trec") for m in ("bert", "t5")
+            for p in ("mean", "first") for l in range(4)]
+    assert plot_variability(pd.DataFrame(rows), tmp_path / "v.png").exists()
+    sp = pd.DataFrame([dict(dataset=ds, split="train", model=m, layer=l,
+                            threshold=0.0, relative_depth=(l + 1) / 3,
+                            token_fire_fraction=0.1, dead_fraction=0.2)
+                       for ds in ("sst2", "trec") for m in ("bert", "t5")
+                       for l in range(3)])
+    assert plot_sparsity(sp, tmp_path / "s.png").exists()
+    assert plt.get_fignums() == []

@@ -2,7 +2,6 @@
 
 import threading
 
-import dask
 import dask.array as da
 import numpy as np
 import pytest

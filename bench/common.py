@@ -1,0 +1,120 @@
+"""Shared pieces: result records, sizes per mode, timing, machine description."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much work each benchmark does; ``quick`` must stay under 3 minutes on 2 CPU cores."""
+
+    mode: str
+    extract_models: tuple[str, ...]  # model sources for extract_overhead
+    extract_rows: int  # SST-2 train rows per extract_overhead repetition
+    reps: int  # interleaved repetitions (medians)
+    bucket_model: str
+    bucket_rows: int  # 0 = the whole training split
+    scale_model: str
+    scale_rows: int  # rows at 1x for scaling_extract
+    score_limit_mb: float  # the memory limit the score benchmark pretends Dask has
+    score_rows_per_chunk: int
+    score_scale_mb: float  # store size at 1x for scaling_score
+    cached_config: str  # config whose cached rerun is timed (a path, or "tiny:<limit>" for a cut-down tiny.toml)
+    cached_reps: int
+    threads: int = 0  # torch threads (0 = torch's default)
+
+
+QUICK = Plan("quick", ("all-minilm-l6-v2",), 96, 3, "all-minilm-l6-v2", 64, "all-minilm-l6-v2", 24,
+             32, 1024, 8, "configs/tiny.toml", 3)
+FULL = Plan("full", ("all-minilm-l6-v2", "smollm2-135m-instruct", "roberta-random-small", "t5-random-small"), 512, 5,
+            "all-minilm-l6-v2", 0, "all-minilm-l6-v2", 256, 256, 1024, 64, "configs/default.toml", 5)
+# The test suite's smoke run: tiny random models, a handful of rows; numbers are meaningless.
+SMOKE = Plan("smoke", ("tiny-random-bert",), 16, 1, "tiny-random-bert", 32, "tiny-random-bert", 8,
+             2, 256, 1, "tiny:16", 1)
+
+
+def result(value, reference, unit: str, details: dict | None = None, ratio=None) -> dict:
+    """One results.json record; ratio defaults to value / reference."""
+    if ratio is None:
+        ratio = value / reference if reference else float("nan")
+    return {"value": _num(value), "reference": _num(reference), "ratio": _num(ratio), "unit": unit, "details": details or {}}
+
+
+def _num(x):
+    return round(float(x), 6) if isinstance(x, (int, float)) and not isinstance(x, bool) else x
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+@dataclass
+class Timer:
+    """Wall and CPU time of a block (CPU time of the whole process: every torch thread)."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    _t: tuple = field(default=(0.0, 0.0), repr=False)
+
+    def __enter__(self) -> "Timer":
+        self._t = (time.perf_counter(), time.process_time())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._t[0]
+        self.cpu = time.process_time() - self._t[1]
+
+
+def paired_ratio(ref: list[float], new: list[float]) -> float:
+    """Median over repetitions of ref_i / new_i: pairs measured back to back share the machine's load."""
+    return median([r / n for r, n in zip(ref, new) if n > 0])
+
+
+def machine(plan: Plan) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        ram = float("nan")
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "mode": plan.mode, "load_average_start": _loadavg(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def env() -> dict:
+    """Environment for subprocesses: offline, embedded models where the project keeps them."""
+    e = dict(os.environ)
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.setdefault("TRANSFORMERS_OFFLINE", "1")
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    e.setdefault("LAYERSTORE_MODELS", str(ROOT / ".models"))
+    return e

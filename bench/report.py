@@ -1,0 +1,92 @@
+"""The human-readable side: a Markdown table of results.json and the bench/README.md around it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# key prefix -> (goal text, test on the record) ; None = informational
+GOALS = {
+    "extract_overhead": ("ratio >= 0.95", lambda r: r["ratio"] >= 0.95),
+    "bucketing_speedup": ("ratio >= 3.5", lambda r: r["ratio"] >= 3.5),
+    "store_overhead": ("value <= 0.05", lambda r: r["value"] <= 0.05),
+    "scaling_extract": ("ratio ~ 1 (0.8-1.25)", lambda r: 0.8 <= r["ratio"] <= 1.25),
+    "score_read_fraction": ("ratio >= 0.5", lambda r: r["ratio"] >= 0.5),
+    "score_peak_rss": ("value <= memory limit", lambda r: bool(r["details"].get("within_limit"))),
+    "scaling_score": ("ratio ~ 1 (0.8-1.25)", lambda r: 0.8 <= r["ratio"] <= 1.25),
+    "cached_rerun_seconds": ("value < 2 s", lambda r: r["value"] < 2.0),
+    "train_seconds": ("informational", None),
+    "head_params": ("ratio <= 0.04 (LLMEmbed: ~4%)", lambda r: r["ratio"] <= 0.04),
+}
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.3g}"
+        return f"{x:.3f}" if abs(x) < 100 else f"{x:,.0f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def status(name: str, rec: dict) -> str:
+    goal = GOALS.get(name.split("/", 1)[0])
+    if rec.get("unit") == "error":
+        return "error: " + rec["details"].get("error", "")[:80]
+    if goal is None or goal[1] is None:
+        return "-"
+    try:
+        return "met" if goal[1](rec) else "**missed**"
+    except (KeyError, TypeError):
+        return "?"
+
+
+def table(results: dict, info: dict) -> str:
+    lines = [f"mode: {info['mode']}, {info['date']}, {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
+             f"torch {info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, "
+             f"load average {info.get('load_average_start')} -> {info.get('load_average_end')}", "",
+             "| benchmark | value | reference | ratio | unit | goal | status |", "|---|---:|---:|---:|---|---|---|"]
+    for name, r in results.items():
+        goal = GOALS.get(name.split("/", 1)[0], ("", None))[0]
+        lines.append(f"| `{name}` | {_fmt(r['value'])} | {_fmt(r['reference'])} | {_fmt(r['ratio'])} | {r['unit']} | {goal} | {status(name, r)} |")
+    return "\n".join(lines)
+
+
+INTRO = """# Benchmarks
+
+`make bench` (or `.venv/bin/python -m bench`) runs the full set: all four embedded models, the
+whole SST-2 training split; it takes long on a CPU. `make bench QUICK=1` (`python -m bench --quick`)
+uses all-MiniLM-L6-v2, the tiny random models and SST-2 subsets and finishes in about 3 minutes on
+2 cores. Both write `bench/results.json` (one object: name -> {value, reference, ratio, unit,
+details}), `bench/machine.json` and this file. `--only a,b` runs a subset; `--cached-store PATH`
+(full mode) reuses a store that already holds `configs/default.toml`'s features.
+
+The machines this runs on are shared, so absolute times are noisy. What is published is a
+**ratio against a reference measured in the same process**, repetitions interleaved (reference,
+candidate, reference, candidate, ...) and summarised by the median of per-pair ratios. The test
+suite never asserts speed; `tests/bench/test_bench_smoke.py` only checks that the harness runs.
+
+| benchmark | what is measured | reference |
+|---|---|---|
+| `extract_overhead[/family]` | tokens/s of `extract_entry` (tokenise, length-grouped batches, every hook, poolings, firing counts, fp16, writer thread, commit to a temporary store) | tokens/s of bare `model(**batch)` on the same padded batches, same dtype, `inference_mode`; the unsuffixed key is the worst model |
+| `bucketing_speedup` | real tokens/s with length-grouped token-budget batches (all-MiniLM-L6-v2, SST-2 train) | fixed batches of 32 padded to 128 tokens, as LLMEmbed's reference code; same hooks and poolings |
+| `store_overhead` | bytes on disk of an extract entry (HDF5 shards, row tables, manifest) / raw bytes of its arrays - 1 | goal 0.05 |
+| `scaling_extract`, `scaling_score` | time at 4x the data | 4 x time at 1x (ratio 1 = linear) |
+| `score_read_fraction` | effective MiB/s of score (variability for every pooling + sparsity, Dask threads) over a synthetic entry of MiniLM shapes, >= 3x the memory limit | plain sequential h5py read of every dataset of the same shard files |
+| `score_peak_rss` | peak RSS increase of that score run in a subprocess | threads x largest chunk + accumulators; status checks it stays below the memory limit |
+| `cached_rerun_seconds` | wall time of `python -m pipeline extract` with everything cached (subprocess) | goal 2 s |
+| `train_seconds`, `head_params` | fitting a probe and the fusion head on cached features; fusion head parameters | extract time of those features; frozen parameters of the models the head reads |
+
+Details of every record (per-repetition times, sizes, CPU-time ratios, profiles) are in
+`results.json`.
+
+## Latest results
+
+"""
+
+
+def write_readme(path: Path, results: dict, info: dict) -> None:
+    path.write_text(INTRO + table(results, info) + "\n", encoding="utf-8")

@@ -1,0 +1,143 @@
+"""The CLI edge: help for every command, one-line `error:` messages for user mistakes, tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline_helpers import PROJECT_ROOT
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("FEATURESTORE", None)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert proc.returncode != 0, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+HELP_COMMANDS = [
+    [], ["extract"], ["score"], ["train"], ["run"], ["predict"],
+    ["store"], ["store", "ls"], ["store", "verify"], ["store", "gc"], ["store", "push"], ["store", "pull"],
+]
+
+
+@pytest.mark.parametrize("cmd", HELP_COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help(cmd):
+    proc = run_cli(*cmd, "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m pipeline")
+    assert proc.stderr == ""
+
+
+def test_help_lists_every_command():
+    out = run_cli("--help").stdout
+    for c in ("extract", "score", "train", "run", "predict", "store"):
+        assert c in out
+    store_out = run_cli("store", "--help").stdout
+    for c in ("ls", "verify", "gc"):
+        assert c in store_out
+
+
+def test_no_command_is_a_usage_error():
+    proc = run_cli()
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr
+
+
+def test_bad_shard_is_a_usage_error():
+    proc = run_cli("extract", "--shard", "3/2")
+    assert proc.returncode == 2
+    assert "I/N" in proc.stderr
+
+
+def test_config_typo_key(make_config, tmp_path):
+    cfg = make_config(**{"extract.max_lenght": 12})
+    proc = run_cli("extract", "--config", str(cfg), "--store", str(tmp_path / "store"))
+    line = assert_one_line_error(proc, "unknown key extract.max_lenght", "max_length", str(cfg))
+    assert "allowed" in line
+
+
+def test_config_typo_key_in_models_score(make_config, tmp_path):
+    cfg = make_config(**{"models.0.sourse": "x"})
+    proc = run_cli("score", "--config", str(cfg), "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, "unknown key models[0].sourse", "source")
+
+
+def test_missing_config_file(tmp_path):
+    proc = run_cli("train", "--config", str(tmp_path / "nope.toml"), "--store", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, "config file not found", "nope.toml")
+
+
+def test_missing_data_file(make_config, tmp_path):
+    cfg = make_config(**{"data.path": str(tmp_path / "no-data-here")})
+    proc = run_cli("extract", "--config", str(cfg), "--store", str(tmp_path / "store"))
+    assert_one_line_error(proc, "no file for split 'train'", "no-data-here")
+
+
+def test_missing_explicit_data_file(make_config, tmp_path):
+    cfg = make_config(**{"data.files": {"dev": str(tmp_path / "gone.tsv")}})
+    proc = run_cli("extract", "--config", str(cfg), "--store", str(tmp_path / "store"))
+    assert_one_line_error(proc, "data file not found", "gone.tsv")
+
+
+def test_unknown_model(make_config, tmp_path):
+    cfg = make_config(**{"models.0.source": "no-such-org/no-such-model"})
+    proc = run_cli("extract", "--config", str(cfg), "--store", str(tmp_path / "store"))
+    assert_one_line_error(proc, "'no-such-org/no-such-model'", "huggingface-cli download no-such-org/no-such-model")
+
+
+def test_unknown_model_with_debug_shows_traceback(make_config, tmp_path):
+    cfg = make_config(**{"models.0.source": "no-such-org/no-such-model"})
+    proc = run_cli("extract", "--debug", "--config", str(cfg), "--store", str(tmp_path / "store"))
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "ModelError" in proc.stderr
+    assert "no-such-org/no-such-model" in proc.stderr
+
+
+def test_config_error_with_debug_shows_traceback(make_config, tmp_path):
+    cfg = make_config(**{"extract.storage_dtype": "float64"})
+    proc = run_cli("score", "--debug", "--config", str(cfg), "--store", str(tmp_path / "s"), "--out", str(tmp_path / "o"))
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "ConfigError" in proc.stderr and "float64" in proc.stderr
+
+
+def test_unknown_model_name_in_models_flag(make_config, tmp_path):
+    cfg = make_config()
+    proc = run_cli("extract", "--config", str(cfg), "--store", str(tmp_path / "store"), "--models", "bert,gpt")
+    assert_one_line_error(proc, "--models", "'gpt'")
+
+
+def test_predict_without_texts():
+    proc = run_cli("predict", "--head", "fusion", "--store", "/nonexistent-store-for-test")
+    assert_one_line_error(proc, "predict: give texts")
+
+
+def test_store_ls_json_on_empty_store(tmp_path):
+    proc = run_cli("store", "ls", "--json", "--store", str(tmp_path / "empty-store"))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)  # valid JSON, and nothing in it
+    assert isinstance(data, (list, dict)) and not data
+
+
+def test_store_ls_and_verify_on_empty_store(tmp_path):
+    store = str(tmp_path / "empty-store")
+    assert run_cli("store", "ls", "--store", store).returncode == 0
+    assert run_cli("store", "verify", "--store", store).returncode == 0
+    assert run_cli("store", "gc", "--dry-run", "--store", store).returncode == 0

@@ -1,0 +1,335 @@
+"""Data splits: four formats, configurable columns, one-line DataErrors naming the file, the fingerprint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data import data_fingerprint, load_split, load_splits, split_path
+from pipeline.errors import DataError
+
+from pipeline_helpers import DEV_ROWS, PROJECT_ROOT, TRAIN_ROWS, write_rows
+
+FORMATS = [".tsv", ".csv", ".jsonl", ".parquet"]
+# quotes, commas, apostrophes and non-ASCII must survive every format unchanged
+TRICKY_ROWS = [('he said "wow" , twice', 1), ("it's café-grade, naïve", 0), ("  leading space kept", 2), ("plain", 0)]
+
+
+def cfg_for(**kw) -> DataConfig:
+    return DataConfig(name="toy", **kw)
+
+
+def write_splits(folder, ext, train=TRAIN_ROWS, dev=DEV_ROWS, **kw):
+    write_rows(folder / f"train{ext}", train, **kw)
+    write_rows(folder / f"dev{ext}", dev, **kw)
+    return folder
+
+
+def assert_one_line_naming(err: pytest.ExceptionInfo, path) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(path) in msg
+    return msg
+
+
+# --- formats and columns ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_each_format_loads_the_same_texts_and_labels(tmp_path, ext):
+    path = write_rows(tmp_path / f"train{ext}", TRICKY_ROWS)
+    split = load_split(cfg_for(path=str(tmp_path), splits=("train",)), "train")
+    assert split.texts == tuple(t for t, _ in TRICKY_ROWS)
+    assert split.labels.dtype == np.int64
+    assert split.labels.tolist() == [y for _, y in TRICKY_ROWS]
+    assert split.path == str(path)
+    assert split.name == "train" and split.dataset == "toy" and len(split) == len(TRICKY_ROWS)
+
+
+def test_formats_give_the_same_fingerprint(tmp_path):
+    prints = set()
+    for ext in FORMATS:
+        folder = tmp_path / ext.strip(".")
+        write_rows(folder / f"train{ext}", TRICKY_ROWS)
+        prints.add(load_split(cfg_for(path=str(folder)), "train").fingerprint)
+    assert len(prints) == 1
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_configurable_columns(tmp_path, ext):
+    write_splits(tmp_path, ext, text_column="sentence", label_column="y")
+    cfg = cfg_for(path=str(tmp_path), splits=("train", "dev"), text_column="sentence", label_column="y")
+    splits = load_splits(cfg)
+    assert splits["train"].texts == tuple(t for t, _ in TRAIN_ROWS)
+    assert splits["dev"].labels.tolist() == [y for _, y in DEV_ROWS]
+
+
+def test_extra_columns_are_ignored(tmp_path):
+    p = tmp_path / "train.tsv"
+    p.write_text("id\ttext\tlabel\tsource\n1\tgood\t1\tx\n2\tbad\t0\ty\n", encoding="utf-8")
+    split = load_split(cfg_for(path=str(tmp_path)), "train")
+    assert split.texts == ("good", "bad") and split.labels.tolist() == [1, 0]
+
+
+def test_explicit_files_override_path(tmp_path):
+    write_splits(tmp_path / "folder", ".tsv")
+    other = write_rows(tmp_path / "elsewhere" / "my dev.jsonl", [("other text", 1), ("more", 0)])
+    cfg = cfg_for(path=str(tmp_path / "folder"), splits=("train", "dev"), files={"dev": str(other)})
+    splits = load_splits(cfg)
+    assert splits["train"].texts == tuple(t for t, _ in TRAIN_ROWS)
+    assert splits["dev"].texts == ("other text", "more")
+    assert splits["dev"].path == str(other)
+
+
+def test_files_without_path(tmp_path):
+    tr = write_rows(tmp_path / "a.csv", TRAIN_ROWS)
+    dv = write_rows(tmp_path / "b.parquet", DEV_ROWS)
+    splits = load_splits(cfg_for(splits=("train", "dev"), files={"train": str(tr), "dev": str(dv)}))
+    assert len(splits["train"]) == len(TRAIN_ROWS) and len(splits["dev"]) == len(DEV_ROWS)
+
+
+def test_split_missing_from_files_and_no_path(tmp_path):
+    tr = write_rows(tmp_path / "a.csv", TRAIN_ROWS)
+    with pytest.raises(DataError, match=r"data.files has no entry for split 'dev'"):
+        load_splits(cfg_for(splits=("train", "dev"), files={"train": str(tr)}))
+
+
+def test_limit_keeps_first_rows(tmp_path):
+    write_splits(tmp_path, ".tsv")
+    splits = load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev"), limit=2))
+    assert splits["train"].texts == tuple(t for t, _ in TRAIN_ROWS[:2])
+    assert len(splits["dev"]) == 2
+    big = load_split(cfg_for(path=str(tmp_path), limit=1000), "train")
+    assert len(big) == len(TRAIN_ROWS)
+
+
+def test_shipped_sst2_loads():
+    cfg = cfg_for(path=str(PROJECT_ROOT / "data" / "sst2"))
+    splits = load_splits(cfg)
+    assert [len(splits[s]) for s in ("train", "dev", "test")] == [6920, 872, 1821]
+    assert set(np.unique(splits["train"].labels).tolist()) == {0, 1}
+
+
+# --- errors: one line, naming the file -----------------------------------------------------------
+
+def test_no_file_for_split(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_split(cfg_for(path=str(tmp_path)), "train")
+    msg = assert_one_line_naming(e, tmp_path)
+    assert "'train'" in msg and ".parquet" in msg
+
+
+def test_several_files_for_split(tmp_path):
+    write_rows(tmp_path / "train.tsv", TRAIN_ROWS)
+    write_rows(tmp_path / "train.csv", TRAIN_ROWS)
+    with pytest.raises(DataError, match=r"several files for split 'train'.*train.csv.*train.tsv|several files for split 'train'.*train.tsv.*train.csv"):
+        load_split(cfg_for(path=str(tmp_path)), "train")
+
+
+def test_explicit_file_not_found(tmp_path):
+    missing = tmp_path / "gone.tsv"
+    with pytest.raises(DataError, match="data file not found") as e:
+        load_split(cfg_for(files={"train": str(missing)}), "train")
+    assert_one_line_naming(e, missing)
+
+
+def test_unsupported_extension(tmp_path):
+    p = tmp_path / "train.xlsx"
+    p.write_text("x")
+    with pytest.raises(DataError, match="unsupported format") as e:
+        load_split(cfg_for(files={"train": str(p)}), "train")
+    assert_one_line_naming(e, p)
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_empty_file(tmp_path, ext):
+    p = tmp_path / f"train{ext}"
+    p.write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        load_split(cfg_for(path=str(tmp_path)), "train")
+    assert_one_line_naming(e, p)
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_header_only_has_no_rows(tmp_path, ext):
+    p = write_rows(tmp_path / f"train{ext}", [])
+    with pytest.raises(DataError, match="no rows") as e:
+        load_split(cfg_for(path=str(tmp_path)), "train")
+    assert_one_line_naming(e, p)
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("role", ["text", "label"])
+def test_missing_column(tmp_path, ext, role):
+    p = write_rows(tmp_path / f"train{ext}", TRAIN_ROWS)
+    kw = {f"{role}_column": "nope"}
+    with pytest.raises(DataError) as e:
+        load_split(cfg_for(path=str(tmp_path), **kw), "train")
+    msg = assert_one_line_naming(e, p)
+    assert f"missing {role} column 'nope'" in msg
+    assert f"data.{role}_column" in msg
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_text(tmp_path, ext, text):
+    p = write_rows(tmp_path / f"train{ext}", [("fine", 1), (text, 0)])
+    with pytest.raises(DataError, match="row 2: empty or missing text") as e:
+        load_split(cfg_for(path=str(tmp_path)), "train")
+    assert_one_line_naming(e, p)
+
+
+def test_missing_text_in_jsonl(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"text": "a", "label": 1}\n{"label": 0}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="row 2: empty or missing text"):
+        load_split(cfg_for(path=str(tmp_path)), "train")
+
+
+@pytest.mark.parametrize(
+    ("ext", "payload"),
+    [
+        (".tsv", b"text\tlabel\ngood\t1\nbad \xff\xfe\t0\n"),
+        (".csv", b"text,label\ngood,1\nbad \xe9,0\n"),
+        (".jsonl", b'{"text": "good", "label": 1}\n{"text": "bad \xff", "label": 0}\n'),
+    ],
+)
+def test_non_utf8_bytes(tmp_path, ext, payload):
+    p = tmp_path / f"train{ext}"
+    p.write_bytes(payload)
+    with pytest.raises(DataError, match="not valid UTF-8") as e:
+        load_split(cfg_for(path=str(tmp_path)), "train")
+    assert_one_line_naming(e, p)
+
+
+@pytest.mark.parametrize(
+    ("ext", "label", "fragment"),
+    [
+        (".tsv", "nan", "'nan' is not an integer"),
+        (".tsv", "", "'' is not an integer"),
+        (".tsv", "1.0", "'1.0' is not an integer"),
+        (".tsv", "pos", "'pos' is not an integer"),
+        (".tsv", "--1", "'--1' is not an integer"),
+        (".tsv", "\u00b2", "is not an integer"),  # superscript two: isdigit() but not a number
+        (".csv", "0.5", "'0.5' is not an integer"),
+        (".jsonl", float("nan"), "nan is not an integer"),
+        (".jsonl", 1.0, "1.0 is a float"),
+        (".jsonl", 0.5, "0.5 is not an integer"),
+        (".jsonl", "pos", "'pos' is not an integer"),
+        (".jsonl", True, "True is not an integer"),
+        (".jsonl", None, "is not an integer"),
+        (".parquet", float("nan"), "is not an integer"),
+        (".parquet", 1.0, "is a float"),
+        (".parquet", "1", None),  # a string column of digits is accepted
+    ],
+)
+def test_bad_labels(tmp_path, ext, label, fragment):
+    p = write_rows(tmp_path / f"train{ext}", [("first", label), ("second", "0" if isinstance(label, str) else 0.0 if isinstance(label, float) else 0)])
+    cfg = cfg_for(path=str(tmp_path))
+    if fragment is None:
+        assert load_split(cfg, "train").labels.tolist() == [1, 0]
+        return
+    with pytest.raises(DataError) as e:
+        load_split(cfg, "train")
+    msg = assert_one_line_naming(e, p)
+    assert "row 1" in msg and fragment in msg
+
+
+def test_integer_labels_with_spaces_and_negatives(tmp_path):
+    p = tmp_path / "train.tsv"
+    p.write_text("text\tlabel\na\t 3\nb\t-1\n", encoding="utf-8")
+    assert load_split(cfg_for(path=str(tmp_path)), "train").labels.tolist() == [3, -1]
+
+
+def test_dev_class_not_in_train(tmp_path):
+    write_splits(tmp_path, ".tsv", dev=[("x", 1), ("y", 7)])
+    with pytest.raises(DataError) as e:
+        load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev")))
+    msg = assert_one_line_naming(e, tmp_path / "dev.tsv")
+    assert "[7]" in msg and "'train'" in msg
+
+
+def test_dev_may_miss_a_class(tmp_path):
+    write_splits(tmp_path, ".tsv", dev=[("x", 1), ("y", 1)])
+    assert load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev")))["dev"].labels.tolist() == [1, 1]
+
+
+def test_single_class_train(tmp_path):
+    write_splits(tmp_path, ".tsv", train=[("a", 1), ("b", 1)], dev=[("x", 1)])
+    with pytest.raises(DataError, match=r"single class \(\[1\]\)") as e:
+        load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev")))
+    assert_one_line_naming(e, tmp_path / "train.tsv")
+
+
+def test_single_class_after_limit(tmp_path):
+    write_splits(tmp_path, ".tsv", train=[("a", 1), ("b", 1), ("c", 0)], dev=[("x", 1)])
+    with pytest.raises(DataError, match="single class"):
+        load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev"), limit=2))
+
+
+# --- fingerprint ---------------------------------------------------------------------------------
+
+def test_fingerprint_stable_and_sensitive(tmp_path):
+    texts = [t for t, _ in TRAIN_ROWS]
+    labels = np.array([y for _, y in TRAIN_ROWS])
+    base = data_fingerprint(texts, labels)
+    assert len(base) == 64 and int(base, 16) >= 0
+    assert data_fingerprint(list(texts), labels.copy()) == base
+    assert data_fingerprint(tuple(texts), labels.tolist()) == base  # container types do not matter
+    assert data_fingerprint(texts, labels.astype(np.int32)) == base  # nor the integer width
+
+    changed_text = texts.copy()
+    changed_text[2] = changed_text[2] + "!"
+    assert data_fingerprint(changed_text, labels) != base
+
+    changed_label = labels.copy()
+    changed_label[1] = 1 - changed_label[1]
+    assert data_fingerprint(texts, changed_label) != base
+
+    assert data_fingerprint(texts[::-1], labels[::-1]) != base  # order matters
+    assert data_fingerprint(texts[:-1], labels[:-1]) != base
+
+
+def test_fingerprint_is_unambiguous_at_text_boundaries():
+    assert data_fingerprint(["ab", "c"], [0, 0]) != data_fingerprint(["a", "bc"], [0, 0])
+
+
+def test_fingerprint_rejects_length_mismatch():
+    with pytest.raises(ValueError):
+        data_fingerprint(["a", "b"], [0])
+
+
+def test_split_fingerprint_follows_file_content(tmp_path):
+    cfg = cfg_for(path=str(tmp_path))
+    write_rows(tmp_path / "train.tsv", TRAIN_ROWS)
+    base = load_split(cfg, "train").fingerprint
+    assert load_split(cfg, "train").fingerprint == base
+
+    # same rows in another format and with other column names: same data, same fingerprint
+    (tmp_path / "train.tsv").unlink()
+    write_rows(tmp_path / "train.parquet", TRAIN_ROWS, text_column="s", label_column="y")
+    assert load_split(DataConfig(name="other-name", path=str(tmp_path), text_column="s", label_column="y"), "train").fingerprint == base
+    (tmp_path / "train.parquet").unlink()
+
+    rows = list(TRAIN_ROWS)
+    rows[0] = (rows[0][0] + " again", rows[0][1])
+    write_rows(tmp_path / "train.tsv", rows)
+    assert load_split(cfg, "train").fingerprint != base
+
+    rows = list(TRAIN_ROWS)
+    rows[0] = (rows[0][0], 1 - rows[0][1])
+    write_rows(tmp_path / "train.tsv", rows)
+    assert load_split(cfg, "train").fingerprint != base
+
+
+def test_split_path_prefers_files(tmp_path):
+    write_rows(tmp_path / "train.tsv", TRAIN_ROWS)
+    assert split_path(cfg_for(path=str(tmp_path)), "train") == tmp_path / "train.tsv"
+    assert str(split_path(cfg_for(path=str(tmp_path), files={"train": "x.csv"}), "train")) == "x.csv"
+
+
+def test_parquet_int_labels_roundtrip(tmp_path):
+    df = pd.DataFrame({"text": ["a", "b"], "label": np.array([5, 2], dtype=np.int32)})
+    df.to_parquet(tmp_path / "train.parquet")
+    assert load_split(cfg_for(path=str(tmp_path)), "train").labels.tolist() == [5, 2]

@@ -1,0 +1,129 @@
+"""`predict` on new text: same features as extract stored, hence the same probabilities.
+
+Uses the session's tiny real store (tiny random llama and t5, 2 blocks each, so hidden
+states 0..2; see tests/pipeline_e2e/tiny_pipeline.py) after score and train. Both llama
+and t5 apply a final norm to their last hidden state, so a probe at layer 0 or 1 only
+matches its stored features when predict truncates the model at the right block, and a
+probe at layer 2 only when it does not truncate at all.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pipeline_e2e"))
+import tiny_pipeline as tp  # noqa: E402
+
+from pipeline.errors import ConfigError, PipelineError  # noqa: E402
+from store import Store  # noqa: E402
+
+DEV_ROWS = [0, 3, 17, 41, 64, 79]  # across all three dev shards (32/32/16 rows)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg_path, store_dir, out = tp.trained_store(tmp_path_factory)
+    return tp.load(cfg_path), Store(str(store_dir)), out
+
+
+def _stored(cfg, store, blocks, rows) -> dict[str, np.ndarray]:
+    """Features of ``rows`` of the dev split for ``blocks``, as the store holds them."""
+    from pipeline.orchestrate import feature_requests
+    from stages.score.runner import open_features
+
+    reqs = {r.model.name: r for r in feature_requests(cfg) if r.split.name == cfg.train.dev_split}
+    return {str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[rows, b.layer, :], dtype=np.float32)
+            for b in blocks}
+
+
+def _dev_texts(cfg) -> list[str]:
+    from pipeline.data import load_split
+
+    split = load_split(cfg.data, cfg.train.dev_split)
+    return [split.texts[i] for i in DEV_ROWS]
+
+
+@pytest.mark.parametrize("head_name", [
+    "probe:llama:0:mean",  # truncated to one block
+    "probe:llama:1:mean",  # intermediate: must not see llama's final norm
+    "probe:llama:2:mean",  # top: must see it (no truncation)
+    "probe:t5:1:mean", "top:t5:mean",  # t5's encoder applies final_layer_norm to its last state
+    "fusion",  # blocks of two models, llama at two depths
+])
+def test_predict_texts_matches_head_on_stored_features(trained, head_name):
+    from stages.train.predict import _head_blocks, heads_entry, predict_texts
+
+    cfg, store, _ = trained
+    head, blocks = _head_blocks(head_name, heads_entry(cfg, store))
+    stored = _stored(cfg, store, blocks, DEV_ROWS)
+    X = stored if head_name in ("fusion", "concat") else stored[str(blocks[0])]
+    want = head.predict_proba(X)
+    texts = _dev_texts(cfg)
+    got = predict_texts(cfg, store, head_name, texts)
+    assert [t for t, _, _ in got] == texts
+    np.testing.assert_allclose(np.stack([p for _, _, p in got]), want, rtol=0, atol=1e-5)
+    classes = head.classes_ if hasattr(head, "classes_") else head[-1].classes_
+    assert [label for _, label, _ in got] == list(classes[np.argmax(want, axis=1)])
+
+
+def test_predict_block_features_equal_stored_bytes(trained):
+    """The features themselves, not just the probabilities: predict rounds like extract stores."""
+    from stages.train.predict import block_features
+    from stages.train.runner import Block
+
+    cfg, store, _ = trained
+    blocks = [Block(m, layer, p) for m in ("llama", "t5") for layer in (0, 1, 2) for p in ("mean", "first", "last")]
+    got = block_features(cfg, blocks, _dev_texts(cfg))
+    want = _stored(cfg, store, blocks, DEV_ROWS)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-3, atol=2e-3, err_msg=name)
+
+
+def test_unknown_head_lists_available_heads(trained, capsys):
+    from pipeline.cli import main
+
+    cfg, store, _ = trained
+    rc = main(["predict", "--config", cfg.source, "--store", store.url.removeprefix("file://"), "--head", "nope", "-q", "some text"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "'nope' not found; available:" in err
+    for name in ("fusion", "concat", "probe:llama:1:mean", "selected:t5:mean", "top:llama:first"):
+        assert name in err
+
+
+def test_predict_cli_prints_label_and_probabilities(trained, capsys):
+    from pipeline.cli import main
+
+    cfg, store, _ = trained
+    rc = main(["predict", "--config", cfg.source, "--store", store.url.removeprefix("file://"), "--head", "probe:t5:1:mean", "-q",
+               "a gripping film", "dull and lifeless"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 2
+    label, probs, text = out[0].split("\t")
+    assert label in ("0", "1") and text == "a gripping film"
+    assert sum(float(p) for p in probs.split()) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_changed_config_never_uses_stale_heads(trained):
+    """Heads are looked up by the key of the current config's features: dropping a model
+    from the config must not silently serve heads trained with it."""
+    import dataclasses
+
+    from stages.train.predict import predict_texts
+
+    cfg, store, _ = trained
+    only_llama = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m.name == "llama"))
+    with pytest.raises(PipelineError, match=r"no trained heads for 'e2e-tiny' with its current features.*make train"):
+        predict_texts(only_llama, store, "probe:t5:1:mean", ["text"])
+
+
+def test_predict_before_train_says_run_train(tmp_path_factory):
+    from stages.train.predict import predict_texts
+
+    cfg_path, store_dir = tp.extracted_store(tmp_path_factory)
+    with pytest.raises(PipelineError, match=r"no trained heads for 'e2e-tiny'.*make train CONFIG=.*tiny\.toml"):
+        predict_texts(tp.load(cfg_path), Store(str(store_dir)), "fusion", ["text"])

@@ -1,0 +1,299 @@
+"""`make train` at runner level on a synthetic store with a known answer.
+
+The feature entries are written through ``store.Store.writer`` under the very keys and
+descriptions that extract would use for the config (FeatureRequest.key / description), so
+``run_score`` and ``run_train`` read them exactly as they read real ones. Model ``alpha``
+has 4 blocks (hidden states 0..4): layer 2 is linearly separable (class means 10 noise
+standard deviations apart); the other layers carry a weak or no signal, with the top layer
+pure noise. Model ``beta`` is noise everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, PipelineError
+from store import Store
+
+ROOT = Path(__file__).resolve().parents[3]
+KEYWORDS = ROOT / "configs" / "keywords" / "stem.txt"
+SPLIT_ROWS = {"train": 240, "dev": 160, "test": 240}
+SHARD_ROWS = 64
+# signal amplitude per hidden-state layer: class means at +-a along one direction, unit noise
+ALPHA_AMPLITUDE = [0.3, 1.2, 5.0, 0.6, 0.0]
+MODELS = {"alpha": dict(source="tiny-random-bert", n_layers=4, hidden=16, ffn=8, amplitude=ALPHA_AMPLITUDE),
+          "beta": dict(source="tiny-random-roberta", n_layers=3, hidden=12, ffn=8, amplitude=[0.0] * 4)}
+
+CONFIG = """\
+name = "synthetic"
+seed = 0
+
+[data]
+name = "synth"
+path = "{data}"
+splits = ["train", "dev", "test"]
+
+{models}
+[extract]
+poolings = ["mean"]
+shard_rows = {shard_rows}
+
+[score]
+keywords = "{keywords}"
+rows_per_chunk = 50
+
+[train]
+poolings = ["mean"]
+Cs = [0.1, 1.0]
+
+[train.fusion]
+inputs = {fusion_inputs}
+average = []
+width = 8
+hidden = 8
+epochs = 8
+patience = 3
+"""
+
+
+def write_config(folder: Path, *, models=("alpha", "beta"), fusion_inputs=("alpha:-1:mean", "beta:-1:mean"),
+                 extra_models: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data"
+    if not data.exists():
+        data.mkdir()
+        for i, (split, n) in enumerate(SPLIT_ROWS.items()):
+            labels = np.random.default_rng(10 + i).permutation(np.arange(n) % 2)
+            lines = ["text\tlabel"] + [f"{split} sentence number {j} about physics\t{y}" if j % 5 == 0 else f"{split} sentence number {j}\t{y}"
+                                       for j, y in enumerate(labels)]
+            (data / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sources = {**{m: MODELS[m]["source"] for m in models}, **(extra_models or {})}
+    model_toml = "".join(f'[[models]]\nname = "{m}"\nsource = "{s}"\n\n' for m, s in sources.items())
+    path = folder / "synthetic.toml"
+    path.write_text(CONFIG.format(data=data, models=model_toml, shard_rows=SHARD_ROWS, keywords=KEYWORDS,
+                                  fusion_inputs="[" + ", ".join(f'"{b}"' for b in fusion_inputs) + "]"), encoding="utf-8")
+    return path
+
+
+def synthetic_features(model: str, split: str, labels: np.ndarray) -> dict[str, np.ndarray]:
+    m = MODELS[model]
+    n, L, d, f = len(labels), m["n_layers"], m["hidden"], m["ffn"]
+    direction = np.random.default_rng(7).normal(size=d)
+    direction /= np.linalg.norm(direction)
+    rng = np.random.default_rng([ord(c) for c in model + split])
+    sign = (2.0 * labels - 1.0)[:, None]
+    hidden = np.stack([rng.normal(size=(n, d)) + a * sign * direction for a in m["amplitude"]], axis=1)
+    ffn = np.maximum(rng.normal(size=(n, L, f)), 0.0)
+    return {"hidden/mean": hidden.astype(np.float16), "ffn/mean": (ffn / 2).astype(np.float16), "ffn/max": ffn.astype(np.float16)}
+
+
+def write_synthetic_store(cfg, store: Store) -> None:
+    """One committed entry per (model, split), keyed exactly as extract would key it."""
+    from pipeline.orchestrate import feature_requests
+
+    for r in feature_requests(cfg):
+        m = MODELS[r.model.name]
+        desc = {**r.description(), "n_layers": m["n_layers"], "hidden_size": m["hidden"], "ffn_size": m["ffn"]}
+        labels = np.asarray(r.split.labels, dtype=np.int64)
+        arrays = synthetic_features(r.model.name, r.split.name, labels)
+        n_shards = -(-len(labels) // SHARD_ROWS)
+        writer = store.writer(r.key, desc, n_shards=n_shards)
+        for k in range(n_shards):
+            lo, hi = k * SHARD_ROWS, min((k + 1) * SHARD_ROWS, len(labels))
+            n_tokens = np.full(hi - lo, 6, dtype=np.int64)
+            fire = (arrays["ffn/max"][lo:hi] > 0).sum(axis=0).astype(np.int64) * 3  # (n_layers, ffn)
+            table = pd.DataFrame({"row": np.arange(lo, hi, dtype=np.int64), "label": labels[lo:hi],
+                                  "text": list(r.split.texts[lo:hi]), "n_tokens": n_tokens, "truncated": np.zeros(hi - lo, dtype=bool)})
+            writer.write_shard(k, {**{name: a[lo:hi] for name, a in arrays.items()}, "ffn/fire_count": fire}, table, row_start=lo,
+                               attrs={"ffn/fire_count": {"threshold": 0.0, "n_tokens": int(n_tokens.sum()), "special_tokens_counted": False}})
+        writer.commit(expected_shards=n_shards)
+
+
+class Captured:
+    """The in-memory heads run_train serialises, keyed by stored file stem."""
+
+    def __init__(self):
+        self.probes: list = []
+        self.fused: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Synthetic store -> run_score -> run_train, with the in-memory heads captured on the way."""
+    import stages.train.probes as probes
+    from stages.score.runner import run_score
+    from stages.train.concat import ConcatHead
+    from stages.train.fusion import FusionHead
+    from stages.train.runner import run_train
+
+    base = tmp_path_factory.mktemp("synthetic")
+    cfg = load_config(write_config(base))
+    store = Store(str(base / "store"))
+    write_synthetic_store(cfg, store)
+    out = base / "out"
+    run_score(cfg, store, out, progress=False)
+    captured = Captured()
+    real_probe_to_bytes = probes.probe_to_bytes
+
+    def spy_probe(pipeline):
+        captured.probes.append(pipeline)
+        return real_probe_to_bytes(pipeline)
+
+    def spy_method(cls, name):
+        real = cls.to_bytes
+
+        def to_bytes(self):
+            captured.fused[name] = self
+            return real(self)
+        return to_bytes
+
+    with pytest.MonkeyPatch.context() as mp:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)  # as the autouse fixture does for the tests that re-train
+        mp.setattr(probes, "probe_to_bytes", spy_probe)
+        mp.setattr(FusionHead, "to_bytes", spy_method(FusionHead, "fusion"))
+        mp.setattr(ConcatHead, "to_bytes", spy_method(ConcatHead, "concat"))
+        try:
+            train_df = run_train(cfg, store, out, progress=False)
+        finally:
+            torch.set_num_threads(previous)
+    return cfg, store, out, train_df, captured
+
+
+def test_probes_and_nu_pick_the_separable_layer(trained):
+    cfg, store, out, train_df, _ = trained
+    var = pd.read_parquet(out / "variability.parquet")
+    alpha_nu = var[(var["model"] == "alpha") & (var["pooling"] == "mean")].set_index("layer")["variability"]
+    assert alpha_nu.idxmin() == 2
+    layers = pd.read_parquet(out / "layers.parquet")
+    alpha = layers[layers["model"] == "alpha"].set_index("layer")
+    assert alpha["test_accuracy"].idxmax() == 2 and alpha["dev_accuracy"].idxmax() == 2
+    assert alpha.loc[2, "test_accuracy"] >= 0.99
+    assert alpha["nu"].to_dict() == pytest.approx(alpha_nu.to_dict())
+    sel = pd.read_parquet(out / "selection.parquet").set_index("model")
+    assert sel.loc["alpha", "selected_layer"] == 2 and sel.loc["alpha", "best_layer"] == 2 and sel.loc["alpha", "top_layer"] == 4
+    assert sel.loc["alpha", "selected_test_accuracy"] > sel.loc["alpha", "top_test_accuracy"] + 0.3
+    rho = stats.spearmanr(alpha["nu"], alpha["test_accuracy"]).statistic
+    assert rho < -0.8 and sel.loc["alpha", "spearman_nu_accuracy"] == pytest.approx(rho)
+    test = train_df[(train_df["split"] == "test") & (train_df["models"] == "alpha")].set_index("head")
+    assert test.loc["selected", "layers"] == "2" and test.loc["top", "layers"] == "4"
+    assert test.loc["selected", "accuracy"] > test.loc["top", "accuracy"]
+
+
+def test_train_outputs_and_fusion_rows(trained):
+    from stages.train.runner import TRAIN_COLUMNS
+
+    cfg, store, out, train_df, _ = trained
+    for name in ("train.parquet", "layers.parquet", "selection.parquet", "layers.png", "report.md"):
+        assert (out / name).is_file(), name
+    on_disk = pd.read_parquet(out / "train.parquet")
+    assert list(on_disk.columns) == TRAIN_COLUMNS
+    pd.testing.assert_frame_equal(on_disk, train_df)
+    assert set(on_disk["head"]) == {"probe", "selected", "top", "fusion", "concat"}
+    assert set(on_disk["split"]) == {"dev", "test"}
+    fused = on_disk[on_disk["head"].isin(["fusion", "concat"])]
+    assert len(fused) == 4 and (fused["n_params"] > 0).all()
+    assert (fused["models"] == "alpha+beta").all() and (fused["layers"] == "alpha:4,beta:3").all()
+    assert on_disk["accuracy"].between(0, 1).all()
+    report = (out / "report.md").read_text()
+    assert report.count("## Train: heads on cached features") == 1
+    assert "## Hidden-state variability" in report  # the score section is kept
+    assert "Random weights" in report.split("## Train")[1]  # the sources are tiny random models
+
+
+def _stored_inputs(cfg, store, blocks, split: str) -> dict[str, np.ndarray]:
+    from pipeline.orchestrate import feature_requests
+    from stages.score.runner import open_features
+
+    reqs = {r.model.name: r for r in feature_requests(cfg) if r.split.name == split}
+    return {str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[:, b.layer, :], dtype=np.float32)
+            for b in blocks}
+
+
+def test_saved_heads_reload_and_predict_identically(trained):
+    from pipeline.orchestrate import feature_requests
+    from stages.train.predict import _head_blocks, heads_entry
+    from stages.train.runner import Block
+
+    cfg, store, out, train_df, captured = trained
+    entry = heads_entry(cfg, store)
+    sel = pd.read_parquet(out / "selection.parquet").set_index("model")
+    # probes are captured in fit order: per model, layers 0..n_layers
+    order = [(m, layer) for m in ("alpha", "beta") for layer in range(MODELS[m]["n_layers"] + 1)]
+    assert len(captured.probes) == len(order)
+    in_memory = dict(zip(order, captured.probes))
+    names = {f"probe:{m}:{layer}:mean": in_memory[(m, layer)] for m, layer in order}
+    for m in ("alpha", "beta"):
+        names[f"selected:{m}:mean"] = in_memory[(m, int(sel.loc[m, "selected_layer"]))]
+        names[f"top:{m}:mean"] = in_memory[(m, MODELS[m]["n_layers"])]
+    names["fusion"] = captured.fused["fusion"]
+    names["concat"] = captured.fused["concat"]
+    for name, original in names.items():
+        head, blocks = _head_blocks(name, entry)
+        if name.startswith("selected:alpha"):
+            assert blocks == [Block("alpha", 2, "mean")]
+        inputs = _stored_inputs(cfg, store, blocks, "test")
+        X = inputs if name in ("fusion", "concat") else inputs[str(blocks[0])]
+        np.testing.assert_allclose(head.predict_proba(X), original.predict_proba(X), rtol=0, atol=1e-12, err_msg=name)
+        # and the reloaded head reproduces the recorded test accuracy
+        y = store.open(next(r.key for r in feature_requests(cfg) if r.split.name == "test" and r.model.name == "alpha")).table()["label"].to_numpy()
+        kind, *rest = name.split(":")
+        row = train_df[(train_df["split"] == "test") & (train_df["head"] == kind)]
+        if kind == "probe":
+            row = row[(row["models"] == rest[0]) & (row["layers"] == rest[1])]
+        elif kind in ("selected", "top"):
+            row = row[row["models"] == rest[0]]
+        assert np.mean(head.predict(X) == y) == pytest.approx(row["accuracy"].item()), name
+
+
+def test_train_twice_gives_identical_metrics(trained, tmp_path):
+    from stages.train.runner import run_train
+
+    cfg, store, out, train_df, _ = trained
+    shutil.copy(out / "report.md", tmp_path / "report.md")
+    again = run_train(cfg, store, tmp_path, progress=False)
+    pd.testing.assert_frame_equal(again.drop(columns="fit_seconds"), train_df.drop(columns="fit_seconds"))
+    a = pd.read_parquet(out / "layers.parquet").drop(columns="fit_seconds")
+    b = pd.read_parquet(tmp_path / "layers.parquet").drop(columns="fit_seconds")
+    pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "selection.parquet"), pd.read_parquet(tmp_path / "selection.parquet"))
+    assert len(store.find(kind="heads")) == 1  # same lineage -> same write-once entry
+
+
+def test_train_before_score_says_run_score(tmp_path):
+    from stages.train.runner import run_train
+
+    cfg = load_config(write_config(tmp_path))
+    store = Store(str(tmp_path / "store"))
+    write_synthetic_store(cfg, store)
+    with pytest.raises(PipelineError, match=r"no scores .*run `make score CONFIG=.*synthetic\.toml` first"):
+        run_train(cfg, store, tmp_path / "out", progress=False)
+
+
+def test_fusion_input_model_not_in_config_is_a_clear_error(trained, tmp_path):
+    from stages.train.runner import run_train
+
+    cfg, store, out, _, _ = trained
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, fusion=dataclasses.replace(cfg.train.fusion, inputs=("alpha:-1:mean", "gamma:-1:mean"))))
+    with pytest.raises(ConfigError, match=r"'gamma'.*not in \[\[models\]\].*configured: \['alpha', 'beta'\].*make extract"):
+        run_train(bad, store, tmp_path, progress=False)
+
+
+def test_model_in_config_but_not_in_store_says_run_extract(trained, tmp_path):
+    from stages.train.runner import run_train
+
+    cfg, store, out, _, _ = trained
+    # the same data (same fingerprints), one more model that was never extracted
+    bad = load_config(write_config(tmp_path, extra_models={"gamma": "tiny-random-t5"}))
+    with pytest.raises(PipelineError, match=r"no features for synth/train/gamma .*make extract CONFIG=.*synthetic\.toml"):
+        run_train(bad, store, tmp_path / "out", progress=False)
