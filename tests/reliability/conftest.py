@@ -24,15 +24,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_addoption(parser):
-    parser.addoption("--crash-seeds", type=int, default=None,
-                     help="random SIGKILL seeds of the crash harness (default 6, or $CRASH_SEEDS)")
-
-
 @pytest.fixture(scope="session")
 def crash_seeds(request) -> int:
-    """--crash-seeds works when pytest is given this folder; from the project root (where this conftest
-    is not loaded at start-up, so the option is unknown) use CRASH_SEEDS=20 instead."""
+    """--crash-seeds N (registered in tests/conftest.py) or $CRASH_SEEDS; default 6."""
     value = request.config.getoption("--crash-seeds", default=None)
     return int(value) if value is not None else int(os.environ.get("CRASH_SEEDS", "6"))
 

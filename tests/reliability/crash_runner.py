@@ -3,7 +3,7 @@
     python tests/reliability/crash_runner.py serve
 
 reads one JSON request per line on stdin ({"argv": [...], "log": path, "kill": {...} | null,
-"announce": bool, "env": {...}}), forks a child per request and writes JSON events on stdout:
+"announce": bool, "pace": seconds, "env": {...}}), forks a child per request and writes JSON events on stdout:
 {"event": "forked", "pid"}, {"event": "started", "pid"} (with announce, when the child first
 writes to the store), {"event": "exit", "pid", "code", "signal"}.
 
@@ -116,6 +116,23 @@ def install_announce(proto_fd: int) -> None:
     sfs_mod.StoreFS.write_bytes = write_bytes
 
 
+def install_pace(seconds: float) -> None:
+    """Sleep after every shard temporary is written: spreads the work over time so that a random kill
+    delay lands inside it despite scheduling noise (timing only; the bytes written are unchanged)."""
+    import time
+
+    import store.fs as sfs_mod
+
+    orig = sfs_mod.StoreFS.write_bytes
+
+    def write_bytes(self, path, data):
+        orig(self, path, data)
+        if ".h5." in path or ".parquet." in path:
+            time.sleep(seconds)
+
+    sfs_mod.StoreFS.write_bytes = write_bytes
+
+
 def preload() -> None:
     """Import everything a run needs so a forked child does no heavy imports."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,6 +167,8 @@ def child(req: dict, proto_fd: int) -> None:
         os.dup2(out, 1)
         os.dup2(log, 2)
         sys.stdin = open(os.devnull)
+        if req.get("pace"):
+            install_pace(float(req["pace"]))
         if req.get("kill"):
             install_kill_hook(req["kill"])
         if req.get("announce"):

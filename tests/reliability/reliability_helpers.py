@@ -147,13 +147,15 @@ class Zygote:
         return json.loads(line)
 
     def run(self, argv: list[str], *, kill: dict | None = None, kill_after: float | None = None,
-            env: dict | None = None, timeout: float = 300, on_running=None) -> Result:
+            env: dict | None = None, timeout: float = 300, on_running=None, pace: float = 0.0) -> Result:
         """Run the CLI in a fresh child; `kill` is a kill point (see crash_runner), `kill_after` a delay in
-        seconds after the child first writes to the store, after which the test SIGKILLs it."""
+        seconds after the child first writes to the store, after which the test SIGKILLs it; `pace` seconds
+        of sleep after each shard temporary spread the work out so random delays land inside it."""
         with self.lock:
             self._n += 1
             log = self.workdir / f"run{self._n}.err"
-            req = {"argv": [str(a) for a in argv], "log": str(log), "kill": kill, "announce": kill_after is not None, "env": env or {}}
+            req = {"argv": [str(a) for a in argv], "log": str(log), "kill": kill, "announce": kill_after is not None, "pace": pace,
+                   "env": env or {}}
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
             pid = None

@@ -42,7 +42,7 @@ def s3_server():
     for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
         os.environ.pop(k, None)
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("team-features")
+    s3fs.S3FileSystem().makedirs("team-features", exist_ok=True)  # moto keeps buckets process-wide across servers
     try:
         yield endpoint
     finally:

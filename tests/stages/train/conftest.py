@@ -1,19 +1,10 @@
-"""Shared fixtures for the train-stage tests: small synthetic tasks, one torch thread."""
+"""Shared helpers for the train-stage tests: small synthetic tasks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny nets run several times faster on one thread than on contended cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_xor(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
