@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
 
 from . import layout, manifest as mf
 from .errors import CorruptEntryError, StoreError
 from .fs import StoreFS
 from .keys import validate_key, validate_name
 
-if TYPE_CHECKING:  # dask is imported by the methods that build graphs: a cached run never needs it
-    import dask.array as da
+if TYPE_CHECKING:  # imported where used: a cached run never needs dask, and Dask workers that
+    import dask.array as da  # only read shards stay small without pandas and pyarrow
+    import pandas as pd
 
 
 @contextlib.contextmanager
@@ -170,8 +169,11 @@ class Entry:
                 out.append(_attrs_dict(f[name].attrs))
         return out
 
-    def table(self) -> pd.DataFrame:
+    def table(self) -> "pd.DataFrame":
         """Row table: the shard Parquet tables concatenated, or the 'table.parquet' file of a non-sharded entry."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
         if self.n_shards:
             parts = []
             for shard in self.manifest["shards"]:

@@ -22,6 +22,25 @@ class BatchFeatures:
     n_counted: int  # tokens that count for means and firing
 
 
+import contextlib
+import os
+
+_ONE = os.environ.get("LS_ONE_THREAD") == "1"
+
+
+@contextlib.contextmanager
+def _pooling_threads():
+    if not _ONE:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class FfnCapture:
     """Forward pre-hooks on every block's FFN output projection; use as a context manager."""
 
@@ -31,23 +50,31 @@ class FfnCapture:
         self.poolings = poolings
         self.threshold = threshold
         self.mask: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None  # mask as (B, T, 1) bool, built once per batch
+        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None  # pooling.mean_weights(mask), once per batch
+        self.workspace = pooling.Workspace()  # scratch reused by every layer and batch
         self.pooled: list[dict[str, torch.Tensor]] = []
         self.fired: list[torch.Tensor] = []
         self._handles: list = []
 
     def _hook(self, layer: int):
         def hook(module, args):
-            x = args[0]
-            out = {}
-            if "mean" in self.poolings:
-                out["mean"] = pooling.masked_mean(x, self.mask)
-            if "max" in self.poolings:
-                out["max"], self.fired[layer] = pooling.masked_max_and_fire_counts(x, self.mask, self.threshold)
-            else:
-                self.fired[layer] = pooling.fire_counts(x, self.mask, self.threshold)
-            self.pooled[layer] = out
+            with _pooling_threads():
+                self._reduce(layer, args[0])
 
         return hook
+
+    def _reduce(self, layer: int, x: torch.Tensor) -> None:
+        if True:
+            out = {}
+            if "mean" in self.poolings:
+                out["mean"] = pooling.masked_mean(x, self.mask, weights=self.weights)
+            if "max" in self.poolings:
+                out["max"], self.fired[layer] = pooling.masked_max_and_fire_counts(
+                    x, self.mask, self.threshold, keep=self.keep, workspace=self.workspace)
+            else:
+                self.fired[layer] = pooling.fire_counts(x, self.mask, self.threshold, workspace=self.workspace)
+            self.pooled[layer] = out
 
     def __enter__(self) -> "FfnCapture":
         self._handles = [p.register_forward_pre_hook(self._hook(i)) for i, p in enumerate(self.projections)]
@@ -57,9 +84,12 @@ class FfnCapture:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.workspace.clear()
 
     def begin(self, mask: torch.Tensor) -> None:
         self.mask = mask
+        self.keep = mask.bool().unsqueeze(-1)
+        self.weights = pooling.mean_weights(mask)
         self.pooled = [{} for _ in self.projections]
         self.fired = [None] * len(self.projections)  # type: ignore[list-item]
 
@@ -80,13 +110,14 @@ def forward_features(
     out = model(**inputs, output_hidden_states=True, return_dict=True)
     hidden = out.hidden_states
     first, last = pooling.first_last_index(attention)
+    rows = torch.arange(attention.shape[0], device=attention.device)
     arrays: dict[str, torch.Tensor] = {}
     if "mean" in poolings:
-        arrays["hidden/mean"] = torch.stack([pooling.masked_mean(h, mask) for h in hidden], dim=1)
+        arrays["hidden/mean"] = torch.stack([pooling.masked_mean(h, mask, weights=capture.weights) for h in hidden], dim=1)
     if "first" in poolings:
-        arrays["hidden/first"] = torch.stack([pooling.gather_positions(h, first) for h in hidden], dim=1)
+        arrays["hidden/first"] = torch.stack([h[rows, first] for h in hidden], dim=1)
     if "last" in poolings:
-        arrays["hidden/last"] = torch.stack([pooling.gather_positions(h, last) for h in hidden], dim=1)
+        arrays["hidden/last"] = torch.stack([h[rows, last] for h in hidden], dim=1)
     for name in capture.poolings:
         arrays[f"ffn/{name}"] = torch.stack([p[name] for p in capture.pooled], dim=1)
     return BatchFeatures(arrays, torch.stack(capture.fired), int(mask.sum().item()))

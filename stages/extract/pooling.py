@@ -28,23 +28,30 @@ def first_last_index(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return first, last
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_weights(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``masked_mean`` derives from the mask, computed once per batch: (B, 1, T) weights, (B, 1) counts."""
+    m = mask.to(torch.float32)
+    return m.unsqueeze(1), m.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, T, D) x (B, T) -> (B, D), accumulated in float32.
 
     Positions outside the mask are zeroed rather than multiplied by 0, so a NaN/inf at a
-    padded or excluded position (0 * inf = NaN) cannot leak into the mean.
+    padded or excluded position (0 * inf = NaN) cannot leak into the mean. ``weights`` is
+    ``mean_weights(mask)`` when the caller has it already (one batch, many layers).
     """
-    m = mask.to(torch.float32)
-    denom = m.sum(dim=1, keepdim=True).clamp_min(1.0)
+    m1, denom = mean_weights(mask) if weights is None else weights
     if x.device.type == "cpu":
         # Fast path: a masked matmul reads x once and copies nothing. Only a non-finite value
         # somewhere can make it differ from the zero-filled path, so that case is redone below.
-        total = torch.bmm(m.unsqueeze(1), x.to(torch.float32)).squeeze(1)
-        if bool(torch.isfinite(total).all()):
-            return total / denom
+        # (A sum is non-finite whenever one of its terms is: one reduction checks them all.)
+        total = torch.bmm(m1, x.to(torch.float32)).squeeze(1)
+        if bool(torch.isfinite(total.sum())):
+            return total.div_(denom)
     xf = x.to(torch.float32, copy=True)  # a fresh copy: never write into the model's activations
     xf.masked_fill_(~mask.bool().unsqueeze(-1), 0.0)
-    total = torch.bmm(m.unsqueeze(1), xf).squeeze(1)
+    total = torch.bmm(m1, xf).squeeze(1)
     return total / denom
 
 
@@ -57,25 +64,89 @@ def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), index]
 
 
-def fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+class Workspace:
+    """Scratch tensors reused across layers and batches, so the FFN reductions allocate nothing per layer.
+
+    A fresh multi-MiB tensor per layer costs page faults on the CPU (more than the arithmetic);
+    here each buffer is one flat tensor grown on demand and viewed at the shape asked for.
+    """
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+        self._consts: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        need = 1
+        for n in shape:
+            need *= int(n)
+        buf = self._flat.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = self._flat[name] = torch.empty(max(need, 1), dtype=dtype, device=device)
+        return buf[:need].view(shape)
+
+    def const(self, value: float, dtype: torch.dtype, device) -> torch.Tensor:
+        """A 0-dim tensor (``torch.where(..., out=)`` takes no Python scalar)."""
+        key = (value, dtype, str(device))
+        t = self._consts.get(key)
+        if t is None:
+            t = self._consts[key] = torch.full((), value, dtype=dtype, device=device)
+        return t
+
+    def ones(self, n: int, device) -> torch.Tensor:
+        """(1, n) float32 ones, cached at the largest n seen."""
+        buf = self._flat.get("ones")
+        if buf is None or buf.numel() < n or buf.device != torch.device(device):
+            buf = self._flat["ones"] = torch.ones(max(n, 1), dtype=torch.float32, device=device)
+        return buf[:n].view(1, n)
+
+    def clear(self) -> None:
+        self._flat.clear()
+        self._consts.clear()
+
+
+# A float32 matmul over 0/1 values counts exactly below 2**24 terms (and is several times faster
+# than an int64 reduction over booleans); above that, counting falls back to the int64 sum.
+_EXACT_FLOAT_COUNT = 2**24
+
+
+def fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float, *, workspace: Workspace | None = None) -> torch.Tensor:
     """(B, T, F) -> (F,) int64: how many counted tokens have activation > threshold."""
-    fired = (x > threshold) & mask.bool().unsqueeze(-1)
-    return fired.sum(dim=(0, 1), dtype=torch.int64)
+    b, t, f = x.shape
+    if b * t >= _EXACT_FLOAT_COUNT:
+        fired = (x > threshold) & mask.bool().unsqueeze(-1)
+        return fired.sum(dim=(0, 1), dtype=torch.int64)
+    ws = workspace or Workspace()
+    fired = ws.get("fired", (b * t, f), torch.float32, x.device)
+    torch.gt(x.reshape(b * t, f), threshold, out=fired)  # compared in x's dtype, stored as 0.0/1.0
+    # mask is 0/1: the matmul adds exactly the fired flags of counted tokens.
+    return (mask.to(torch.float32).reshape(1, b * t) @ fired).squeeze(0).round().to(torch.int64)
 
 
-def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float, *,
+                               keep: torch.Tensor | None = None, workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``masked_max`` and ``fire_counts`` from one masked copy of ``x`` (same results, fewer passes).
 
     Excluded positions become -inf, which is never > a finite threshold, so the firing test
-    needs no second mask; counting is a sum over the fired booleans.
+    needs no second mask; counting is a sum over the fired booleans. ``keep`` is
+    ``mask.bool().unsqueeze(-1)`` when the caller has it already; ``workspace`` holds the
+    scratch buffers between calls (nothing is allocated at the size of ``x`` when it is given).
     """
-    xm = x.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
-    fired = (xm > threshold).flatten(0, 1)
-    if fired.shape[0] < 2**24:
-        # A float32 matmul with a ones row counts exactly below 2**24 and is several times
-        # faster than an int64 reduction over booleans.
-        ones = torch.ones((1, fired.shape[0]), dtype=torch.float32, device=x.device)
-        counts = (ones @ fired.to(torch.float32)).squeeze(0).round().to(torch.int64)
+    b, t, f = x.shape
+    ws = workspace or Workspace()
+    if keep is None:
+        keep = mask.bool().unsqueeze(-1)
+    xm = ws.get("masked", (b, t, f), x.dtype, x.device)
+    torch.where(keep, x, ws.const(float("-inf"), x.dtype, x.device), out=xm)
+    # The max over tokens of the same values as masked_max (max is order-free, NaN propagates alike);
+    # reducing the outer dim of a (T, B, F) view is much faster on the CPU than the middle one.
+    mx = xm.permute(1, 0, 2).amax(dim=0)
+    n = b * t
+    if n >= _EXACT_FLOAT_COUNT:
+        return mx, (xm > threshold).flatten(0, 1).sum(dim=0, dtype=torch.int64)
+    if x.dtype == torch.float32:
+        fired = xm.view(n, f)  # xm is no longer needed: overwrite it with the 0/1 flags
     else:
-        counts = fired.sum(dim=0, dtype=torch.int64)
-    return xm.amax(dim=1), counts
+        fired = ws.get("fired", (n, f), torch.float32, x.device)
+    torch.gt(xm.view(n, f), threshold, out=fired)  # compared in x's dtype, as ``xm > threshold``
+    counts = (ws.ones(n, x.device) @ fired).squeeze(0).round().to(torch.int64)
+    return mx, counts

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -56,30 +57,59 @@ class LoadedModel:
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
-    """Token ids and special-token masks, truncated to ``max_length``; also which texts were cut."""
-    full = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-    truncated = np.array([len(ids) > max_length for ids in full], dtype=bool)
-    enc = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length, return_special_tokens_mask=True)
-    return enc["input_ids"], enc["special_tokens_mask"], truncated
+    """Token ids and special-token masks, truncated to ``max_length``; also which texts were cut.
+
+    One untruncated pass gives every length; a text that fits is exactly what truncation would
+    return (truncation is a no-op below ``max_length``), so only the texts that are too long are
+    tokenised again, with the tokenizer's own truncation.
+    """
+    enc = tokenizer(texts, add_special_tokens=True, truncation=False, return_special_tokens_mask=True)
+    ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
+    truncated = np.fromiter((len(x) > max_length for x in ids), dtype=bool, count=len(ids))
+    if truncated.any():
+        cut = np.flatnonzero(truncated)
+        enc = tokenizer([texts[i] for i in cut], add_special_tokens=True, truncation=True, max_length=max_length,
+                        return_special_tokens_mask=True)
+        for j, i in enumerate(cut):
+            ids[i], special[i] = enc["input_ids"][j], enc["special_tokens_mask"][j]
+    return ids, special, truncated
 
 
 def _pad(tokenizer, ids: list[list[int]], special: list[list[int]], family: str, device):
     """Right-pad a batch (positions of real tokens then match an unpadded run for every family)."""
     import torch
 
-    width = max(len(x) for x in ids)
     pad_id = tokenizer.pad_token_id
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    special_t = torch.ones((len(ids), width), dtype=torch.long)
-    for i, (x, s) in enumerate(zip(ids, special)):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        attention[i, : len(x)] = 1
-        special_t[i, : len(s)] = torch.tensor(s)
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+    if pad_id is None:
+        raise PipelineError(f"{type(tokenizer).__name__} has no pad token: set one before extracting")
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    width = int(lengths.max())
+    real = np.arange(width) < lengths[:, None]  # row-major order of real positions = concatenation order
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    input_ids[real] = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    special_t = np.ones((len(ids), width), dtype=np.int64)
+    special_t[real] = np.fromiter(chain.from_iterable(special), dtype=np.int64, count=int(lengths.sum()))
+    input_ids_t = torch.from_numpy(input_ids).to(device)
+    inputs = {"input_ids": input_ids_t, "attention_mask": torch.from_numpy(real.astype(np.int64)).to(device)}
     if family == "bert":
-        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-    return inputs, special_t.to(device)
+        inputs["token_type_ids"] = torch.zeros_like(input_ids_t)
+    return inputs, torch.from_numpy(special_t).to(device)
+
+
+def _surely_finite(t, storage) -> bool:
+    """True if every value of ``t`` is finite once cast to ``storage``: one min/max pass, no copy.
+
+    A finite value no larger in magnitude than the storage dtype's largest finite value casts to
+    a finite value; anything else (NaN, inf, or out of range) returns False and the caller
+    checks the cast values exactly.
+    """
+    import torch
+
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()  # NaN propagates to both
+    lim = float(torch.finfo(storage).max)
+    return -lim <= lo and hi <= lim
 
 
 def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str], row_start: int, labels: np.ndarray, progress=None):
@@ -101,9 +131,9 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
             inputs, special_t = _pad(loaded.tokenizer, [ids[i] for i in batch], [special[i] for i in batch], loaded.family.name, loaded.device)
             feats = forward_features(loaded.model, capture, inputs, special_t, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean)
             for name, t in feats.arrays.items():
+                check = not cfg.allow_nonfinite and not _surely_finite(t, storage)
                 t = t.to(storage)
-                bad = ~torch.isfinite(t)
-                if bad.any() and not cfg.allow_nonfinite:
+                if check and (bad := ~torch.isfinite(t)).any():
                     b, layer = (int(v) for v in bad.nonzero()[0][:2])
                     raise NonFiniteError(
                         f"{request.model.name}/{request.split.name}: non-finite {name} at layer {layer}, row {row_start + int(batch[b])} "

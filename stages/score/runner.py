@@ -15,14 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 
 from pipeline.config import ExperimentConfig
 from pipeline.errors import PipelineError
 from stages.score.plots import plot_sparsity, plot_variability
-from stages.score.sparsity import keyword_mask, sparsity_stats, top_keyword_neurons
-from stages.score.variability import lowest_nu_layer, variability_by_layer
+from stages.score.sparsity import SparsityPlan, keyword_mask, top_keyword_neurons
+from stages.score.variability import VariabilityPlan, lowest_nu_layer
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,23 @@ def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, sch
     labels = table["label"].to_numpy()
     ident = {"dataset": request.split.dataset, "split": request.split.name, "model": request.model.name}
     n_layers = entry.description.get("n_layers")
+    if "max" not in request.extract.ffn_poolings:
+        raise PipelineError(f"{ident['model']}: sparsity needs ffn max pooling; add 'max' to extract.ffn_poolings and re-extract")
+    # Two dask.compute calls read every shard at most twice: pass 1 of variability for every
+    # pooling, then pass 2 of every pooling fused with the sparsity pass over ffn/max.
+    poolings = list(request.extract.poolings)
+    plan = VariabilityPlan({p: entry.array(f"hidden/{p}", rows_per_chunk=rows_per_chunk) for p in poolings}, labels)
+    attrs = entry.shard_attrs("ffn/fire_count")
+    sparsity = SparsityPlan(
+        entry.per_shard("ffn/fire_count"), [a["n_tokens"] for a in attrs],
+        entry.array("ffn/max", rows_per_chunk=rows_per_chunk), labels,
+        keyword_mask(table["text"].tolist(), keywords), request.model.threshold)
+    sums, = dask.compute(plan.first_pass(), scheduler=scheduler)
+    sq, fires = dask.compute(plan.second_pass(sums), sparsity.lazy(), scheduler=scheduler)
+    by_pooling = plan.results(sq)
     var_rows = []
-    for pooling in request.extract.poolings:
-        X = entry.array(f"hidden/{pooling}", rows_per_chunk=rows_per_chunk)
-        results = variability_by_layer(X, labels, scheduler=scheduler)
+    for pooling in poolings:
+        results = by_pooling[pooling]
         try:
             best = lowest_nu_layer(results)
         except ValueError:
@@ -107,13 +121,7 @@ def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, sch
                              "relative_depth": layer / max(len(results) - 1, 1), "variability": r.nu, "rank": r.rank,
                              "n_rows": r.n_rows, "n_classes": r.n_classes, "lowest": layer == best,
                              "random_init": bool(request.spec.random_init)})
-    if "max" not in request.extract.ffn_poolings:
-        raise PipelineError(f"{ident['model']}: sparsity needs ffn max pooling; add 'max' to extract.ffn_poolings and re-extract")
-    attrs = entry.shard_attrs("ffn/fire_count")
-    layers, neurons = sparsity_stats(
-        entry.per_shard("ffn/fire_count"), [a["n_tokens"] for a in attrs],
-        entry.array("ffn/max", rows_per_chunk=rows_per_chunk), labels,
-        keyword_mask(table["text"].tolist(), keywords), request.model.threshold, scheduler=scheduler)
+    layers, neurons = sparsity.finish(fires)
     n = len(layers)
     layers.insert(0, "model", ident["model"])
     layers.insert(0, "split", ident["split"])

@@ -24,12 +24,19 @@ fire a neuron, the share that contain a keyword; NaN where none fires it.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import dask
 import dask.array as da
 import numpy as np
-import pandas as pd
+
+from stages.score.variability import chunk_sum
+
+if TYPE_CHECKING:  # pandas builds the result tables on the client only: Dask workers that
+    import pandas as pd  # run the counting tasks stay small without it
+
+# bytes of the boolean working block of _count_block (cache-sized, reused)
+BLOCK_BYTES = 2**20
 
 
 def sparsity_stats(fire_count, n_tokens, ffn_max, labels, has_keyword,
@@ -61,24 +68,52 @@ def sparsity_stats(fire_count, n_tokens, ffn_max, labels, has_keyword,
         layer, neuron, token_fire_rate, sentence_fire_rate,
         n_fire_sentences, keyword_score, selectivity.
     """
-    fire_count, ffn_max = _as_dask(fire_count), _as_dask(ffn_max)
-    n_tokens = np.asarray(n_tokens, dtype=np.int64)
-    yidx, class_sizes = _label_index(labels, ffn_max.shape[0])
-    kw = np.asarray(has_keyword, dtype=bool)
-    _check_shapes(fire_count, n_tokens, ffn_max, kw)
+    plan = SparsityPlan(fire_count, n_tokens, ffn_max, labels, has_keyword,
+                        threshold)
+    values, = dask.compute(plan.lazy(), scheduler=scheduler)
+    return plan.finish(values)
 
-    token_fires, sentence_fires = dask.compute(
-        fire_count.sum(axis=0, dtype=np.int64),
-        _sentence_counts(ffn_max, yidx, kw, class_sizes.size,
-                         float(threshold)).sum(axis=0, dtype=np.int64),
-        scheduler=scheduler,
-    )
-    per_class, kw_fires = sentence_fires[:-1], sentence_fires[-1]
-    neurons = _neuron_table(token_fires, per_class, kw_fires,
-                            int(n_tokens.sum()), class_sizes)
-    layers = _layer_table(token_fires, per_class, int(n_tokens.sum()),
-                          ffn_max.shape[0], float(threshold))
-    return layers, neurons
+
+class SparsityPlan:
+    """``sparsity_stats`` as a lazy graph plus a finishing step, so a caller
+    can compute it in the same ``dask.compute`` as other passes over the
+    same shards::
+
+        plan = SparsityPlan(fire_count, n_tokens, ffn_max, labels, kw, t)
+        values, other = dask.compute(plan.lazy(), other_lazy)
+        layers, neurons = plan.finish(values)
+    """
+
+    def __init__(self, fire_count, n_tokens, ffn_max, labels, has_keyword,
+                 threshold: float):
+        self.fire_count, self.ffn_max = _as_dask(fire_count), _as_dask(ffn_max)
+        self.n_tokens = np.asarray(n_tokens, dtype=np.int64)
+        self.yidx, self.class_sizes = _label_index(labels, self.ffn_max.shape[0])
+        self.kw = np.asarray(has_keyword, dtype=bool)
+        self.threshold = float(threshold)
+        _check_shapes(self.fire_count, self.n_tokens, self.ffn_max, self.kw)
+
+    def lazy(self) -> tuple:
+        """(token fires (L, F), sentence fires (K+1, L, F)), both int64, lazy."""
+        return (
+            chunk_sum(self.fire_count, _shard_sum, out_axes={1: 0, 2: 1},
+                      name="sparsity-token-fires"),
+            chunk_sum(self.ffn_max, _count_block, row_args=(self.yidx, self.kw),
+                      kwargs={"n_classes": self.class_sizes.size,
+                              "threshold": self.threshold},
+                      out_axes={1: 1, 2: 2}, name="sparsity-sentence-fires"),
+        )
+
+    def finish(self, values) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(layers, neurons) tables from the computed ``lazy()`` values."""
+        token_fires, sentence_fires = (np.asarray(v) for v in values)
+        per_class, kw_fires = sentence_fires[:-1], sentence_fires[-1]
+        n_tok = int(self.n_tokens.sum())
+        neurons = _neuron_table(token_fires, per_class, kw_fires, n_tok,
+                                self.class_sizes)
+        layers = _layer_table(token_fires, per_class, n_tok,
+                              self.ffn_max.shape[0], self.threshold)
+        return layers, neurons
 
 
 def keyword_mask(texts: Sequence[str], keywords: Sequence[str]) -> np.ndarray:
@@ -138,30 +173,66 @@ def _check_shapes(fire_count, n_tokens, ffn_max, kw) -> None:
         raise ValueError("has_keyword must have one entry per row")
 
 
-def _sentence_counts(ffn_max: da.Array, yidx: np.ndarray, kw: np.ndarray,
-                     n_classes: int, threshold: float) -> da.Array:
-    """Per row chunk: (1, K+1, L, F) fired-sentence counts, class 0..K-1 and
-    keyword sentences in the last slot."""
-    rows = (ffn_max.chunks[0],)
-    return da.blockwise(
-        _count_block, "nklf", ffn_max, "nlf",
-        da.from_array(yidx, chunks=rows), "n",
-        da.from_array(kw, chunks=rows), "n",
-        n_classes=n_classes, threshold=threshold,
-        new_axes={"k": n_classes + 1}, adjust_chunks={"n": 1},
-        dtype=np.int64, meta=np.empty((0, 0, 0, 0), dtype=np.int64),
-    )
+def _shard_sum(block: np.ndarray) -> np.ndarray:
+    """Per-shard firing counts summed over the shards of one chunk, (1, L, F)."""
+    return block.sum(axis=0, keepdims=True, dtype=np.int64)
 
 
 def _count_block(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
                  n_classes: int, threshold: float) -> np.ndarray:
-    """Compare in float64 (exact for any stored dtype), count per class."""
-    fired = np.greater(x, np.float64(threshold))
+    """Fired-sentence counts per class and for keyword sentences.
+
+    ``value > threshold`` is decided exactly as in float64: for float16
+    data with a threshold >= 0 by comparing bit patterns (see
+    ``_fp16_fire_bounds``), otherwise in float64. Rows go in blocks of
+    about ``BLOCK_BYTES`` booleans, so no temporary grows with the chunk.
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
     out = np.zeros((1, n_classes + 1) + x.shape[1:], dtype=np.int64)
-    for k in np.unique(yb):
-        out[0, k] = fired[yb == k].sum(axis=0)
-    out[0, n_classes] = fired[kwb].sum(axis=0)
+    acc = out.reshape(n_classes + 1, flat.shape[1])
+    bounds = _fp16_fire_bounds(threshold) if x.dtype == np.float16 else None
+    # at most 255 rows per block: per-block counts fit uint8, summed without casts
+    step = max(1, min(n, 255, BLOCK_BYTES // max(flat.shape[1], 1)))
+    fired = np.empty((step, flat.shape[1]), dtype=bool)
+    spare = np.empty_like(fired)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        f, g = fired[:hi - lo], spare[:hi - lo]
+        if bounds is None:
+            np.greater(flat[lo:hi], np.float64(threshold), out=f)
+        else:
+            bits = flat[lo:hi].view(np.int16)
+            np.greater(bits, bounds[0], out=f)
+            np.less_equal(bits, bounds[1], out=g)
+            f &= g
+        rows = f.view(np.uint8)
+        yk = yb[lo:hi]
+        for k in np.flatnonzero(np.bincount(yk, minlength=n_classes)):
+            acc[k] += np.add.reduce(rows[yk == k], axis=0, dtype=np.uint8)
+        kwk = kwb[lo:hi]
+        if kwk.any():
+            acc[n_classes] += np.add.reduce(rows[kwk], axis=0, dtype=np.uint8)
     return out
+
+
+def _fp16_fire_bounds(threshold: float) -> tuple[int, int] | None:
+    """(lo, hi) such that float16 ``x > threshold`` iff ``lo < bits <= hi``
+    for the int16 view of x; None where that shortcut does not apply.
+
+    For a threshold t >= 0 only positive values can fire, and positive
+    float16 bit patterns order like their values: lo is the pattern of the
+    largest float16 <= t, hi = 0x7C00 (+inf) keeps NaNs (0x7C01..0x7FFF)
+    out. Negative values and -0 have the sign bit set, so int16 < 0 <= lo.
+    """
+    t = float(threshold)
+    if not (t >= 0.0):  # negative or NaN: plain float64 comparison
+        return None
+    with np.errstate(over="ignore"):
+        h = np.float16(t)  # nearest; inf above the float16 range
+    if float(h) > t:
+        h = np.nextafter(h, np.float16(-np.inf))
+    return int(np.array(h, dtype=np.float16).view(np.int16)), 0x7C00
 
 
 def _neuron_table(token_fires: np.ndarray, per_class: np.ndarray,
@@ -173,6 +244,8 @@ def _neuron_table(token_fires: np.ndarray, per_class: np.ndarray,
     with np.errstate(divide="ignore", invalid="ignore"):
         token_rate = token_fires / n_tok if n_tok else np.full(fired.shape, np.nan)
         keyword = np.where(fired > 0, kw_fires / np.maximum(fired, 1), np.nan)
+    import pandas as pd
+
     return pd.DataFrame({
         "layer": np.repeat(np.arange(n_layers), n_ffn),
         "neuron": np.tile(np.arange(n_ffn), n_layers),
@@ -203,6 +276,8 @@ def _layer_table(token_fires: np.ndarray, per_class: np.ndarray, n_tok: int,
     fired = per_class.sum(axis=0)
     token_fraction = (token_fires.sum(axis=1) / (n_tok * n_ffn)
                       if n_tok else np.full(n_layers, np.nan))
+    import pandas as pd
+
     return pd.DataFrame({
         "layer": np.arange(n_layers),
         "n_neurons": np.full(n_layers, n_ffn, dtype=np.int64),

@@ -37,13 +37,16 @@ vectors, say) give rank 0. Rank 0 means nu = +inf, never 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Mapping, Sequence
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 
 RANK_SAFETY = 100.0
+# float64 working set of the inner row blocks of a chunk (cache-sized, reused)
+BLOCK_BYTES = 2 * 2**20
 _EPS = np.finfo(np.float64).eps
 
 
@@ -93,29 +96,93 @@ def variability_by_layer(X, y, *, classes: Sequence | None = None,
     feature axis is rechunked to one piece because a row's projection
     needs all of its features.
     """
-    X = _as_dask(X)
-    if X.ndim != 3:
-        raise ValueError(f"X must be 3-D (n_rows, n_layers, d), got {X.shape}")
-    yidx, n_classes = _class_index(y, classes, X.shape[0])
-    counts = np.bincount(yidx, minlength=n_classes).astype(np.float64)
-    if X.numblocks[2] > 1:
-        X = X.rechunk({2: -1})
-    ylab = da.from_array(yidx, chunks=(X.chunks[0],))
+    return variability_many({0: X}, y, classes=classes, scheduler=scheduler)[0]
 
-    sums, = dask.compute(_first_pass(X, ylab, n_classes).sum(axis=0),
-                         scheduler=scheduler)
-    mu = sums[:n_classes] / counts[:, None, None]
-    scale = np.sqrt(sums[n_classes].sum(axis=-1) / X.shape[0])
-    spectra = [_between_class_basis(mu[:, layer], scale[layer])
-               for layer in range(X.shape[1])]
-    basis = np.stack([b for b, _, _ in spectra])  # (n_layers, d, K-1)
 
-    sq, = dask.compute(_second_pass(X, ylab, mu, basis).sum(axis=0),
-                       scheduler=scheduler)
-    return [
-        _result(sq[:, layer], counts, inv_s2, rank, X.shape[0])
-        for layer, (_, inv_s2, rank) in enumerate(spectra)
-    ]
+def variability_many(arrays: Mapping[Hashable, object], y, *,
+                     classes: Sequence | None = None,
+                     scheduler=None) -> dict[Hashable, list[VariabilityResult]]:
+    """``variability_by_layer`` for several (n_rows, n_layers, d) arrays that
+    share the labels ``y`` (e.g. one per pooling), in two ``dask.compute``
+    calls in all: each chunk of every array is read once per pass.
+
+    Returns name -> per-layer results, identical to separate
+    ``variability_by_layer`` calls.
+    """
+    plan = VariabilityPlan(arrays, y, classes=classes)
+    sums, = dask.compute(plan.first_pass(), scheduler=scheduler)
+    sq, = dask.compute(plan.second_pass(sums), scheduler=scheduler)
+    return plan.results(sq)
+
+
+class VariabilityPlan:
+    """The two passes of ``variability_many`` as lazy graphs, so a caller can
+    fuse them with other work over the same chunks into one ``dask.compute``::
+
+        plan = VariabilityPlan({"mean": X1, "first": X2}, y)
+        sums, = dask.compute(plan.first_pass())
+        sq, other = dask.compute(plan.second_pass(sums), other_lazy)
+        results = plan.results(sq)       # name -> list[VariabilityResult]
+    """
+
+    def __init__(self, arrays: Mapping[Hashable, object], y, *,
+                 classes: Sequence | None = None):
+        if not arrays:
+            raise ValueError("variability needs at least one array")
+        self.arrays: dict = {}
+        for name, X in arrays.items():
+            X = _as_dask(X)
+            if X.ndim != 3:
+                raise ValueError(f"X must be 3-D (n_rows, n_layers, d), got {X.shape}")
+            if X.numblocks[2] > 1:
+                X = X.rechunk({2: -1})
+            self.arrays[name] = X
+        n_rows = {X.shape[0] for X in self.arrays.values()}
+        if len(n_rows) != 1:
+            raise ValueError(f"arrays disagree on the number of rows: {sorted(n_rows)}")
+        self.n_rows = n_rows.pop()
+        self.yidx, self.n_classes = _class_index(y, classes, self.n_rows)
+        self.counts = np.bincount(self.yidx, minlength=self.n_classes).astype(np.float64)
+        self._spectra: dict = {}
+
+    def first_pass(self) -> dict:
+        """name -> lazy (K+1, n_layers, d) float64: per-class sums, sum of squares."""
+        return {name: chunk_sum(X, _moments_block, row_args=(self.yidx,),
+                                kwargs={"n_classes": self.n_classes},
+                                out_axes={1: 1, 2: 2}, name="variability-moments")
+                for name, X in self.arrays.items()}
+
+    def second_pass(self, sums: Mapping) -> dict:
+        """name -> lazy (K, n_layers, K-1) per-class sums of squared projections."""
+        out = {}
+        for name, X in self.arrays.items():
+            s = np.asarray(sums[name])
+            mu = s[:self.n_classes] / self.counts[:, None, None]
+            scale = np.sqrt(s[self.n_classes].sum(axis=-1) / self.n_rows)
+            spectra = [_between_class_basis(mu[:, layer], scale[layer])
+                       for layer in range(X.shape[1])]
+            self._spectra[name] = spectra
+            basis = np.stack([b for b, _, _ in spectra])  # (n_layers, d, K-1)
+            layer_edges = np.cumsum((0,) + X.chunks[1])
+
+            def per_layer_block(idx, mu=mu, basis=basis, edges=layer_edges):
+                lo, hi = edges[idx[0]], edges[idx[0] + 1]
+                return mu[:, lo:hi], basis[lo:hi]
+
+            out[name] = chunk_sum(X, _projection_block, row_args=(self.yidx,),
+                                  block_args=per_layer_block, out_axes={1: 1},
+                                  name="variability-projections",
+                                  token=(mu, basis))
+        return out
+
+    def results(self, sq: Mapping) -> dict[Hashable, list[VariabilityResult]]:
+        """name -> per-layer results from the second pass's values."""
+        return {
+            name: [_result(np.asarray(sq[name])[:, layer], self.counts, inv_s2,
+                           rank, self.n_rows)
+                   for layer, (_, inv_s2, rank) in enumerate(self._spectra[name])]
+            for name in self.arrays
+        }
 
 
 def lowest_nu_layer(results: Sequence[VariabilityResult]) -> int:
@@ -160,60 +227,153 @@ def _class_index(y, classes, n_rows: int) -> tuple[np.ndarray, int]:
     return yidx, len(classes)
 
 
-def _first_pass(X: da.Array, ylab: da.Array, n_classes: int) -> da.Array:
-    """Per row chunk: per-class sums and the sum of squares, (1, K+1, L, d)."""
-    return da.blockwise(
-        _moments_block, "nkld", X, "nld", ylab, "n",
-        n_classes=n_classes, new_axes={"k": n_classes + 1},
-        adjust_chunks={"n": 1}, dtype=np.float64,
-        meta=np.empty((0, 0, 0, 0), dtype=np.float64),
-    )
+def chunk_sum(X: da.Array, kernel, *, out_axes: Mapping[int, int],
+              row_args: Sequence[np.ndarray] = (), block_args=None,
+              kwargs: Mapping | None = None, name: str = "chunk-sum",
+              token=None, split_every: int = 8):
+    """Delayed sum over the row chunks of ``X`` of ``kernel(block, ...)``.
+
+    ``kernel(block, *row_slices, *block_args(idx), **kwargs)`` gets one
+    chunk of X, the matching rows of every ``row_args`` array and, if given,
+    ``block_args(idx)`` for the chunk's index ``idx`` along X's other axes;
+    it returns a (1, ...) array. Partial results are summed in a tree of
+    ``split_every`` (bounded memory however many chunks), then the pieces of
+    X's other block axes are concatenated: X axis ``a`` goes to result axis
+    ``out_axes[a]`` (axes not listed must have one chunk). The result drops
+    the leading 1.
+
+    One task per chunk and a few per sum: far fewer graph layers than the
+    equivalent ``blockwise(...).sum(axis=0)``, whose graph building and
+    optimisation cost more than the arithmetic on stores of a few chunks.
+    Works on the local schedulers and on dask.distributed alike.
+    """
+    kwargs = dict(kwargs or {})
+    for axis in range(1, X.ndim):
+        if axis not in out_axes and X.numblocks[axis] != 1:
+            raise ValueError(f"axis {axis} of X must be one chunk, got {X.chunks[axis]}")
+    prefix = f"{name}-{tokenize(X.name, kernel, row_args, kwargs, token)}"
+    parts = X.to_delayed(optimize_graph=False)
+    row_edges = np.cumsum((0,) + X.chunks[0])
+    kern = dask.delayed(kernel, pure=True)
+    pieces = {}
+    for idx in np.ndindex(*X.numblocks[1:]):
+        extra = ()
+        if block_args is not None:
+            extra = tuple(dask.delayed(a, name=f"{prefix}-arg{m}-{'-'.join(map(str, idx))}")
+                          for m, a in enumerate(block_args(idx)))
+        partial = [
+            kern(parts[(i,) + idx],
+                 *(a[row_edges[i]:row_edges[i + 1]] for a in row_args), *extra,
+                 dask_key_name=f"{prefix}-{i}-{'-'.join(map(str, idx))}", **kwargs)
+            for i in range(X.numblocks[0])
+        ]
+        level = 0
+        while len(partial) > 1:
+            partial = [
+                dask.delayed(_add, pure=True)(
+                    *partial[j:j + split_every],
+                    dask_key_name=f"{prefix}-sum{level}-{j}-{'-'.join(map(str, idx))}")
+                for j in range(0, len(partial), split_every)
+            ]
+            level += 1
+        pieces[idx] = partial[0]
+    return dask.delayed(_assemble, pure=True)(
+        list(pieces.values()), list(pieces), [X.numblocks[a] for a in range(1, X.ndim)],
+        [out_axes.get(a) for a in range(1, X.ndim)], dask_key_name=f"{prefix}-result")
+
+
+def _add(*parts: np.ndarray) -> np.ndarray:
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def _assemble(pieces: list, index: list, numblocks: list, out_axes: list) -> np.ndarray:
+    """Concatenate per-block results (leading 1 dropped) into one array."""
+    pieces = {tuple(i): p[0] for i, p in zip(index, pieces)}
+    if len(pieces) == 1:
+        return next(iter(pieces.values()))
+
+    def build(prefix: tuple) -> np.ndarray:
+        depth = len(prefix)
+        if depth == len(numblocks):
+            return pieces[prefix]
+        parts = [build(prefix + (j,)) for j in range(numblocks[depth])]
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts, axis=out_axes[depth])
+
+    return build(())
 
 
 def _moments_block(x: np.ndarray, yb: np.ndarray, n_classes: int) -> np.ndarray:
     """Slots 0..K-1: per-class sums; slot K: sum of squares over all rows.
 
-    One layer at a time in float64, so the temporary is a (rows, d) slice.
+    Rows go through reused buffers of about ``BLOCK_BYTES`` (float64), all
+    layers at once: gathered in class order, upcast exactly once, then each
+    class is a contiguous run of rows summed with one reduction. No BLAS
+    call: a threaded gemm with K rows is slower than the reduction, and
+    oversubscribes the cores next to Dask's own threads.
     """
-    onehot = _onehot(yb, n_classes)
-    out = np.empty((1, n_classes + 1) + x.shape[1:])
-    for layer in range(x.shape[1]):
-        xl = x[:, layer, :].astype(np.float64)
-        out[0, :n_classes, layer] = onehot @ xl
-        out[0, n_classes, layer] = np.einsum("nd,nd->d", xl, xl)
+    n = x.shape[0]
+    out = np.zeros((1, n_classes + 1) + x.shape[1:])
+    acc = out.reshape(n_classes + 1, -1)
+    for b, runs in _class_sorted_blocks(x, yb, n_classes):
+        for k, lo, hi in runs:
+            acc[k] += b[lo:hi].sum(axis=0)
+        acc[n_classes] += np.einsum("nf,nf->f", b, b)
     return out
 
 
-def _onehot(yb: np.ndarray, n_classes: int) -> np.ndarray:
-    """(K, rows) indicator matrix: per-class sums become one matmul."""
-    return (yb[None, :] == np.arange(n_classes)[:, None]).astype(np.float64)
+def _class_sorted_blocks(x: np.ndarray, yb: np.ndarray, n_classes: int):
+    """Yield (float64 block of rows sorted by class, [(k, lo, hi), ...]).
+
+    The block buffers are allocated once per chunk and reused, so the only
+    temporaries are a few cache-sized blocks whatever ``rows_per_chunk``.
+    """
+    n = x.shape[0]
+    flat = x.reshape(n, -1)
+    step = _block_rows(n, flat.shape[1])
+    buf = np.empty((step, flat.shape[1]))
+    raw = np.empty((step, flat.shape[1]), dtype=flat.dtype)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        yk = yb[lo:hi]
+        order = np.argsort(yk, kind="stable")
+        np.take(flat, order + lo, axis=0, out=raw[:hi - lo])
+        b = buf[:hi - lo]
+        np.copyto(b, raw[:hi - lo])
+        ends = np.cumsum(np.bincount(yk, minlength=n_classes))
+        runs = [(k, int(e - c), int(e)) for k, (c, e) in
+                enumerate(zip(np.bincount(yk, minlength=n_classes), ends)) if c]
+        yield b, runs
 
 
-def _second_pass(X: da.Array, ylab: da.Array, mu: np.ndarray,
-                 basis: np.ndarray) -> da.Array:
-    """Per row chunk: per-class sums of squared projections, (1, K, L, r)."""
-    mu_d = da.from_array(mu, chunks=(mu.shape[0], X.chunks[1], X.chunks[2]))
-    basis_d = da.from_array(basis, chunks=(X.chunks[1], X.chunks[2],
-                                           basis.shape[2]))
-    return da.blockwise(
-        _projection_block, "nklr", X, "nld", ylab, "n", mu_d, "kld",
-        basis_d, "ldr", adjust_chunks={"n": 1}, concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0, 0), dtype=np.float64),
-    )
+def _block_rows(n_rows: int, row_elems: int) -> int:
+    """Rows per inner block so that one float64 block is about BLOCK_BYTES."""
+    return max(1, min(n_rows, BLOCK_BYTES // (8 * max(row_elems, 1))))
 
 
 def _projection_block(x: np.ndarray, yb: np.ndarray, mu: np.ndarray,
                       basis: np.ndarray) -> np.ndarray:
-    """Centre rows on their class mean first, then project (no cancellation)."""
+    """Centre rows on their class mean first, then project (no cancellation).
+
+    Same blocks as ``_moments_block``: rows in class order, so centring is
+    an in-place subtraction of one mean per run of rows; one batched matmul
+    projects every layer; squares are summed per run.
+    """
+    n, n_layers, d = x.shape
     n_classes = mu.shape[0]
-    onehot = _onehot(yb, n_classes)
-    out = np.empty((1, n_classes, x.shape[1], basis.shape[2]))
-    for layer in range(x.shape[1]):
-        centred = x[:, layer, :].astype(np.float64)
-        centred -= mu[yb, layer, :]
-        z = centred @ basis[layer]
-        out[0, :, layer, :] = onehot @ (z * z)
+    out = np.zeros((1, n_classes, n_layers, basis.shape[2]))
+    mu_flat = mu.reshape(n_classes, n_layers * d)
+    for b, runs in _class_sorted_blocks(x, yb, n_classes):
+        for k, lo, hi in runs:
+            b[lo:hi] -= mu_flat[k]
+        z = np.matmul(b.reshape(-1, n_layers, d).transpose(1, 0, 2), basis)
+        z *= z  # (L, rows, r)
+        for k, lo, hi in runs:
+            out[0, k] += z[:, lo:hi].sum(axis=1)
     return out
 
 
