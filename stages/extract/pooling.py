@@ -122,23 +122,62 @@ def fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float, *, worksp
     return (mask.to(torch.float32).reshape(1, b * t) @ fired).squeeze(0).round().to(torch.int64)
 
 
-def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float, *,
-                               keep: torch.Tensor | None = None, workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``masked_max`` and ``fire_counts`` from one masked copy of ``x`` (same results, fewer passes).
+class CountedTokens:
+    """Where a batch's counted tokens are, for reducing them without a masked copy of the batch.
 
-    Excluded positions become -inf, which is never > a finite threshold, so the firing test
-    needs no second mask; counting is a sum over the fired booleans. ``keep`` is
+    ``index`` lists the counted (row, position) pairs in row-major order as flat indices into
+    (B * T); gathered in that order, the tokens of each row are contiguous, so rows with the
+    same number of counted tokens next to each other are one (rows, tokens, F) view of the
+    gathered tokens (length-grouped batches make these runs long). Built once per batch.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        keep = mask.bool()
+        self.shape = tuple(keep.shape)
+        self.index = keep.reshape(-1).nonzero().squeeze(1)
+        self.n = int(self.index.numel())
+        counts = keep.sum(dim=1).tolist()
+        self.runs: list[tuple[int, int, int, int]] = []  # (first row, end row, offset in gathered tokens, tokens per row)
+        offset = r0 = 0
+        for r in range(1, len(counts) + 1):
+            if r == len(counts) or counts[r] != counts[r0]:
+                self.runs.append((r0, r, offset, counts[r0]))
+                offset += (r - r0) * counts[r0]
+                r0 = r
+
+
+def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float, *,
+                               keep: torch.Tensor | None = None, workspace: Workspace | None = None,
+                               counted: CountedTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_max`` and ``fire_counts`` in a few passes, with the same results as those two.
+
+    With ``counted`` (``CountedTokens(mask)``, CPU): gathers the counted tokens once, takes each
+    row's max over its contiguous slice of them and counts the fired flags of the gathered
+    tokens only. Otherwise: one masked copy where excluded positions are -inf, which is never
+    > a finite threshold, so the firing test needs no second mask. ``keep`` is
     ``mask.bool().unsqueeze(-1)`` when the caller has it already; ``workspace`` holds the
     scratch buffers between calls (nothing is allocated at the size of ``x`` when it is given).
     """
     b, t, f = x.shape
     ws = workspace or Workspace()
+    if counted is not None and counted.n < _EXACT_FLOAT_COUNT and counted.shape == (b, t):
+        xs = ws.get("counted", (counted.n, f), x.dtype, x.device)
+        torch.index_select(x.reshape(b * t, f), 0, counted.index, out=xs)
+        mx = torch.empty((b, f), dtype=x.dtype, device=x.device)
+        for r0, r1, off, n in counted.runs:
+            # Every row has >= 1 counted token (token_masks falls back to its real tokens).
+            group = xs[off:off + (r1 - r0) * n].view(r1 - r0, n, f)
+            # Reducing the outer dim of a (n, rows, F) view is much faster on the CPU than the middle one.
+            torch.amax(group.permute(1, 0, 2), dim=0, out=mx[r0:r1])
+        fired = xs if x.dtype == torch.float32 else ws.get("fired", (counted.n, f), torch.float32, x.device)
+        torch.gt(xs, threshold, out=fired)  # compared in x's dtype, as ``x > threshold``; xs is done with
+        counts = (ws.ones(counted.n, x.device) @ fired).squeeze(0).round().to(torch.int64)
+        return mx, counts
     if keep is None:
         keep = mask.bool().unsqueeze(-1)
     xm = ws.get("masked", (b, t, f), x.dtype, x.device)
     torch.where(keep, x, ws.const(float("-inf"), x.dtype, x.device), out=xm)
-    # The max over tokens of the same values as masked_max (max is order-free, NaN propagates alike);
-    # reducing the outer dim of a (T, B, F) view is much faster on the CPU than the middle one.
+    # The max over tokens of the same values as masked_max (max is order-free, NaN propagates alike).
     mx = xm.permute(1, 0, 2).amax(dim=0)
     n = b * t
     if n >= _EXACT_FLOAT_COUNT:

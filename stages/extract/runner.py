@@ -116,7 +116,7 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
     """Compute one shard in memory: arrays in row order, its table, and its per-shard attrs."""
     import torch
 
-    from stages.extract.capture import FfnCapture, forward_features
+    from stages.extract.capture import FfnCapture, _pooling_threads, forward_features
 
     cfg = request.extract
     ids, special, truncated = tokenize(loaded.tokenizer, texts, cfg.max_length)
@@ -130,19 +130,20 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
         for batch in plan_batches(lengths, cfg.token_budget, cfg.max_batch_size):
             inputs, special_t = _pad(loaded.tokenizer, [ids[i] for i in batch], [special[i] for i in batch], loaded.family.name, loaded.device)
             feats = forward_features(loaded.model, capture, inputs, special_t, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean)
-            for name, t in feats.arrays.items():
-                check = not cfg.allow_nonfinite and not _surely_finite(t, storage)
-                t = t.to(storage)
-                if check and (bad := ~torch.isfinite(t)).any():
-                    b, layer = (int(v) for v in bad.nonzero()[0][:2])
-                    raise NonFiniteError(
-                        f"{request.model.name}/{request.split.name}: non-finite {name} at layer {layer}, row {row_start + int(batch[b])} "
-                        f"(in {cfg.storage_dtype}); set extract.allow_nonfinite = true to store it anyway, or use storage_dtype = 'float32'"
-                    )
-                host = t.cpu()
-                if name not in out:
-                    out[name] = np.empty((n, *host.shape[1:]), dtype=host.numpy().dtype)
-                out[name][batch] = host.numpy()
+            with _pooling_threads(torch.device(loaded.device)):  # small passes: few threads
+                for name, t in feats.arrays.items():
+                    check = not cfg.allow_nonfinite and not _surely_finite(t, storage)
+                    t = t.to(storage)
+                    if check and (bad := ~torch.isfinite(t)).any():
+                        b, layer = (int(v) for v in bad.nonzero()[0][:2])
+                        raise NonFiniteError(
+                            f"{request.model.name}/{request.split.name}: non-finite {name} at layer {layer}, row {row_start + int(batch[b])} "
+                            f"(in {cfg.storage_dtype}); set extract.allow_nonfinite = true to store it anyway, or use storage_dtype = 'float32'"
+                        )
+                    host = t.cpu()
+                    if name not in out:
+                        out[name] = np.empty((n, *host.shape[1:]), dtype=host.numpy().dtype)
+                    out[name][batch] = host.numpy()
             fire = feats.fire_count if fire is None else fire + feats.fire_count
             counted += feats.n_counted
             if progress is not None:
