@@ -87,3 +87,16 @@ def labels_to_json(classes: np.ndarray) -> dict:
 def labels_from_json(obj: Mapping) -> np.ndarray:
     """Inverse of :func:`labels_to_json`."""
     return np.asarray(obj["values"], dtype=np.dtype(obj["dtype"]))
+
+
+class DirectoryPersistence:
+    """``save``/``load`` of a head through a directory, given its ``to_bytes``/``from_bytes``."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``head.safetensors`` and ``head.json`` into directory ``path``."""
+        write_dir(self.to_bytes(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **kwargs):
+        """Load a head written by :meth:`save` (keyword arguments go to ``from_bytes``)."""
+        return cls.from_bytes(read_dir(path), **kwargs)

@@ -8,7 +8,6 @@ earning their parameters; this head makes that comparison one call.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from os import PathLike
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -25,7 +24,7 @@ CONCAT_FORMAT = "concat-head"
 CONCAT_FORMAT_VERSION = 1
 
 
-class ConcatHead(ClassifierMixin, BaseEstimator):
+class ConcatHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     """Standardised logistic regression on the concatenation of named blocks.
 
     Blocks are concatenated in sorted name order; ``C`` is chosen on dev accuracy
@@ -154,12 +153,3 @@ class ConcatHead(ClassifierMixin, BaseEstimator):
         head.n_params_ = int(meta["n_params"])
         head.fit_seconds_ = float(meta["fit_seconds"])
         return head
-
-    def save(self, path: str | PathLike) -> None:
-        """Write ``head.safetensors`` and ``head.json`` into directory ``path``."""
-        _serial.write_dir(self.to_bytes(), path)
-
-    @classmethod
-    def load(cls, path: str | PathLike) -> "ConcatHead":
-        """Load a head written by :meth:`save`."""
-        return cls.from_bytes(_serial.read_dir(path))

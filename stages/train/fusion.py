@@ -30,7 +30,6 @@ import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from os import PathLike
 
 import numpy as np
 import torch
@@ -139,7 +138,7 @@ def _seeded(seed: int, device: torch.device):
             torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
-class FusionHead(ClassifierMixin, BaseEstimator):
+class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     """LLMEmbed-style fused classifier over named feature blocks.
 
     Each block is standardised with its train mean/std and projected to ``width``
@@ -462,12 +461,3 @@ class FusionHead(ClassifierMixin, BaseEstimator):
         head.best_dev_accuracy_ = float(meta["best_dev_accuracy"])
         head.history_ = list(meta["history"])
         return head
-
-    def save(self, path: str | PathLike) -> None:
-        """Write ``head.safetensors`` and ``head.json`` into directory ``path``."""
-        _serial.write_dir(self.to_bytes(), path)
-
-    @classmethod
-    def load(cls, path: str | PathLike, *, device: str | None = None) -> "FusionHead":
-        """Load a head written by :meth:`save`."""
-        return cls.from_bytes(_serial.read_dir(path), device=device)
