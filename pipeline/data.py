@@ -131,7 +131,7 @@ def _warn_duplicates(path: Path, texts: list[str], labels: np.ndarray) -> None:
     frame = pd.DataFrame({"text": texts, "label": labels})
     exact = int(frame.duplicated().sum())
     if exact:
-        log.warning("%s: %d duplicate (text, label) row(s) kept as they are", path, exact)
+        log.info("%s: %d duplicate (text, label) row(s) kept as they are", path, exact)
     n_labels = frame.drop_duplicates().groupby("text", sort=False)["label"].nunique()
     conflicting = n_labels[n_labels > 1]
     if len(conflicting):

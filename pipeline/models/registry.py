@@ -129,6 +129,9 @@ def _resolve_hub(repo_id: str, revision: str) -> ModelSpec:
 def load(spec: ModelSpec, *, device: "torch.device", dtype: "torch.dtype", trust_remote_code: bool = False):
     """(model, tokenizer, family) in eval mode, on ``device`` in ``dtype``; the model is headless."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # local weights load in about a second; our own bars show the real work
 
     if spec.kind == "tiny":
         from pipeline.models.random_init import random_model

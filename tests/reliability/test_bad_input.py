@@ -152,11 +152,11 @@ def noisy_run(zygote, tmp_path_factory):
     rows += [rows[0], rows[1], (rows[2][0], str(1 - int(rows[2][1]))), (LONG, "1"), (LONG + " again", "0")]
     write_tsv(d / "data" / "train.tsv", rows)
     cfg = base_config(d / "data", rows=0)
-    res = zygote.run(["extract", "--config", write_config(d / "c.toml", cfg), "--store", d / "store", "-q"])
+    res = zygote.run(["extract", "--config", write_config(d / "c.toml", cfg), "--store", d / "store"])
     return res, d / "store"
 
 
-def test_exact_duplicates_warn(noisy_run):
+def test_exact_duplicates_are_reported_and_kept(noisy_run):
     res, _ = noisy_run
     assert res.code == 0, res.stderr
     assert "2 duplicate (text, label) row(s)" in res.stderr and "error:" not in res.stderr
