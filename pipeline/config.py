@@ -133,10 +133,6 @@ class ExperimentConfig:
                 return m
         raise ConfigError(f"models: no model named {name!r}; configured: {', '.join(m.name for m in self.models)}")
 
-    def resolve_path(self, p: str) -> Path:
-        """Relative paths in a config are relative to the working directory (the project root under make)."""
-        return Path(p).expanduser()
-
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})

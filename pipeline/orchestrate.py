@@ -21,7 +21,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
-def open_store(url: str, *, create: bool = False):
+def open_store(url: str):
     """The store at a path or fsspec URL; entries written through it record this code version.
 
     s3:// URLs need s3fs (`pip install .[s3]`); credentials and the endpoint come from the usual

@@ -81,7 +81,7 @@ def load_keywords(path: str) -> list[str]:
     return [w.strip() for w in p.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
 
 
-def scores_key(feature_keys: list[str], keywords: list[str], cfg: ExperimentConfig) -> str:
+def scores_key(feature_keys: list[str], keywords: list[str]) -> str:
     from store import fingerprint
 
     return fingerprint({
@@ -153,7 +153,7 @@ def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "thre
             spa.append(s)
             neu.append(n)
     result = ScoreResult(pd.concat(var, ignore_index=True), pd.concat(spa, ignore_index=True), pd.concat(neu, ignore_index=True),
-                         scores_key([r.key for r in requests], keywords, cfg))
+                         scores_key([r.key for r in requests], keywords))
     log.info("score: %d models in %.1f s", len(entries), time.perf_counter() - t0)
     write_outputs(result, cfg, out, [r for r, _ in entries], keywords)
     record_in_store(store, result, cfg, [r.key for r in requests])

@@ -85,7 +85,7 @@ def head_file(name: str) -> str:
 def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    from stages.score.runner import load_keywords, load_scores, open_features, scores_key
+    from stages.score.runner import load_scores, open_features
     from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
 
     train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
@@ -93,7 +93,7 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
     fusion_blocks = _fusion_blocks(cfg, entries, train_split)  # a config error before any fitting
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
-    skey = scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords), cfg)
+    skey = _scores_key(cfg, requests)
     if not store.exists(skey):
         raise PipelineError(f"no scores for this config in {store.url}; run `make score CONFIG={cfg.source or '...'}` first")
     nu_table = load_scores(store, skey)
@@ -177,12 +177,17 @@ def make_lineage(cfg: ExperimentConfig, requests, scores: str) -> dict:
     return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores}
 
 
-def expected_heads_key(cfg: ExperimentConfig) -> str:
-    """The heads entry `make train` writes for this config and these exact features."""
+def _scores_key(cfg: ExperimentConfig, requests) -> str:
+    """Key of the scores entry `make score` wrote for these features and keywords."""
     from stages.score.runner import load_keywords, scores_key
 
+    return scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords))
+
+
+def expected_heads_key(cfg: ExperimentConfig) -> str:
+    """The heads entry `make train` writes for this config and these exact features."""
     requests = train_requests(cfg)
-    skey = scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords), cfg)
+    skey = _scores_key(cfg, requests)
     return heads_key(make_lineage(cfg, requests, skey))
 
 
