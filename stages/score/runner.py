@@ -8,7 +8,6 @@ so teammates can reuse them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import time
@@ -19,17 +18,22 @@ import dask
 import numpy as np
 import pandas as pd
 
+from tqdm.auto import tqdm
+
 from pipeline.config import ExperimentConfig
+from pipeline.data import load_split
+from pipeline.blocks import candidate_layers
 from pipeline.errors import PipelineError
-from stages.score.plots import plot_sparsity, plot_variability
 from pipeline.models.families import RULE_TEXT
+from pipeline.outputs import write_atomic
+from stages.entries import TABLES, feature_requests, load_keywords, open_features, scores_key
+from stages.report import md_table
+from stages.score.plots import plot_sparsity, plot_variability
 from stages.score.sparsity import SparsityPlan, keyword_mask, top_keyword_neurons
 from stages.score.variability import VariabilityPlan, lowest_nu_layer
 
 log = logging.getLogger(__name__)
 
-SCORES_VERSION = 2  # 2: per-threshold sparsity, keyword significance, selection among block outputs
-TABLES = ("variability.parquet", "sparsity.parquet", "neurons.parquet")
 
 
 @dataclass
@@ -56,45 +60,6 @@ def dask_scheduler(spec: str):
             client.close()
     else:
         yield spec
-
-
-def open_features(store, request, *, verify: bool = True, config: str = ""):
-    """The committed entry for a request, verified; a missing or corrupt one is a clear error.
-
-    ``config`` (the config file's path) is named in the error, so the user knows which
-    ``make extract`` run provides the entry.
-    """
-    from store import CorruptEntryError
-
-    name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
-    if not store.exists(request.key):
-        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG={config or '...'}` with this config first")
-    try:
-        return store.open(request.key, verify=verify)
-    except CorruptEntryError as e:
-        raise PipelineError(f"features for {name} are corrupt: {e}; delete the entry and re-run `make extract` to rebuild it") from None
-
-
-def load_keywords(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"score.keywords: keyword file not found: {p}")
-    return [w.strip() for w in p.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
-
-
-def scores_key(feature_keys: list[str], keywords: list[str], include_embeddings: bool = False) -> str:
-    from store import fingerprint
-
-    return fingerprint({
-        "kind": "scores", "version": SCORES_VERSION, "features": sorted(feature_keys),
-        "keywords": hashlib.sha256("\n".join(keywords).encode()).hexdigest(),
-        "include_embeddings": bool(include_embeddings),
-    })
-
-
-def candidate_layers(n_hidden: int, include_embeddings: bool) -> range:
-    """Hidden-state indices layer selection may pick: block outputs 1..L, plus 0 (embeddings) if asked."""
-    return range(0 if include_embeddings else 1, n_hidden) if n_hidden > 1 else range(n_hidden)
 
 
 def firing_setup(entry, request) -> tuple[tuple[float, ...], str, str]:
@@ -168,11 +133,6 @@ def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, sch
 
 
 def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "threads", progress: bool = True) -> ScoreResult:
-    from pipeline.orchestrate import feature_requests
-    from pipeline.data import load_split
-
-    from tqdm.auto import tqdm
-
     split = load_split(cfg.data, cfg.score.split)
     _check_train_split(split)
     requests = feature_requests(cfg, splits={split.name: split})
@@ -218,12 +178,6 @@ def record_in_store(store, result: ScoreResult, cfg: ExperimentConfig, feature_k
     writer.commit()
 
 
-def load_scores(store, key: str) -> pd.DataFrame:
-    """The variability table of a committed scores entry."""
-    entry = store.open(key, verify=True)
-    return pd.read_parquet(io.BytesIO(entry.read_file("variability.parquet")))
-
-
 def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, requests, keywords: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result.variability.to_parquet(out / "variability.parquet", index=False)
@@ -237,7 +191,7 @@ def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, request
     top.to_parquet(out / "keyword_neurons.parquet", index=False)
     labels = np.asarray(requests[0].split.labels) if requests else np.array([])
     has_kw = keyword_mask(list(requests[0].split.texts), keywords) if requests else np.array([], dtype=bool)
-    (out / "report.md").write_text(score_report(result, cfg, requests, top, keywords, labels, has_kw), encoding="utf-8")
+    write_atomic(out / "report.md", score_report(result, cfg, requests, top, keywords, labels, has_kw))
     log.info("score: wrote %s", ", ".join(str(out / n) for n in (*TABLES, "variability.png", "sparsity.png", "report.md")))
 
 
@@ -247,20 +201,6 @@ def primary_threshold(df: pd.DataFrame) -> pd.DataFrame:
         return df
     first = df.groupby("model", sort=False)["threshold"].transform("first")
     return df[df["threshold"] == first]
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "inf" if np.isinf(v) else f"{v:.4g}"
-    return str(v)
 
 
 def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.DataFrame, keywords: list[str],
@@ -282,7 +222,7 @@ def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.D
               f"nu = (1/K) trace(Sigma_W pinv(Sigma_B)), Xie et al. 2022, on the {cfg.score.split} split; inf where the class means "
               f"coincide. The lowest-nu layer is chosen among {among} (`train.include_embeddings`); "
               "nu_max_over_min is the spread of finite nu over all layers.", "",
-              _md_table(best), "", "![variability](variability.png)", ""]
+              md_table(best), "", "![variability](variability.png)", ""]
     parts += _sink_section(var, requests)
     parts += _sparsity_section(spa, requests)
     parts += _keyword_section(result, cfg, top, keywords, labels, has_kw)
@@ -308,7 +248,7 @@ def _sink_section(var: pd.DataFrame, requests) -> list[str]:
             "(special tokens and a prepended sink excluded); the median over sentences is shown for the worst layer. A value in "
             "the hundreds means one token (a sink) dominates the mean-pooled vector. `sink = auto` prepends the model's BOS to "
             "decoder models whose tokenizer adds none, so no real word becomes the sink.", "",
-            _md_table(pd.DataFrame(rows)), ""]
+            md_table(pd.DataFrame(rows)), ""]
 
 
 def _sparsity_section(spa: pd.DataFrame, requests) -> list[str]:
@@ -327,7 +267,7 @@ def _sparsity_section(spa: pd.DataFrame, requests) -> list[str]:
             "means a positive pre-activation) and when |a| > t for gated FFNs (SwiGLU/GeGLU: Llama's silu(gate) * up, whose "
             "sign carries no information). Every threshold is counted in the same extract pass (`extract.thresholds`). "
             "Dead = never fires on any counted token of the split. Token fire fraction: mean, min and max over layers.", "",
-            _md_table(summary), "", "![sparsity](sparsity.png)", ""]
+            md_table(summary), "", "![sparsity](sparsity.png)", ""]
 
 
 def _keyword_section(result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFrame, keywords: list[str], labels: np.ndarray,
@@ -368,10 +308,10 @@ def _keyword_section(result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFra
         if kw is not None:
             parts += ["Where the top keyword neurons fire most (the class with the highest fire rate, per neuron), against "
                       "the share of each class in the split: a concentration on the class whose sentences carry the keywords "
-                      "means the neurons track the topic.", "", _md_table(kw), ""]
+                      "means the neurons track the topic.", "", md_table(kw), ""]
     if len(top):
         head = top.sort_values(["keyword_p_value", "keyword_lift"], ascending=[True, False]).head(15)
         cols = ["model", "threshold", "layer", "neuron", "n_fire_sentences", "keyword_score", "keyword_base_rate", "keyword_lift",
                 "keyword_p_value", "top_class", "sentence_fire_rate"]
-        parts += [_md_table(head[[c for c in cols if c in head]]), ""]
+        parts += [md_table(head[[c for c in cols if c in head]]), ""]
     return parts

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,38 +18,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ExperimentConfig, to_dict
+from tqdm.auto import tqdm
+
+from pipeline.blocks import Block, candidate_layers
+from pipeline.config import ExperimentConfig
 from pipeline.errors import ConfigError, PipelineError
+from stages.entries import config_scores_key, head_file, heads_key, load_scores, make_lineage, open_features, train_requests
+from stages.report import md_table, write_section
+from stages.train.concat import ConcatHead
+from stages.train.fusion import FusionHead
+from stages.train.plots import plot_layers
+from stages.train.probes import evaluate, probe_layers, probe_to_bytes, spearman_nu_accuracy
 
 log = logging.getLogger(__name__)
 
-TRAIN_VERSION = 1
 TRAIN_COLUMNS = ["dataset", "head", "models", "layers", "pooling", "split", "accuracy", "macro_f1", "n_params", "fit_seconds"]
-
-
-@dataclass(frozen=True)
-class Block:
-    """A feature block ``model:layer:pooling``; negative layers count from the top."""
-
-    model: str
-    layer: int
-    pooling: str
-
-    @classmethod
-    def parse(cls, text: str) -> "Block":
-        m = re.fullmatch(r"([A-Za-z0-9._-]+):(-?\d+):(mean|first|last)", text)
-        if not m:
-            raise ConfigError(f"train.fusion.inputs: {text!r} is not model:layer:pooling (e.g. 'llama:-1:mean')")
-        return cls(m[1], int(m[2]), m[3])
-
-    def resolved(self, n_layers: int) -> "Block":
-        layer = self.layer if self.layer >= 0 else n_layers + 1 + self.layer
-        if not 0 <= layer <= n_layers:
-            raise ConfigError(f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})")
-        return Block(self.model, layer, self.pooling)
-
-    def __str__(self) -> str:
-        return f"{self.model}:{self.layer}:{self.pooling}"
 
 
 @dataclass
@@ -77,23 +59,13 @@ def _labels(entry) -> np.ndarray:
     return entry.table()["label"].to_numpy()
 
 
-def head_file(name: str) -> str:
-    """A store-safe file stem for a head name like 'probe:bert:3:mean'."""
-    return name.replace(":", "-")
-
-
 def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True) -> pd.DataFrame:
-    from tqdm.auto import tqdm
-
-    from stages.score.runner import load_scores, open_features
-    from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
-
     train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
     requests = train_requests(cfg)
     entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
     fusion_blocks = _fusion_blocks(cfg, entries, train_split)  # a config error before any fitting
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
-    skey = _scores_key(cfg, requests)
+    skey = config_scores_key(cfg, requests)
     if not store.exists(skey):
         raise PipelineError(f"no scores for this config in {store.url}; run `make score CONFIG={cfg.source or '...'}` first")
     nu_table = load_scores(store, skey)
@@ -176,42 +148,11 @@ def select_layers(df: pd.DataFrame, *, include_embeddings: bool = False):
     and never at test: the nu-selected layer has the lowest finite nu (computed on the training
     split), the dev-best the highest dev accuracy (the first on ties). None where no candidate has a finite nu.
     """
-    from stages.score.runner import candidate_layers
-
     cands = df[df["layer"].isin(list(candidate_layers(int(df["layer"].max()) + 1, include_embeddings)))]
     finite = cands[np.isfinite(cands["nu"])]
     sel = finite.loc[finite["nu"].idxmin()] if len(finite) else None
     best = cands.loc[cands["dev_accuracy"].idxmax()]
     return sel, df.loc[df["layer"].idxmax()], best
-
-
-def train_requests(cfg: ExperimentConfig):
-    """Feature requests for the train, dev and test splits of every configured model."""
-    from pipeline.data import load_splits
-    from pipeline.orchestrate import feature_requests
-
-    names = dict.fromkeys((cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split))
-    splits = load_splits(cfg.data)
-    return feature_requests(cfg, splits={s: splits[s] for s in names})
-
-
-def make_lineage(cfg: ExperimentConfig, requests, scores: str) -> dict:
-    return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores}
-
-
-def _scores_key(cfg: ExperimentConfig, requests) -> str:
-    """Key of the scores entry `make score` wrote for these features and keywords."""
-    from stages.score.runner import load_keywords, scores_key
-
-    return scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords),
-                      cfg.train.include_embeddings)
-
-
-def expected_heads_key(cfg: ExperimentConfig) -> str:
-    """The heads entry `make train` writes for this config and these exact features."""
-    requests = train_requests(cfg)
-    skey = _scores_key(cfg, requests)
-    return heads_key(make_lineage(cfg, requests, skey))
 
 
 def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Block]:
@@ -226,10 +167,6 @@ def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Blo
 
 
 def _fit_fused_heads(cfg, cache: FeatureCache, blocks: list[Block], y: dict, split_names, add_rows) -> dict[str, bytes]:
-    from stages.train.concat import ConcatHead
-    from stages.train.fusion import FusionHead
-    from stages.train.probes import evaluate
-
     train_split, dev_split, test_split = split_names
     fc = cfg.train.fusion
     raw_avg = [Block.parse(t) for t in fc.average]
@@ -253,13 +190,6 @@ def _fit_fused_heads(cfg, cache: FeatureCache, blocks: list[Block], y: dict, spl
             out[f"{name}.{fname.split('.', 1)[1]}"] = data
         log.info("%s head: dev %.4f test %.4f (%d params, %.1f s)", name, metrics["dev_accuracy"], metrics["test_accuracy"], head.n_params_, secs)
     return out
-
-
-def heads_key(lineage: dict) -> str:
-    from store import fingerprint
-
-    return fingerprint({"kind": "heads", "version": TRAIN_VERSION, "features": lineage["features"], "scores": lineage["scores"],
-                        "train": lineage["config"]["train"], "seed": lineage["config"]["seed"]})
 
 
 def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df: pd.DataFrame, lineage: dict) -> str:
@@ -293,9 +223,6 @@ def best_probes(probes: pd.DataFrame, *, include_embeddings: bool = False) -> pd
 
 def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str,
                    *, chance: float = float("nan")) -> None:
-    from stages.score.runner import _md_table
-    from stages.train.plots import plot_layers
-
     out.mkdir(parents=True, exist_ok=True)
     train_df.to_parquet(out / "train.parquet", index=False)
     layers_df.to_parquet(out / "layers.parquet", index=False)
@@ -322,15 +249,12 @@ def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFra
                 f"the highest {cfg.train.dev_split} accuracy, both among {among} (`train.include_embeddings`); "
                 f"{cfg.train.test_split} accuracy is only reported. Chance (the {cfg.data.splits[0]} majority class on "
                 f"{cfg.train.test_split}): {chance:.3f}. Full tables: train.parquet, layers.parquet, selection.parquet.", "",
-                _md_table(summary), "", "### Variability-selected layer vs top layer", "",
-                _md_table(selection_df[["model", "pooling", "selected_layer", "selected_dev_accuracy", "selected_test_accuracy",
+                md_table(summary), "", "### Variability-selected layer vs top layer", "",
+                md_table(selection_df[["model", "pooling", "selected_layer", "selected_dev_accuracy", "selected_test_accuracy",
                                         "top_layer", "top_dev_accuracy", "top_test_accuracy",
                                         "best_layer", "best_dev_accuracy", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
                 f"### Best probe per model (chosen on {cfg.train.dev_split})", "",
-                _md_table(best[["models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1"]]), "",
+                md_table(best[["models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1"]]), "",
                 "![layers](layers.png)", ""]
-    report = out / "report.md"
-    text = report.read_text(encoding="utf-8") if report.exists() else f"# {cfg.name}\n\n"
-    text = text.split("## Train: heads on cached features")[0].rstrip() + "\n\n"
-    report.write_text(text + "\n".join(section), encoding="utf-8")
+    write_section(out / "report.md", cfg.name, "## Train: heads on cached features", "\n".join(section))
     log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)
