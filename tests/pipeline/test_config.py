@@ -34,6 +34,29 @@ def test_shipped_configs_load(name):
     assert {b.split(":")[0] for b in cfg.train.fusion.inputs} <= {m.name for m in cfg.models}
 
 
+def test_agnews_config_loads_a_topical_set_with_real_models():
+    """AG News: 4 topics in a stratified 4,000/1,000/1,900 subset, where STEM keywords are common (mostly Sci/Tech)."""
+    import numpy as np
+
+    from pipeline.data import load_splits
+    from pipeline.models import EMBEDDED
+    from stages.score.sparsity import keyword_mask
+
+    cfg = load_config(PROJECT_ROOT / "configs" / "agnews.toml")
+    assert [m.name for m in cfg.models] == ["llama", "bert"] and all(m.source in EMBEDDED for m in cfg.models)
+    assert {b.split(":")[0] for b in cfg.train.fusion.inputs} <= {"llama", "bert"}
+    splits = load_splits(dataclasses.replace(cfg.data, path=str(PROJECT_ROOT / cfg.data.path)))
+    assert {s: len(v) for s, v in splits.items()} == {"train": 4000, "dev": 1000, "test": 1900}
+    for split in splits.values():
+        counts = np.bincount(split.labels)
+        assert len(counts) == 4 and counts.max() - counts.min() <= 1  # stratified
+    train = splits["train"]
+    words = [w.strip() for w in (PROJECT_ROOT / cfg.score.keywords).read_text().splitlines() if w.strip()]
+    kw = keyword_mask(list(train.texts), words)
+    rate = [kw[train.labels == c].mean() for c in range(4)]
+    assert kw.mean() > 0.05 and int(np.argmax(rate)) == 3  # Sci/Tech carries the keywords
+
+
 def test_default_config_uses_embedded_models_and_tiny_uses_tiny_models():
     from pipeline.models import EMBEDDED
 
