@@ -20,9 +20,9 @@ import pandas as pd
 
 from tqdm.auto import tqdm
 
+from pipeline.blocks import candidate_layers
 from pipeline.config import ExperimentConfig
 from pipeline.data import load_split
-from pipeline.blocks import candidate_layers
 from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
 from pipeline.outputs import write_atomic
