@@ -258,7 +258,7 @@ def _sparsity_section(spa: pd.DataFrame, requests) -> list[str]:
         max_over_layers=("token_fire_fraction", "max"), dead_fraction_mean=("dead_fraction", "mean"),
         dead_fraction_max=("dead_fraction", "max")).reset_index()
     if "rule" in summary:
-        summary["rule"] = summary["rule"].map(lambda r: RULE_TEXT.get(r, r))
+        summary["rule"] = summary["rule"].map(lambda r: RULE_TEXT.get(r, r).replace("|", "\\|"))  # a bare | splits a markdown cell
     kinds = {r.model.name: r.ffn_kind for r in requests if hasattr(r, "ffn_kind")}
     if kinds:
         summary.insert(1, "ffn", summary["model"].map(kinds))
