@@ -52,9 +52,15 @@ def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, spl
     return out
 
 
-def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None, progress: bool = True) -> int:
+def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None,
+            progress: bool = True, scheduler: str | None = None) -> int:
     from stages.extract import extract_entry, load_for_extract
+    from stages.extract.cluster import check_store_reachable, extract_on_cluster, is_distributed
 
+    scheduler = scheduler or cfg.extract.scheduler
+    check_store_reachable(store_url, scheduler)
+    if is_distributed(scheduler) and shard != (0, 1):
+        raise ConfigError(f"--shard {shard[0]}/{shard[1]} splits work between processes by hand; with --scheduler {scheduler} the cluster does that, drop one of them")
     store = open_store(store_url)
     requests = feature_requests(cfg, models)
     missing = [r for r in requests if not store.exists(r.key)]
@@ -68,6 +74,9 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
         if r.spec.random_init:
             log.info("note: %s is %s", r.model.name, r.spec.display)
             break
+    if is_distributed(scheduler):
+        log.info("%s", format_summary(extract_on_cluster(requests, store, scheduler, progress=progress)))
+        return 0
     stats = []
     by_model: dict[str, list] = {}
     for r in requests:
