@@ -36,7 +36,8 @@ def scaling_extract_workers(plan: Plan, tmp: Path) -> dict:
     from distributed import Client, LocalCluster
 
     from pipeline.config import load_config
-    from pipeline.orchestrate import feature_requests, open_store
+    from pipeline.orchestrate import open_store
+    from stages.entries import feature_requests
     from stages.extract.cluster import extract_on_cluster
 
     requests = feature_requests(load_config(tiny_config(plan.workers_limit, tmp)))

@@ -53,12 +53,13 @@ def _extract(cfg_path: Path, store: Path) -> dict:
     """Extract a config in this process; name -> committed entry."""
     from pipeline import orchestrate
     from pipeline.config import load_config
+    from stages.entries import feature_requests
     from store import Store
 
     cfg = load_config(cfg_path)
     orchestrate.extract(cfg, str(store), progress=False)
     s = Store(str(store))
-    return {r.model.name: s.open(r.key, verify=True) for r in orchestrate.feature_requests(cfg)}
+    return {r.model.name: s.open(r.key, verify=True) for r in feature_requests(cfg)}
 
 
 def _rel_by_layer(gpu, cpu):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.data import Split
 from pipeline.errors import PipelineError
-from stages.extract.key import FeatureRequest
+from stages.entries import FeatureRequest
 from stages.extract.runner import (LEASE_TTL, EntryStats, LoadedModel, ShardResult, claim_shards, compute_and_write,
                                    extract_shard, load_for_extract, n_shards, shard_rows_range)
 from store import fingerprint

@@ -209,7 +209,7 @@ def test_unreachable_scheduler_is_one_line(tmp_path, capsys):
 
 def test_scheduler_is_validated_and_not_in_the_key(tmp_path):
     from pipeline.errors import ConfigError
-    from pipeline.orchestrate import feature_requests
+    from stages.entries import feature_requests
 
     local = load_config(tiny_config(tmp_path / "a.toml", limit=8))
     remote = load_config(tiny_config(tmp_path / "b.toml", limit=8, scheduler="tcp://10.0.0.1:8786"))
