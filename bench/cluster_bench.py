@@ -26,8 +26,9 @@ def tiny_config(limit: int, tmp: Path) -> Path:
 
 
 def _warm() -> int:
-    import stages.extract.cluster  # noqa: F401 - torch, transformers and the project, imported before timing
     import torch  # noqa: F401
+
+    import stages.extract.cluster  # noqa: F401 - torch, transformers and the project, imported before timing
 
     return os.getpid()
 
@@ -41,10 +42,18 @@ def scaling_extract_workers(plan: Plan, tmp: Path) -> dict:
     from stages.extract.cluster import extract_on_cluster
 
     requests = feature_requests(load_config(tiny_config(plan.workers_limit, tmp)))
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    clusters = {n: LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
-                                memory_limit="2GB", env=env) for n in (1, 2)}
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    clusters = {
+        n: LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, memory_limit="2GB", env=env
+        )
+        for n in (1, 2)
+    }
     times: dict[int, list[float]] = {1: [], 2: []}
     shards = 0
     try:
@@ -72,10 +81,21 @@ def scaling_extract_workers(plan: Plan, tmp: Path) -> dict:
         for c in clusters.values():
             c.close(timeout=30)
     t1, t2 = median(times[1]), median(times[2])
-    return {"scaling_extract_workers": result(
-        t2, t1, "seconds (2 Dask workers vs 1; ratio = speed-up)",
-        {"config": f"configs/tiny.toml, limit {plan.workers_limit}", "entries": len(requests), "shard_tasks": shards,
-         "seconds_1_worker": [round(x, 3) for x in times[1]], "seconds_2_workers": [round(x, 3) for x in times[2]],
-         "workers": "LocalCluster processes, 1 thread and OMP_NUM_THREADS=1 each, on 127.0.0.1",
-         "load_average": [round(x, 2) for x in os.getloadavg()], "goal": "> 1, at most 2 on 2 cores"},
-        ratio=paired_ratio(times[1], times[2]))}
+    return {
+        "scaling_extract_workers": result(
+            t2,
+            t1,
+            "seconds (2 Dask workers vs 1; ratio = speed-up)",
+            {
+                "config": f"configs/tiny.toml, limit {plan.workers_limit}",
+                "entries": len(requests),
+                "shard_tasks": shards,
+                "seconds_1_worker": [round(x, 3) for x in times[1]],
+                "seconds_2_workers": [round(x, 3) for x in times[2]],
+                "workers": "LocalCluster processes, 1 thread and OMP_NUM_THREADS=1 each, on 127.0.0.1",
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "goal": "> 1, at most 2 on 2 cores",
+            },
+            ratio=paired_ratio(times[1], times[2]),
+        )
+    }

@@ -37,14 +37,38 @@ def record(results: Path, step: str, status: str, seconds: float, detail: str = 
 
 
 def _toml(path: Path, *, models: dict[str, str], limit: int, device: str, compute: str, storage: str, shard_rows: int = 256) -> Path:
-    lines = ['name = "gpu-check"', "", "[data]", 'name = "sst2"', f'path = "{ROOT / "data" / "sst2"}"',
-             'splits = ["dev"]', f"limit = {limit}", ""]
+    lines = [
+        'name = "gpu-check"',
+        "",
+        "[data]",
+        'name = "sst2"',
+        f'path = "{ROOT / "data" / "sst2"}"',
+        'splits = ["dev"]',
+        f"limit = {limit}",
+        "",
+    ]
     for name, source in models.items():
         lines += ["[[models]]", f'name = "{name}"', f'source = "{source}"', ""]
-    lines += ["[extract]", "max_length = 128", f"shard_rows = {shard_rows}", f'device = "{device}"',
-              f'compute_dtype = "{compute}"', f'storage_dtype = "{storage}"', "",
-              "[score]", 'split = "dev"', "", "[train]", 'dev_split = "dev"', 'test_split = "dev"', "",
-              "[train.fusion]", f'inputs = ["{next(iter(models))}:-1:mean"]', "average = []", ""]
+    lines += [
+        "[extract]",
+        "max_length = 128",
+        f"shard_rows = {shard_rows}",
+        f'device = "{device}"',
+        f'compute_dtype = "{compute}"',
+        f'storage_dtype = "{storage}"',
+        "",
+        "[score]",
+        'split = "dev"',
+        "",
+        "[train]",
+        'dev_split = "dev"',
+        'test_split = "dev"',
+        "",
+        "[train.fusion]",
+        f'inputs = ["{next(iter(models))}:-1:mean"]',
+        "average = []",
+        "",
+    ]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
@@ -86,10 +110,14 @@ def compare(args) -> int:
         for label, models in sets.items():
             t0 = time.perf_counter()
             try:
-                ref = _extract(_toml(tmp / f"{label}-cpu.toml", models=models, limit=limit, device="cpu", compute="float32",
-                                     storage="float32"), tmp / "cpu")
-                low = _extract(_toml(tmp / f"{label}-gpu.toml", models=models, limit=limit, device=device, compute="bfloat16",
-                                     storage="float16"), tmp / "gpu")
+                ref = _extract(
+                    _toml(tmp / f"{label}-cpu.toml", models=models, limit=limit, device="cpu", compute="float32", storage="float32"),
+                    tmp / "cpu",
+                )
+                low = _extract(
+                    _toml(tmp / f"{label}-gpu.toml", models=models, limit=limit, device=device, compute="bfloat16", storage="float16"),
+                    tmp / "gpu",
+                )
                 rows, worst = [], 0.0
                 for name in models:
                     a, b = low[name], ref[name]
@@ -103,9 +131,15 @@ def compare(args) -> int:
                         rows.append([f"{label}/{name}", pooling, "per layer: " + " ".join(f"{x:.3g}" for x in per_layer)])
                 status = "pass" if worst <= WARN_REL else "warn" if worst <= FAIL_REL else "FAIL"
                 failed |= status == "FAIL"
-                record(results, f"compare {label}", status, time.perf_counter() - t0,
-                       f"max relative L2 error of a row {worst:.3g} (warn > {WARN_REL}, fail > {FAIL_REL}); {'CPU bf16' if args.dry_run else 'GPU bf16'} "
-                       f"compute, fp16 storage vs CPU fp32, SST-2 dev{'' if not limit else f' first {limit} rows'}", rows)
+                record(
+                    results,
+                    f"compare {label}",
+                    status,
+                    time.perf_counter() - t0,
+                    f"max relative L2 error of a row {worst:.3g} (warn > {WARN_REL}, fail > {FAIL_REL}); {'CPU bf16' if args.dry_run else 'GPU bf16'} "
+                    f"compute, fp16 storage vs CPU fp32, SST-2 dev{'' if not limit else f' first {limit} rows'}",
+                    rows,
+                )
             except Exception as e:  # noqa: BLE001 - reported as a failed step
                 traceback.print_exc()
                 failed = True
@@ -134,10 +168,24 @@ def throughput(args) -> int:
             continue
         d = rec["details"]
         failed |= rec["unit"] == "error"
-        rows.append([name.split("/", 1)[1], d.get("model", ""), f"{rec['value']:,.0f} tok/s", f"bare {rec['reference']:,.0f} tok/s",
-                     f"ratio {rec['ratio']:.3f}", f"{d.get('device', '')} {d.get('dtype', '')}"])
-    record(results, "extract_overhead", "FAIL" if failed or not rows else "pass", time.perf_counter() - t0,
-           "tokens/s of extract vs bare forward per family (goal ratio >= 0.95)", rows)
+        rows.append(
+            [
+                name.split("/", 1)[1],
+                d.get("model", ""),
+                f"{rec['value']:,.0f} tok/s",
+                f"bare {rec['reference']:,.0f} tok/s",
+                f"ratio {rec['ratio']:.3f}",
+                f"{d.get('device', '')} {d.get('dtype', '')}",
+            ]
+        )
+    record(
+        results,
+        "extract_overhead",
+        "FAIL" if failed or not rows else "pass",
+        time.perf_counter() - t0,
+        "tokens/s of extract vs bare forward per family (goal ratio >= 0.95)",
+        rows,
+    )
     return 1 if failed or not rows else 0
 
 
@@ -158,12 +206,36 @@ def dask_two_workers(args) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     procs: list[subprocess.Popen] = []
     try:
-        cfg = _toml(tmp / "tiny.toml", models={m: f"tiny-random-{m}" for m in TINY_MODELS}, limit=200, device=device,
-                    compute="auto", storage="float16", shard_rows=64)
+        cfg = _toml(
+            tmp / "tiny.toml",
+            models={m: f"tiny-random-{m}" for m in TINY_MODELS},
+            limit=200,
+            device=device,
+            compute="auto",
+            storage="float16",
+            shard_rows=64,
+        )
         sched = tmp / "scheduler.json"
         log = open(tmp / "cluster.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(sched),
-                                       "--host", "127.0.0.1", "--port", "0", "--no-dashboard"], env=env, stdout=log, stderr=log))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_scheduler",
+                    "--scheduler-file",
+                    str(sched),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--no-dashboard",
+                ],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        )
         deadline = time.time() + 60
         while not sched.exists():
             if time.time() > deadline or procs[0].poll() is not None:
@@ -171,31 +243,85 @@ def dask_two_workers(args) -> int:
             time.sleep(0.2)
         address = json.loads(sched.read_text())["address"]
         for gpu in (0, 1):
-            procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", "1",
-                                           "--nthreads", "1", "--resources", "GPU=1", "--no-dashboard", "--name", f"gpu{gpu}"],
-                                          env={**env, "CUDA_VISIBLE_DEVICES": str(gpu)}, stdout=log, stderr=log))
-        single = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--config", str(cfg), "--store", str(tmp / "single"), "-q"],
-                                cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": "0"}, capture_output=True, text=True, timeout=300)
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "distributed.cli.dask_worker",
+                        address,
+                        "--nworkers",
+                        "1",
+                        "--nthreads",
+                        "1",
+                        "--resources",
+                        "GPU=1",
+                        "--no-dashboard",
+                        "--name",
+                        f"gpu{gpu}",
+                    ],
+                    env={**env, "CUDA_VISIBLE_DEVICES": str(gpu)},
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+        single = subprocess.run(
+            [sys.executable, "-m", "pipeline", "extract", "--config", str(cfg), "--store", str(tmp / "single"), "-q"],
+            cwd=ROOT,
+            env={**env, "CUDA_VISIBLE_DEVICES": "0"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if single.returncode:
             raise RuntimeError(f"single-process extract failed: {single.stderr.strip()[-300:]}")
         t1 = time.perf_counter()
-        on_cluster = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--config", str(cfg), "--store", str(tmp / "cluster"),
-                                     "--scheduler", address, "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        on_cluster = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "extract",
+                "--config",
+                str(cfg),
+                "--store",
+                str(tmp / "cluster"),
+                "--scheduler",
+                address,
+                "-q",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         seconds = time.perf_counter() - t1
         if on_cluster.returncode:
             raise RuntimeError(f"cluster extract failed: {on_cluster.stderr.strip()[-300:]}")
-        verify = subprocess.run([sys.executable, "-m", "pipeline", "store", "verify", "--store", str(tmp / "cluster")],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        verify = subprocess.run(
+            [sys.executable, "-m", "pipeline", "store", "verify", "--store", str(tmp / "cluster")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
         def digests(root: Path) -> dict:
             return {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("entries/*/shard_*"))}
 
         same = digests(tmp / "single") == digests(tmp / "cluster")
         status = "pass" if verify.returncode == 0 else "FAIL"
-        record(results, "dask 2 workers", status, time.perf_counter() - t0,
-               f"tiny config, {'2 CPU workers (dry run)' if args.dry_run else '2 GPUs, resources GPU=1'}: cluster extract {seconds:.1f} s, "
-               f"store verify {'ok' if verify.returncode == 0 else 'FAILED'}, shards {'byte-identical to' if same else 'DIFFER from'} "
-               "a single-process run" + ("" if same or args.dry_run else " (bf16 kernels on two GPUs; reported, not failed)"))
+        record(
+            results,
+            "dask 2 workers",
+            status,
+            time.perf_counter() - t0,
+            f"tiny config, {'2 CPU workers (dry run)' if args.dry_run else '2 GPUs, resources GPU=1'}: cluster extract {seconds:.1f} s, "
+            f"store verify {'ok' if verify.returncode == 0 else 'FAILED'}, shards {'byte-identical to' if same else 'DIFFER from'} "
+            "a single-process run" + ("" if same or args.dry_run else " (bf16 kernels on two GPUs; reported, not failed)"),
+        )
         return 0 if status == "pass" and (same or not args.dry_run) else 1
     except Exception as e:  # noqa: BLE001 - reported as a failed step
         traceback.print_exc()
@@ -224,7 +350,11 @@ def environment(args) -> int:
         record(results, "environment", "dry-run", 0.0, detail + "; --cpu-dry-run: every figure below is from the CPU")
         return 0
     if not cuda:
-        hint = " (a CPU-only torch build: install a CUDA build into the venv, see README 'Real checkpoints and a GPU')" if torch.version.cuda is None else ""
+        hint = (
+            " (a CPU-only torch build: install a CUDA build into the venv, see README 'Real checkpoints and a GPU')"
+            if torch.version.cuda is None
+            else ""
+        )
         record(results, "environment", "FAIL", 0.0, detail + hint)
         return 1
     record(results, "environment", "pass", 0.0, detail)

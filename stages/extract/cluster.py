@@ -13,6 +13,7 @@ single-process run. Every worker must reach the store under the same URL.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -22,8 +23,18 @@ from pathlib import Path
 from pipeline.data import Split
 from pipeline.errors import PipelineError
 from stages.entries import FeatureRequest
-from stages.extract.runner import (LEASE_TTL, EntryStats, LoadedModel, ShardResult, claim_shards, compute_and_write,
-                                   extract_shard, load_for_extract, n_shards, shard_rows_range)
+from stages.extract.runner import (
+    LEASE_TTL,
+    EntryStats,
+    LoadedModel,
+    ShardResult,
+    claim_shards,
+    compute_and_write,
+    extract_shard,
+    load_for_extract,
+    n_shards,
+    shard_rows_range,
+)
 from store import fingerprint
 
 log = logging.getLogger(__name__)
@@ -40,15 +51,19 @@ def check_store_reachable(store_url: str, scheduler: str) -> None:
     if not is_distributed(scheduler):
         return
     if store_url.startswith("memory://"):
-        raise PipelineError(f"extract --scheduler {scheduler}: the store {store_url} lives in this process only; "
-                            "use a shared filesystem path or an s3:// URL that every worker can reach")
+        raise PipelineError(
+            f"extract --scheduler {scheduler}: the store {store_url} lives in this process only; "
+            "use a shared filesystem path or an s3:// URL that every worker can reach"
+        )
     if "://" in store_url and not store_url.startswith("file://"):
         return
     path = store_url.removeprefix("file://")
     if not Path(path).expanduser().is_absolute():
-        raise PipelineError(f"extract --scheduler {scheduler}: the store path {path!r} is relative, so workers would "
-                            "resolve it in their own directories; give an absolute path on a filesystem every worker "
-                            "mounts (e.g. /nfs/team/featurestore) or an s3:// URL")
+        raise PipelineError(
+            f"extract --scheduler {scheduler}: the store path {path!r} is relative, so workers would "
+            "resolve it in their own directories; give an absolute path on a filesystem every worker "
+            "mounts (e.g. /nfs/team/featurestore) or an s3:// URL"
+        )
 
 
 # worker side ------------------------------------------------------------------------------------------
@@ -88,8 +103,15 @@ class ShardFailure:
 
 def model_cache_key(request: FeatureRequest) -> str:
     """What a loaded model depends on: its files, device, dtype and code trust (not the entry)."""
-    return fingerprint({"model": request.spec.identity, "source": request.spec.source, "device": request.extract.device,
-                        "compute_dtype": request.extract.compute_dtype, "trust_remote_code": request.model.trust_remote_code})
+    return fingerprint(
+        {
+            "model": request.spec.identity,
+            "source": request.spec.source,
+            "device": request.extract.device,
+            "compute_dtype": request.extract.compute_dtype,
+            "trust_remote_code": request.model.trust_remote_code,
+        }
+    )
 
 
 _MODELS: dict[str, LoadedModel] = {}
@@ -143,13 +165,17 @@ def _check_worker_matches(request: FeatureRequest) -> None:
     host = socket.gethostname()
     spec = resolve(request.model.source, request.model.revision)
     if spec.identity != request.spec.identity:
-        raise PipelineError(f"worker {host}: model {request.model.source!r} resolves to other files than on the client "
-                            f"({spec.identity} != {request.spec.identity}); give every worker the same checkpoint")
+        raise PipelineError(
+            f"worker {host}: model {request.model.source!r} resolves to other files than on the client "
+            f"({spec.identity} != {request.spec.identity}); give every worker the same checkpoint"
+        )
     planned = request.key_material()["compute_dtype"]
     device = resolve_device(request.extract.device)
     if compute_dtype_name(request.extract.compute_dtype, device.type) != planned:
-        raise PipelineError(f"worker {host}: extract.device = {request.extract.device!r} is {device.type} here but the "
-                            f"client planned {planned} compute; set extract.device (and compute_dtype) explicitly")
+        raise PipelineError(
+            f"worker {host}: extract.device = {request.extract.device!r} is {device.type} here but the "
+            f"client planned {planned} compute; set extract.device (and compute_dtype) explicitly"
+        )
 
 
 def run_shard(job: ShardJob) -> ShardResult | ShardFailure:
@@ -160,10 +186,9 @@ def run_shard(job: ShardJob) -> ShardResult | ShardFailure:
     request = job.request
     try:
         for k, lease in claim_shards(writer, [job.index], job.lease_ttl, what=job.description.get("name", job.key)):
-            loaded = cached_model(request)
-            split = request.split
-            return compute_and_write(lambda: extract_shard(loaded, request, list(split.texts), job.row_start, split.labels),
-                                     writer, k, lease)
+            rows = request.split
+            compute = functools.partial(extract_shard, cached_model(request), request, list(rows.texts), job.row_start, rows.labels)
+            return compute_and_write(compute, writer, k, lease)
     except PipelineError as e:
         return ShardFailure(job.index, str(e))
     return ShardResult(job.index)  # published by someone else meanwhile
@@ -172,16 +197,18 @@ def run_shard(job: ShardJob) -> ShardResult | ShardFailure:
 # client side ------------------------------------------------------------------------------------------
 
 
-def shard_jobs(request: FeatureRequest, store_url: str, indices: list[int], *, n_total: int, lease_ttl: float,
-               code_version: str) -> list[ShardJob]:
+def shard_jobs(
+    request: FeatureRequest, store_url: str, indices: list[int], *, n_total: int, lease_ttl: float, code_version: str
+) -> list[ShardJob]:
     key, description = request.key, request.description()
     jobs = []
     for k in indices:
         lo, hi = shard_rows_range(request, k)
         s = request.split
         rows = Split(s.dataset, s.name, tuple(s.texts[lo:hi]), s.labels[lo:hi], s.path)
-        jobs.append(ShardJob(store_url, key, description, n_total, k, lo, dataclasses.replace(request, split=rows),
-                             lease_ttl, code_version))
+        jobs.append(
+            ShardJob(store_url, key, description, n_total, k, lo, dataclasses.replace(request, split=rows), lease_ttl, code_version)
+        )
     return jobs
 
 
@@ -198,20 +225,31 @@ def _check_workers(client, address: str, gpu: bool, timeout: float) -> None:
     try:
         client.wait_for_workers(1, timeout=timeout)
     except TimeoutError:
-        raise PipelineError(f"no dask worker joined {address} within {timeout:.0f} s; start some with "
-                            f"`dask worker {address} --nthreads 1`") from None
+        raise PipelineError(
+            f"no dask worker joined {address} within {timeout:.0f} s; start some with `dask worker {address} --nthreads 1`"
+        ) from None
     if gpu:
         try:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()  # newer distributed lists 5 by default
         except TypeError:
             workers = client.scheduler_info()["workers"].values()
         if not any((w.get("resources") or {}).get(GPU_RESOURCE, 0) >= 1 for w in workers):
-            raise PipelineError(f"extract.device is CUDA but no worker of {address} offers the {GPU_RESOURCE} resource; "
-                                f"start one worker per GPU: `CUDA_VISIBLE_DEVICES=i dask worker {address} --nthreads 1 --resources {GPU_RESOURCE}=1`")
+            raise PipelineError(
+                f"extract.device is CUDA but no worker of {address} offers the {GPU_RESOURCE} resource; "
+                f"start one worker per GPU: `CUDA_VISIBLE_DEVICES=i dask worker {address} --nthreads 1 --resources {GPU_RESOURCE}=1`"
+            )
 
 
-def extract_on_cluster(requests: list[FeatureRequest], store, address: str, *, progress: bool = True,
-                       lease_ttl: float = LEASE_TTL, retries: int = 2, worker_timeout: float = 60.0) -> list[EntryStats]:
+def extract_on_cluster(
+    requests: list[FeatureRequest],
+    store,
+    address: str,
+    *,
+    progress: bool = True,
+    lease_ttl: float = LEASE_TTL,
+    retries: int = 2,
+    worker_timeout: float = 60.0,
+) -> list[EntryStats]:
     """Compute the missing shards of ``requests`` on the workers of ``address``; commit each entry here.
 
     Tasks are submitted model by model (earlier models first), so a worker finishes with one model
@@ -250,9 +288,15 @@ def extract_on_cluster(requests: list[FeatureRequest], store, address: str, *, p
                     continue
                 left[r.key] = set(todo)
                 for job in shard_jobs(r, store.url, todo, n_total=total, lease_ttl=lease_ttl, code_version=store.code_version):
-                    fut = client.submit(run_shard, job, key=f"extract-shard-{r.key[:16]}-{job.index:05d}", pure=False,
-                                        priority=len(by_model) - rank, retries=retries,
-                                        resources={GPU_RESOURCE: 1} if gpu else None)
+                    fut = client.submit(
+                        run_shard,
+                        job,
+                        key=f"extract-shard-{r.key[:16]}-{job.index:05d}",
+                        pure=False,
+                        priority=len(by_model) - rank,
+                        retries=retries,
+                        resources={GPU_RESOURCE: 1} if gpu else None,
+                    )
                     entry_of[fut.key] = (r, mkey)
                     futures.append(fut)
                     model_left[mkey] += 1

@@ -23,10 +23,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import ExtractConfig, ModelConfig
-from pipeline.data import Split
 from pipeline.errors import PipelineError
-from stages.extract.batching import plan_batches
 from stages.entries import FeatureRequest
+from stages.extract.batching import plan_batches
 
 log = logging.getLogger(__name__)
 

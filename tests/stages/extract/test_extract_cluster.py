@@ -37,15 +37,22 @@ def tiny_config(path: Path, limit: int = 96, **extract: str) -> Path:
 def env() -> dict[str, str]:
     """Children load this checkout's code, one torch thread each (they share 2 cores), offline."""
     e = dict(os.environ)
-    e.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-              "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
+    e.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        }
+    )
     return e
 
 
 def shard_digests(store: Path) -> dict[str, str]:
     """entry/shard file -> sha256 for every shard of every entry (manifests hold a timestamp)."""
-    return {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((store / "entries").glob("*/shard_*"))}
+    return {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((store / "entries").glob("*/shard_*"))}
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
@@ -81,15 +88,39 @@ def cluster(tmp_path_factory):
         procs.append(subprocess.Popen([sys.executable, "-m", *args], cwd=tmp, env=env(), stdout=log, stderr=subprocess.STDOUT))
 
     try:
-        start("scheduler", "distributed.cli.dask_scheduler", "--scheduler-file", str(sched_file), "--host", "127.0.0.1",
-              "--port", "0", "--no-dashboard")
+        start(
+            "scheduler",
+            "distributed.cli.dask_scheduler",
+            "--scheduler-file",
+            str(sched_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+        )
         deadline = time.time() + 60
         while not sched_file.exists():
             assert time.time() < deadline and procs[0].poll() is None, (tmp / "scheduler.log").read_text()
             time.sleep(0.2)
         for i in range(2):
-            start(f"worker{i}", "distributed.cli.dask_worker", "--scheduler-file", str(sched_file), "--host", "127.0.0.1",
-                  "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GB", "--name", f"w{i}")
+            start(
+                f"worker{i}",
+                "distributed.cli.dask_worker",
+                "--scheduler-file",
+                str(sched_file),
+                "--host",
+                "127.0.0.1",
+                "--nworkers",
+                "1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--memory-limit",
+                "2GB",
+                "--name",
+                f"w{i}",
+            )
         with distributed.Client(scheduler_file=str(sched_file), timeout="30s") as client:
             client.wait_for_workers(2, timeout=90)
             yield Cluster(client.scheduler.address, client, tmp)
@@ -111,8 +142,7 @@ def single_process(tmp_path_factory):
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -156,9 +186,14 @@ def test_worker_killed_mid_shard_loses_only_that_shard(tmp_path, cluster, single
         cl.extract_shard = hanging
 
     cluster.client.run(hold_the_first_shard, str(marker), workers=[victim])
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--config", str(cfg), "--store", str(store),
-                             "--scheduler", cluster.address, "-q"], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", "--config", str(cfg), "--store", str(store), "--scheduler", cluster.address, "-q"],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not marker.exists():
@@ -194,8 +229,9 @@ def test_remote_scheduler_with_a_relative_store_is_refused(tmp_path, capsys, mon
 
 def test_shard_flag_with_a_remote_scheduler_is_refused(tmp_path, capsys):
     cfg = tiny_config(tmp_path / "tiny.toml")
-    assert main(["extract", "--config", str(cfg), "--store", str(tmp_path / "fs"), "--scheduler", "tcp://127.0.0.1:9",
-                 "--shard", "0/2"]) == 1
+    assert (
+        main(["extract", "--config", str(cfg), "--store", str(tmp_path / "fs"), "--scheduler", "tcp://127.0.0.1:9", "--shard", "0/2"]) == 1
+    )
     assert "--shard 0/2" in capsys.readouterr().err
 
 
