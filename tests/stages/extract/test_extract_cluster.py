@@ -149,6 +149,22 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_cluster_extract_is_byte_identical_to_a_single_process(tmp_path, cluster, single_process):
     cfg, reference = single_process
     store = tmp_path / "fs"
+
+    def count_model_loads():
+        """On every worker: count the model loads per model (the real loader still runs)."""
+        import collections
+
+        import stages.extract.cluster as cl
+
+        real, cl.load_counts = cl.load_for_extract, collections.Counter()
+
+        def counting(model_cfg, spec, extract_cfg):
+            cl.load_counts[model_cfg.name] += 1
+            return real(model_cfg, spec, extract_cfg)
+
+        cl.load_for_extract = counting
+
+    cluster.client.run(count_model_loads)
     done = run_cli("extract", "--config", str(cfg), "--store", str(store), "--scheduler", cluster.address)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "committed" in done.stderr and "shard" in done.stderr  # the summary table and the client's progress bar
@@ -160,6 +176,17 @@ def test_cluster_extract_is_byte_identical_to_a_single_process(tmp_path, cluster
     from stages.extract.cluster import cached_models
 
     assert set(map(tuple, cluster.client.run(cached_models).values())) == {()}  # every model released
+    loads = cluster.client.run(lambda: dict(__import__("stages.extract.cluster").extract.cluster.load_counts))
+    assert all(n == 1 for counts in loads.values() for n in counts.values()), loads  # one load per model per worker
+    assert set().union(*loads.values()) == {"llama", "bert", "roberta", "t5"}, loads
+
+
+@pytest.mark.slow
+def test_cuda_device_without_gpu_workers_is_refused(tmp_path, cluster):
+    cfg = tiny_config(tmp_path / "cuda.toml", limit=8, device="cuda")
+    done = run_cli("extract", "--config", str(cfg), "--store", str(tmp_path / "fs"), "--scheduler", cluster.address, "-q")
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("error: extract.device is CUDA but no worker of") and "--resources GPU=1" in done.stderr
 
 
 @pytest.mark.slow
