@@ -16,7 +16,7 @@ from .entry import Entry
 from .errors import CorruptEntryError, StoreError
 from .fs import StoreFS
 from .keys import validate_key
-from .lease import Lease
+from .lease import GC_LOCK_TTL, Lease, live_leases
 from .writer import EntryWriter
 
 log = logging.getLogger(__name__)
@@ -195,52 +195,105 @@ class Store:
             log.warning("verify: %s: %s", p.path, p.reason)
         return problems
 
-    # garbage collection ------------------------------------------------------------------------------
+    # garbage collection ----------------------------------------------------------------------------
 
     def _leases(self) -> dict[str, list[tuple[str, bool]]]:
-        """key -> [(lease path, live)] for the entry lease and its shard leases; unreadable ones are not live."""
+        """key -> [(lease path, live)] for every lease of the key; unreadable ones are not live."""
         out: dict[str, list[tuple[str, bool]]] = {}
         now = time.time()
         for item in self._sfs.listdir(self._sfs.join(layout.LEASES)):
             base = item["basename"]
             if not base.endswith(".json"):
                 continue
-            try:
-                body = json.loads(self._sfs.cat(item["name"]))
-                live = isinstance(body, dict) and Lease.is_live(body, now)
-            except (ValueError, AttributeError, TypeError, FileNotFoundError):
-                live = False
-            out.setdefault(layout.lease_key(base), []).append((item["name"], live))
+            out.setdefault(layout.lease_key(base), []).append((item["name"], self._lease_live(item["name"], now)))
         return out
+
+    def _lease_live(self, path: str, now: float | None = None) -> bool:
+        try:
+            body = json.loads(self._sfs.cat(path))
+        except (ValueError, AttributeError, TypeError, FileNotFoundError):
+            return False
+        return isinstance(body, dict) and Lease.is_live(body, now)
+
+    def _remove_entry(self, key: str, *, force: bool = False, committed: bool = False) -> bool:
+        """Delete entry `key` under its gc lock unless a writer holds a live lease on it (or, without
+        `committed`, it is committed); False if it was kept. See `WriterPresence` for why this is safe."""
+        lock = Lease(self._sfs, layout.gc_lock_name(key), GC_LOCK_TTL, what=f"gc of entry {key}")
+        if not lock.try_acquire():
+            log.info("entry %s: another gc or rm is working on it; skipped", key)
+            return False
+        try:
+            if not force and live_leases(self._sfs, key, exclude=(lock.path,)):
+                return False
+            if not committed and self.exists(key):
+                return False
+            # the manifest goes first: the entry stops existing at once, never half-deleted but committed
+            self._sfs.remove(layout.entry_file(self._sfs, key, mf.MANIFEST_NAME))
+            self._sfs.remove(layout.entry_dir(self._sfs, key))
+            return True
+        finally:
+            lock.release()
 
     def gc(self, grace_seconds: float = 86400, dry_run: bool = False) -> list[str]:
         """Remove temporaries and unfinished entries older than `grace_seconds`, and expired leases.
 
-        A committed entry (manifest present) is never touched; an unfinished entry under a live lease
-        is kept whatever its age. Returns the removed (or, with dry_run, removable) paths.
+        A committed entry (manifest present) is never touched; an unfinished entry, or a temporary of
+        it, is kept whatever its age while any lease on it is live, and the final decision for an entry
+        is taken under its gc lock (safe against writers starting meanwhile). Temporaries are listed
+        before the leases: a temporary written under a lease is then never seen without that lease.
+        Returns the removed (or, with dry_run, removable) paths.
         """
         now = time.time()
+        tmp_items = list(self._sfs.walk_files(self._sfs.join(layout.TMP)))
         leases = self._leases()
-        doomed: list[str] = []
-        for item in self._sfs.walk_files(self._sfs.join(layout.TMP)):
+
+        def busy(key: str | None) -> bool:
+            return key is not None and any(live for _, live in leases.get(key, ()))
+
+        tmp_doomed: list[str] = []
+        for item in tmp_items:
             mtime = StoreFS.mtime(item)
-            if mtime is None or now - mtime > grace_seconds:
-                doomed.append(item["name"])
+            if (mtime is None or now - mtime > grace_seconds) and not busy(layout.tmp_key(item["basename"])):
+                tmp_doomed.append(item["name"])
+        entries: list[str] = []
         for key in self._keys():
-            if self.exists(key):
-                continue
-            if any(live for _, live in leases.get(key, ())):
+            if self.exists(key) or busy(key):
                 continue
             times = [StoreFS.mtime(f) for f in self._sfs.walk_files(layout.entry_dir(self._sfs, key))]
             known = [t for t in times if t is not None]
             if not known or now - max(known) > grace_seconds:
-                doomed.append(layout.entry_dir(self._sfs, key))
-        for key, held in sorted(leases.items()):
-            doomed.extend(path for path, live in sorted(held) if not live)
-        if not dry_run:
-            for path in doomed:
-                if path.startswith(self._sfs.join(layout.ENTRIES) + "/") and self._sfs.exists(path + "/" + mf.MANIFEST_NAME):
-                    continue
+                entries.append(key)
+        dead = [path for key, held in sorted(leases.items()) for path, live in sorted(held) if not live]
+        if dry_run:
+            return tmp_doomed + [layout.entry_dir(self._sfs, k) for k in entries] + dead
+        removed: list[str] = []
+        for path in tmp_doomed:
+            self._sfs.remove(path)
+            removed.append(path)
+        for key in entries:
+            if self._remove_entry(key):
+                removed.append(layout.entry_dir(self._sfs, key))
+        for path in dead:
+            if not self._lease_live(path):  # re-read: it may have been taken over since the listing
                 self._sfs.remove(path)
-                log.info("gc removed %s", path)
-        return doomed
+                removed.append(path)
+        for path in removed:
+            log.info("gc removed %s", path)
+        return removed
+
+    def rm(self, keys: list[str], *, force: bool = False) -> list[str]:
+        """Delete the given entries (committed or not); one with a live lease is refused unless `force`.
+
+        Raises StoreError naming every refused key after removing the others; returns the removed keys.
+        """
+        removed, busy = [], []
+        for key in keys:
+            validate_key(key)
+            if not self._sfs.exists(layout.entry_dir(self._sfs, key)):
+                raise StoreError(f"no entry {key} in {self.url}")
+        for key in keys:
+            (removed if self._remove_entry(key, force=force, committed=True) else busy).append(key)
+        if busy:
+            raise StoreError(f"entry {', '.join(k[:12] for k in busy)} is being written (live lease); "
+                             "wait for the writer to finish, or pass --force")
+        return removed
