@@ -63,7 +63,7 @@ def train_split(rows: int):
 
 
 def request(b: Bundle, split):
-    from stages.extract.key import FeatureRequest
+    from stages.entries import FeatureRequest
 
     return FeatureRequest(split, b.model_cfg, b.spec, b.extract_cfg)
 

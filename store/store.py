@@ -172,7 +172,7 @@ class Store:
             validate_key(key)
             mpath = layout.entry_file(self._sfs, key, mf.MANIFEST_NAME)
             try:
-                manifest = mf.loads(self._sfs.cat(mpath), key, mpath)
+                _, manifest = mf.read(self._sfs, key)
             except FileNotFoundError:
                 problems.append(Problem(key, mpath, "not committed"))
                 continue

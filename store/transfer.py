@@ -48,12 +48,10 @@ def copy_entry(src, dst, key: str) -> CopyResult:
     if dst.exists(key):
         return CopyResult(key, "present")
     s, d = src.fs, dst.fs
-    mpath = layout.entry_file(s, key, mf.MANIFEST_NAME)
     try:
-        manifest_bytes = s.cat(mpath)
+        manifest_bytes, manifest = mf.read(s, key)
     except FileNotFoundError:
         raise StoreError(f"no committed entry {key} in {src.url}; `store ls --store {src.url}` lists what is there") from None
-    manifest = mf.loads(manifest_bytes, key, mpath)
     d.ensure_writable()
     for path in (d.join(layout.TMP), d.join(layout.LEASES)):
         d.makedirs(path)

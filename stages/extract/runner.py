@@ -22,7 +22,7 @@ from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
 from pipeline.errors import PipelineError
 from stages.extract.batching import plan_batches
-from stages.extract.key import FeatureRequest
+from stages.entries import FeatureRequest
 
 log = logging.getLogger(__name__)
 

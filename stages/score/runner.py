@@ -8,7 +8,6 @@ so teammates can reuse them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import time
@@ -19,16 +18,20 @@ import dask
 import numpy as np
 import pandas as pd
 
+from tqdm.auto import tqdm
+
 from pipeline.config import ExperimentConfig
+from pipeline.data import load_split
 from pipeline.errors import PipelineError
+from pipeline.outputs import write_atomic
+from stages.entries import TABLES, feature_requests, load_keywords, open_features, scores_key
+from stages.report import md_table
 from stages.score.plots import plot_sparsity, plot_variability
 from stages.score.sparsity import SparsityPlan, keyword_mask, top_keyword_neurons
 from stages.score.variability import VariabilityPlan, lowest_nu_layer
 
 log = logging.getLogger(__name__)
 
-SCORES_VERSION = 1
-TABLES = ("variability.parquet", "sparsity.parquet", "neurons.parquet")
 
 
 @dataclass
@@ -55,39 +58,6 @@ def dask_scheduler(spec: str):
             client.close()
     else:
         yield spec
-
-
-def open_features(store, request, *, verify: bool = True, config: str = ""):
-    """The committed entry for a request, verified; a missing or corrupt one is a clear error.
-
-    ``config`` (the config file's path) is named in the error, so the user knows which
-    ``make extract`` run provides the entry.
-    """
-    from store import CorruptEntryError
-
-    name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
-    if not store.exists(request.key):
-        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG={config or '...'}` with this config first")
-    try:
-        return store.open(request.key, verify=verify)
-    except CorruptEntryError as e:
-        raise PipelineError(f"features for {name} are corrupt: {e}; delete the entry and re-run `make extract` to rebuild it") from None
-
-
-def load_keywords(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"score.keywords: keyword file not found: {p}")
-    return [w.strip() for w in p.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
-
-
-def scores_key(feature_keys: list[str], keywords: list[str]) -> str:
-    from store import fingerprint
-
-    return fingerprint({
-        "kind": "scores", "version": SCORES_VERSION, "features": sorted(feature_keys),
-        "keywords": hashlib.sha256("\n".join(keywords).encode()).hexdigest(),
-    })
 
 
 def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, scheduler) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -134,11 +104,6 @@ def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, sch
 
 
 def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "threads", progress: bool = True) -> ScoreResult:
-    from pipeline.orchestrate import feature_requests
-    from pipeline.data import load_split
-
-    from tqdm.auto import tqdm
-
     split = load_split(cfg.data, cfg.score.split)
     _check_train_split(split)
     requests = feature_requests(cfg, splits={split.name: split})
@@ -183,12 +148,6 @@ def record_in_store(store, result: ScoreResult, cfg: ExperimentConfig, feature_k
     writer.commit()
 
 
-def load_scores(store, key: str) -> pd.DataFrame:
-    """The variability table of a committed scores entry."""
-    entry = store.open(key, verify=True)
-    return pd.read_parquet(io.BytesIO(entry.read_file("variability.parquet")))
-
-
 def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, requests, keywords: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result.variability.to_parquet(out / "variability.parquet", index=False)
@@ -198,22 +157,8 @@ def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, request
     plot_sparsity(result.sparsity, out / "sparsity.png")
     top = top_keyword_neurons(result.neurons, cfg.score.top_neurons, min_fire_sentences=cfg.score.min_fires)
     top.to_parquet(out / "keyword_neurons.parquet", index=False)
-    (out / "report.md").write_text(score_report(result, cfg, requests, top, len(keywords)), encoding="utf-8")
+    write_atomic(out / "report.md", score_report(result, cfg, requests, top, len(keywords)))
     log.info("score: wrote %s", ", ".join(str(out / n) for n in (*TABLES, "variability.png", "sparsity.png", "report.md")))
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "inf" if np.isinf(v) else f"{v:.4g}"
-    return str(v)
 
 
 def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.DataFrame, n_keywords: int) -> str:
@@ -229,16 +174,16 @@ def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.D
                   "their numbers show the pipeline works, not what a trained model does.", ""]
     parts += ["## Hidden-state variability (lower = the layer separates the classes better)", "",
               "nu = (1/K) trace(Sigma_W pinv(Sigma_B)), Xie et al. 2022; inf where the class means coincide.", "",
-              _md_table(best), "", "![variability](variability.png)", "",
+              md_table(best), "", "![variability](variability.png)", "",
               "## FFN activation sparsity", "",
               "A neuron fires on a token when its activation is > threshold (exact for ReLU; a stated rule for GELU/SiLU). "
               "Dead = never fires on any real token of the split.", "",
-              _md_table(summary), "", "![sparsity](sparsity.png)", ""]
+              md_table(summary), "", "![sparsity](sparsity.png)", ""]
     if len(top):
         parts += [f"## Keyword neurons ({n_keywords} keywords from {cfg.score.keywords})", "",
                   f"Top {cfg.score.top_neurons} neurons per layer by keyword score (share of the sentences that fire the neuron "
                   f"that contain a keyword), among neurons fired by at least {cfg.score.min_fires} sentences; "
                   f"{int(result.neurons['keyword_score'].notna().sum())} neurons scored. Full table: keyword_neurons.parquet.", ""]
         head = top.sort_values("keyword_score", ascending=False).head(15)
-        parts += [_md_table(head[["model", "layer", "neuron", "keyword_score", "sentence_fire_rate", "n_fire_sentences"]]), ""]
+        parts += [md_table(head[["model", "layer", "neuron", "keyword_score", "sentence_fire_rate", "n_fire_sentences"]]), ""]
     return "\n".join(parts)

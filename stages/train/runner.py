@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,38 +18,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ExperimentConfig, to_dict
+from tqdm.auto import tqdm
+
+from pipeline.blocks import Block
+from pipeline.config import ExperimentConfig
 from pipeline.errors import ConfigError, PipelineError
+from stages.entries import config_scores_key, head_file, heads_key, load_scores, make_lineage, open_features, train_requests
+from stages.report import md_table, write_section
+from stages.train.concat import ConcatHead
+from stages.train.fusion import FusionHead
+from stages.train.plots import plot_layers
+from stages.train.probes import evaluate, probe_layers, probe_to_bytes, spearman_nu_accuracy
 
 log = logging.getLogger(__name__)
 
-TRAIN_VERSION = 1
 TRAIN_COLUMNS = ["dataset", "head", "models", "layers", "pooling", "split", "accuracy", "macro_f1", "n_params", "fit_seconds"]
-
-
-@dataclass(frozen=True)
-class Block:
-    """A feature block ``model:layer:pooling``; negative layers count from the top."""
-
-    model: str
-    layer: int
-    pooling: str
-
-    @classmethod
-    def parse(cls, text: str) -> "Block":
-        m = re.fullmatch(r"([A-Za-z0-9._-]+):(-?\d+):(mean|first|last)", text)
-        if not m:
-            raise ConfigError(f"train.fusion.inputs: {text!r} is not model:layer:pooling (e.g. 'llama:-1:mean')")
-        return cls(m[1], int(m[2]), m[3])
-
-    def resolved(self, n_layers: int) -> "Block":
-        layer = self.layer if self.layer >= 0 else n_layers + 1 + self.layer
-        if not 0 <= layer <= n_layers:
-            raise ConfigError(f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})")
-        return Block(self.model, layer, self.pooling)
-
-    def __str__(self) -> str:
-        return f"{self.model}:{self.layer}:{self.pooling}"
 
 
 @dataclass
@@ -77,23 +59,13 @@ def _labels(entry) -> np.ndarray:
     return entry.table()["label"].to_numpy()
 
 
-def head_file(name: str) -> str:
-    """A store-safe file stem for a head name like 'probe:bert:3:mean'."""
-    return name.replace(":", "-")
-
-
 def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True) -> pd.DataFrame:
-    from tqdm.auto import tqdm
-
-    from stages.score.runner import load_scores, open_features
-    from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
-
     train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
     requests = train_requests(cfg)
     entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
     fusion_blocks = _fusion_blocks(cfg, entries, train_split)  # a config error before any fitting
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
-    skey = _scores_key(cfg, requests)
+    skey = config_scores_key(cfg, requests)
     if not store.exists(skey):
         raise PipelineError(f"no scores for this config in {store.url}; run `make score CONFIG={cfg.source or '...'}` first")
     nu_table = load_scores(store, skey)
@@ -163,34 +135,6 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     return train_df
 
 
-def train_requests(cfg: ExperimentConfig):
-    """Feature requests for the train, dev and test splits of every configured model."""
-    from pipeline.data import load_splits
-    from pipeline.orchestrate import feature_requests
-
-    names = dict.fromkeys((cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split))
-    splits = load_splits(cfg.data)
-    return feature_requests(cfg, splits={s: splits[s] for s in names})
-
-
-def make_lineage(cfg: ExperimentConfig, requests, scores: str) -> dict:
-    return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores}
-
-
-def _scores_key(cfg: ExperimentConfig, requests) -> str:
-    """Key of the scores entry `make score` wrote for these features and keywords."""
-    from stages.score.runner import load_keywords, scores_key
-
-    return scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords))
-
-
-def expected_heads_key(cfg: ExperimentConfig) -> str:
-    """The heads entry `make train` writes for this config and these exact features."""
-    requests = train_requests(cfg)
-    skey = _scores_key(cfg, requests)
-    return heads_key(make_lineage(cfg, requests, skey))
-
-
 def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Block]:
     blocks = []
     for text in cfg.train.fusion.inputs:
@@ -203,10 +147,6 @@ def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Blo
 
 
 def _fit_fused_heads(cfg, cache: FeatureCache, blocks: list[Block], y: dict, split_names, add_rows) -> dict[str, bytes]:
-    from stages.train.concat import ConcatHead
-    from stages.train.fusion import FusionHead
-    from stages.train.probes import evaluate
-
     train_split, dev_split, test_split = split_names
     fc = cfg.train.fusion
     raw_avg = [Block.parse(t) for t in fc.average]
@@ -232,13 +172,6 @@ def _fit_fused_heads(cfg, cache: FeatureCache, blocks: list[Block], y: dict, spl
     return out
 
 
-def heads_key(lineage: dict) -> str:
-    from store import fingerprint
-
-    return fingerprint({"kind": "heads", "version": TRAIN_VERSION, "features": lineage["features"], "scores": lineage["scores"],
-                        "train": lineage["config"]["train"], "seed": lineage["config"]["seed"]})
-
-
 def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df: pd.DataFrame, lineage: dict) -> str:
     """One write-once ``heads`` entry: every head (safetensors + JSON), the metrics and the lineage."""
     key = heads_key(lineage)
@@ -261,9 +194,6 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
 
 
 def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str) -> None:
-    from stages.score.runner import _md_table
-    from stages.train.plots import plot_layers
-
     out.mkdir(parents=True, exist_ok=True)
     train_df.to_parquet(out / "train.parquet", index=False)
     layers_df.to_parquet(out / "layers.parquet", index=False)
@@ -278,13 +208,10 @@ def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFra
     if random_models:
         section += [f"> **Random weights:** {', '.join(random_models)}; their heads show the pipeline works, not what a trained model does.", ""]
     section += ["Test-split results; the probe for each layer is chosen on dev. Full tables: train.parquet, layers.parquet, selection.parquet.", "",
-                _md_table(summary), "", "### Variability-selected layer vs top layer", "",
-                _md_table(selection_df[["model", "pooling", "selected_layer", "selected_test_accuracy", "top_layer", "top_test_accuracy",
+                md_table(summary), "", "### Variability-selected layer vs top layer", "",
+                md_table(selection_df[["model", "pooling", "selected_layer", "selected_test_accuracy", "top_layer", "top_test_accuracy",
                                         "best_layer", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
                 "### Best probe per model (by test accuracy)", "",
-                _md_table(best[["models", "layers", "pooling", "accuracy", "macro_f1"]]), "", "![layers](layers.png)", ""]
-    report = out / "report.md"
-    text = report.read_text(encoding="utf-8") if report.exists() else f"# {cfg.name}\n\n"
-    text = text.split("## Train: heads on cached features")[0].rstrip() + "\n\n"
-    report.write_text(text + "\n".join(section), encoding="utf-8")
+                md_table(best[["models", "layers", "pooling", "accuracy", "macro_f1"]]), "", "![layers](layers.png)", ""]
+    write_section(out / "report.md", cfg.name, "## Train: heads on cached features", "\n".join(section))
     log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)

@@ -109,8 +109,10 @@ def test_typo_key_is_named_with_allowed_keys(make_config, key, where, some_allow
     assert "\n" not in msg
 
 
-def test_config_error_is_a_pipeline_error():
-    assert issubclass(ConfigError, PipelineError)
+def test_config_error_is_caught_as_a_pipeline_error(make_config):
+    """The CLI turns every PipelineError into one `error:` line; a bad config must be one of them."""
+    with pytest.raises(PipelineError, match=r"extract\.max_length"):
+        load_config(make_config(**{"extract.max_length": -1}))
 
 
 # --- types, ranges, choices ---------------------------------------------------------------------

@@ -87,6 +87,7 @@ def test_deterministic_kill_point_then_resume(point, cli, reference, tmp_path):
     check_final(store_path, reference, inodes)
 
 
+@pytest.mark.slow
 def test_kill_point_then_resume_with_real_cli(cli, reference, tmp_path):
     """The resume and the final `store verify` through fresh `python -m pipeline` interpreters."""
     store_path = tmp_path / "store"
@@ -158,6 +159,7 @@ def crash_and_resume(seed: int, run, reference, window: float, tmp_path, kills: 
     return outcomes
 
 
+@pytest.mark.slow
 def test_random_kills_then_resume(crash_seeds, cli, reference, tmp_path):
     # calibrate the kill window on this machine now, with the same pacing (and check pacing changes no byte)
     calib = cli(["extract", "--config", reference.config, "--store", tmp_path / "calib", "-q"], kill_after=float("inf"), pace=PACE)

@@ -15,7 +15,7 @@ from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
 from pipeline.models import resolve
 from stages.extract import runner
-from stages.extract.key import FeatureRequest
+from stages.entries import FeatureRequest
 from stages.extract.runner import extract_entry, load_for_extract
 from store import Store
 

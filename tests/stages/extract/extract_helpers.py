@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
 from pipeline.models import resolve
-from stages.extract.key import FeatureRequest
+from stages.entries import FeatureRequest
 from stages.extract.runner import LoadedModel, load_for_extract
 
 FAMILIES = ("llama", "bert", "roberta", "t5")

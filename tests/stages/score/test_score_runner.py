@@ -87,7 +87,7 @@ def brute_force_nu(X: np.ndarray, y: np.ndarray) -> float:
 
 def _request(cfg, model: str):
     from pipeline.data import load_split
-    from pipeline.orchestrate import feature_requests
+    from stages.entries import feature_requests
 
     split = load_split(cfg.data, cfg.score.split)
     return next(r for r in feature_requests(cfg, splits={split.name: split}) if r.model.name == model)
@@ -120,7 +120,7 @@ def test_score_writes_every_output_with_documented_columns(scored):
 
 
 def test_score_is_recorded_in_store(scored):
-    from stages.score.runner import load_scores
+    from stages.entries import load_scores
 
     cfg, store, out, result, store_dir = scored
     assert store.exists(result.key)

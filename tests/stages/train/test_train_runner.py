@@ -98,7 +98,7 @@ def synthetic_features(model: str, split: str, labels: np.ndarray) -> dict[str, 
 
 def write_synthetic_store(cfg, store: Store) -> None:
     """One committed entry per (model, split), keyed exactly as extract would key it."""
-    from pipeline.orchestrate import feature_requests
+    from stages.entries import feature_requests
 
     for r in feature_requests(cfg):
         m = MODELS[r.model.name]
@@ -129,7 +129,7 @@ class Captured:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Synthetic store -> run_score -> run_train, with the in-memory heads captured on the way."""
-    import stages.train.probes as probes
+    import stages.train.runner as train_runner
     from stages.score.runner import run_score
     from stages.train.concat import ConcatHead
     from stages.train.fusion import FusionHead
@@ -142,7 +142,7 @@ def trained(tmp_path_factory):
     out = base / "out"
     run_score(cfg, store, out, progress=False)
     captured = Captured()
-    real_probe_to_bytes = probes.probe_to_bytes
+    real_probe_to_bytes = train_runner.probe_to_bytes
 
     def spy_probe(pipeline):
         captured.probes.append(pipeline)
@@ -159,7 +159,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         previous = torch.get_num_threads()
         torch.set_num_threads(1)  # as the autouse fixture does for the tests that re-train
-        mp.setattr(probes, "probe_to_bytes", spy_probe)
+        mp.setattr(train_runner, "probe_to_bytes", spy_probe)
         mp.setattr(FusionHead, "to_bytes", spy_method(FusionHead, "fusion"))
         mp.setattr(ConcatHead, "to_bytes", spy_method(ConcatHead, "concat"))
         try:
@@ -211,8 +211,8 @@ def test_train_outputs_and_fusion_rows(trained):
 
 
 def _stored_inputs(cfg, store, blocks, split: str) -> dict[str, np.ndarray]:
-    from pipeline.orchestrate import feature_requests
-    from stages.score.runner import open_features
+    from stages.entries import feature_requests
+    from stages.entries import open_features
 
     reqs = {r.model.name: r for r in feature_requests(cfg) if r.split.name == split}
     return {str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[:, b.layer, :], dtype=np.float32)
@@ -220,9 +220,9 @@ def _stored_inputs(cfg, store, blocks, split: str) -> dict[str, np.ndarray]:
 
 
 def test_saved_heads_reload_and_predict_identically(trained):
-    from pipeline.orchestrate import feature_requests
-    from stages.train.predict import _head_blocks, heads_entry
-    from stages.train.runner import Block
+    from stages.entries import feature_requests
+    from stages.predict import _head_blocks, heads_entry
+    from pipeline.blocks import Block
 
     cfg, store, out, train_df, captured = trained
     entry = heads_entry(cfg, store)

@@ -1,4 +1,4 @@
-"""What a feature entry is: the description whose fingerprint is its store key.
+"""Feature entries: what one is (the description whose fingerprint is its store key), and how to find and open them.
 
 Everything that changes the stored bytes is in it (model identity, tokenizer via the
 model files, max length, poolings, dtypes, hook points, threshold, the data fingerprint,
@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from pipeline.config import ExtractConfig, ModelConfig
-from pipeline.data import Split
+from pipeline.config import ExperimentConfig, ExtractConfig, ModelConfig
+from pipeline.data import Split, load_splits
 from pipeline.device import compute_dtype_name
-from pipeline.models import ModelSpec
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models import ModelSpec, resolve
 from pipeline.models.families import FAMILIES, Family
 from pipeline.models.registry import EMBEDDED
-from store import fingerprint
+from store import CorruptEntryError, fingerprint
 
 FORMAT_VERSION = 1
 
@@ -106,3 +107,34 @@ def model_dims(spec: ModelSpec) -> tuple[int, int, int]:
         return int(next(cfg[n] for n in names if n in cfg))
 
     return first("num_hidden_layers", "num_layers"), first("hidden_size", "d_model"), first("intermediate_size", "d_ff")
+
+
+def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, splits: dict[str, Split] | None = None) -> list[FeatureRequest]:
+    """One FeatureRequest per (model, split); resolving models reads no weights."""
+    chosen = list(cfg.models)
+    if models:
+        unknown = sorted(set(models) - {m.name for m in cfg.models})
+        if unknown:
+            raise ConfigError(f"--models: {unknown} not in the config; configured: {[m.name for m in cfg.models]}")
+        chosen = [m for m in cfg.models if m.name in models]
+    splits = splits if splits is not None else load_splits(cfg.data)
+    out = []
+    for m in chosen:
+        spec = resolve(m.source, m.revision)
+        out.extend(FeatureRequest(s, m, spec, cfg.extract) for s in splits.values())
+    return out
+
+
+def open_features(store, request: FeatureRequest, *, verify: bool = True, config: str = ""):
+    """The committed entry for a request, verified; a missing or corrupt one is a clear error.
+
+    ``config`` (the config file's path) is named in the error, so the user knows which
+    ``make extract`` run provides the entry.
+    """
+    name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
+    if not store.exists(request.key):
+        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG={config or '...'}` with this config first")
+    try:
+        return store.open(request.key, verify=verify)
+    except CorruptEntryError as e:
+        raise PipelineError(f"features for {name} are corrupt: {e}; delete the entry and re-run `make extract` to rebuild it") from None
