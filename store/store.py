@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import h5py
 import pyarrow.parquet as pq
 
 from . import layout, manifest as mf
 from .entry import Entry
-from .errors import CorruptEntryError, StoreError
+from .errors import CorruptEntryError, InvalidKeyError, StoreError
 from .fs import StoreFS
 from .keys import validate_key
 from .lease import GC_LOCK_TTL, Lease, live_leases
@@ -22,6 +24,9 @@ from .writer import EntryWriter
 log = logging.getLogger(__name__)
 
 _MISSING = object()
+MIN_PREFIX = 8
+_FULL_KEY = re.compile(r"[0-9a-f]{64}")
+_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},64}}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,16 @@ def lookup(description: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def display_name(description: dict[str, Any]) -> str | None:
+    """'dataset/split/model' from a description, else its 'name', else None."""
+    parts = [lookup(description, f) for f in ("dataset.name", "dataset.split", "model.name")]
+    parts = [str(p) for p in parts if isinstance(p, (str, int, float))]
+    if parts:
+        return "/".join(parts)
+    name = description.get("name")
+    return None if name is None else str(name)
+
+
 class Store:
     """A feature store rooted at a local path or fsspec URL ('s3://bucket/prefix', 'memory://x')."""
 
@@ -78,9 +93,27 @@ class Store:
         """True if entry `key` is committed (its manifest is published)."""
         return self._sfs.exists(layout.entry_file(self._sfs, key, mf.MANIFEST_NAME))
 
+    def resolve(self, key: str) -> str:
+        """The full key of entry `key`, or of the one entry whose key starts with it (8+ hex characters),
+        like git; StoreError naming the matches if several do, or saying none does."""
+        if isinstance(key, str) and _FULL_KEY.fullmatch(key):
+            return key
+        if not isinstance(key, str) or not _PREFIX.fullmatch(key):
+            raise InvalidKeyError(f"invalid store key {key!r}: expected a key or a unique prefix of {MIN_PREFIX}+ lowercase hex characters")
+        matches = [k for k in self._keys() if k.startswith(key)]
+        if key in matches:
+            return key
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise StoreError(f"no entry {key} in {self.url}; `store ls` lists the entries")
+        names = {i.key: display_name(i.description) for i in self.list() if i.key in matches}
+        listed = ", ".join(f"{k[:16]} ({names.get(k) or '?'})" for k in matches)
+        raise StoreError(f"key prefix {key} is ambiguous in {self.url}: {len(matches)} entries match: {listed}; give more characters")
+
     def open(self, key: str, verify: bool = False) -> Entry:
-        """The committed entry `key`; with verify=True every file is rehashed first."""
-        validate_key(key)
+        """The committed entry `key` (or a unique key prefix); with verify=True every file is rehashed first."""
+        key = self.resolve(key)
         if verify:
             problems = self.verify([key])
             if problems:
@@ -191,9 +224,53 @@ class Store:
                         problems.append(Problem(key, path, "sha256 mismatch"))
                 except FileNotFoundError:
                     problems.append(Problem(key, path, "missing"))
+            if not any(p.key == key for p in problems):  # the files are the ones committed: check the counts
+                problems.extend(self._row_problems(key, mpath, manifest))
         for p in problems:
             log.warning("verify: %s: %s", p.path, p.reason)
         return problems
+
+    def _row_problems(self, key: str, mpath: str, manifest: dict[str, Any]) -> list[Problem]:
+        """Row counts of the manifest against its shards: the manifest total, each shard's `n_rows` and
+        `row_start` (continuous from 0), the HDF5 file attributes, the Parquet row count and the first
+        axis of every row-wise dataset must agree. Hashes cannot catch an edited manifest; this can."""
+        from .entry import open_h5
+
+        out: list[Problem] = []
+        shards = manifest["shards"]
+        if shards:
+            total = sum(s["n_rows"] for s in shards)
+            if manifest["n_rows"] != total:
+                out.append(Problem(key, mpath, f"row count mismatch: n_rows {manifest['n_rows']} but the shards hold {total}"))
+        start = 0
+        shapes: list[dict[str, tuple[int, ...]]] = []
+        for s in shards:
+            h5_path = layout.entry_file(self._sfs, key, s["file"])
+            if s["row_start"] != start:
+                out.append(Problem(key, mpath, f"row count mismatch: shard {s['index']} row_start {s['row_start']}, expected {start}"))
+            start = s["row_start"] + s["n_rows"]
+            found: dict[str, tuple[int, ...]] = {}
+            with open_h5(self._sfs, h5_path) as f:
+                for k in ("row_start", "n_rows"):
+                    if k in f.attrs and int(f.attrs[k]) != s[k]:
+                        out.append(Problem(key, h5_path, f"row count mismatch: the file says {k} {int(f.attrs[k])}, the manifest {s[k]}"))
+                f.visititems(lambda name, obj: found.__setitem__(name, obj.shape) if isinstance(obj, h5py.Dataset) else None)
+            shapes.append(found)
+            table_path = layout.entry_file(self._sfs, key, s["table"])
+            with self._sfs.open(table_path, "rb") as fh:
+                table_rows = pq.read_metadata(fh).num_rows
+            if table_rows != s["n_rows"]:
+                out.append(Problem(key, table_path, f"row count mismatch: {table_rows} rows, the manifest says {s['n_rows']}"))
+        # a dataset is row-wise if its first axis follows the shard's rows somewhere and its shape varies;
+        # per-shard datasets (firing counts) have one shape in every shard
+        for name in sorted({n for found in shapes for n in found}):
+            dims = [found.get(name) for found in shapes]
+            if len(set(dims)) > 1 and any(d and d[0] == s["n_rows"] for d, s in zip(dims, shards)):
+                for d, s in zip(dims, shards):
+                    if d is not None and (not d or d[0] != s["n_rows"]):
+                        out.append(Problem(key, layout.entry_file(self._sfs, key, s["file"]),
+                                           f"row count mismatch: dataset {name} has {d[0] if d else 0} rows, expected {s['n_rows']}"))
+        return out
 
     # garbage collection ----------------------------------------------------------------------------
 
@@ -287,10 +364,10 @@ class Store:
         Raises StoreError naming every refused key after removing the others; returns the removed keys.
         """
         removed, busy = [], []
+        keys = list(dict.fromkeys(self.resolve(k) for k in keys))
         for key in keys:
-            validate_key(key)
             if not self._sfs.exists(layout.entry_dir(self._sfs, key)):
-                raise StoreError(f"no entry {key} in {self.url}")
+                raise StoreError(f"no entry {key} in {self.url}; `store ls` lists the entries")
         for key in keys:
             (removed if self._remove_entry(key, force=force, committed=True) else busy).append(key)
         if busy:

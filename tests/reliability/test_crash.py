@@ -99,7 +99,7 @@ def test_kill_point_then_resume_with_real_cli(cli, reference, tmp_path):
     res = run_subprocess(["extract", "--config", str(reference.config), "--store", str(store_path), "-q"])
     assert res.code == 0, res.stderr
     res = run_subprocess(["store", "verify", "--store", str(store_path)])
-    assert res.code == 0 and res.stdout.startswith("ok: 1 entries verified"), res.stdout + res.stderr
+    assert res.code == 0 and res.stdout.startswith("ok: 1 entry verified"), res.stdout + res.stderr
     check_final(store_path, reference, inodes)
 
 
