@@ -27,6 +27,12 @@ def _shard(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
+def _extract_scheduler(text: str) -> str:
+    if not re.fullmatch(r"local|(tcp|tls)://.+", text):
+        raise argparse.ArgumentTypeError(f"--scheduler expects local or tcp://host:port, got {text!r}")
+    return text
+
+
 def _common(p: argparse.ArgumentParser, *, config: bool = True, out: bool = False) -> None:
     if config:
         p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment TOML (default: {DEFAULT_CONFIG})")
@@ -49,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="do only store shards with index %% N == I (run N processes for N GPUs/machines)")
     p.add_argument("--models", default="", help="comma-separated model names from the config (default: all)")
+    p.add_argument("--scheduler", default=None, type=_extract_scheduler, metavar="local|tcp://HOST:PORT",
+                   help="compute the shards on the workers of this dask.distributed scheduler (overrides extract.scheduler; "
+                        "the store must be an absolute shared path or s3:// URL)")
 
     p = sub.add_parser("score", help="variability and sparsity statistics, out of core with Dask")
     _common(p, out=True)
@@ -59,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="extract, score and train in order")
     _common(p, out=True)
-    p.add_argument("--scheduler", default=None, help="Dask scheduler for score")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler for score; a tcp://host:port one runs extract on that cluster too")
 
     p = sub.add_parser("predict", help="label new text with a trained head (runs the needed models up to the layers it uses)")
     _common(p)
@@ -118,13 +127,14 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.command == "extract":
         models = [m for m in args.models.split(",") if m]
-        return orchestrate.extract(cfg, args.store, shard=args.shard, models=models, progress=not args.quiet)
+        return orchestrate.extract(cfg, args.store, shard=args.shard, models=models, progress=not args.quiet, scheduler=args.scheduler)
     if args.command == "score":
         return orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet)
     if args.command == "train":
         return orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)
     if args.command == "run":
-        for step in (lambda: orchestrate.extract(cfg, args.store, progress=not args.quiet),
+        on_cluster = args.scheduler if args.scheduler and args.scheduler.startswith(("tcp://", "tls://")) else None
+        for step in (lambda: orchestrate.extract(cfg, args.store, progress=not args.quiet, scheduler=on_cluster),
                      lambda: orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet),
                      lambda: orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)):
             rc = step()
