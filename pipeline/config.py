@@ -76,6 +76,7 @@ class ExtractConfig:
     max_batch_size: int = _field(128, help="Max texts per batch.", min=1)
     shard_rows: int = _field(2048, help="Rows per store shard (the unit of resume and of --shard I/N).", min=1)
     allow_nonfinite: bool = _field(False, help="Commit entries even if NaN/inf activations were found (they are always reported).")
+    scheduler: str = _field("local", help="local (this process), or tcp://host:port of a dask.distributed scheduler whose workers compute the shards; not in the key.", pattern="extract_scheduler")
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ _PATTERNS = {
     "name": (r"^[A-Za-z0-9][A-Za-z0-9._-]*$", "letters, digits, '.', '_' and '-'"),
     "device": (r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", "auto, cpu, mps, cuda or cuda:N"),
     "scheduler": (r"^(threads|synchronous|processes|tcp://.+|tls://.+)$", "threads, synchronous, processes or tcp://host:port"),
+    "extract_scheduler": (r"^(local|tcp://.+|tls://.+)$", "local or tcp://host:port (tls://host:port)"),
 }
 
 
