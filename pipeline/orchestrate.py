@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.version import code_version
 from stages.entries import feature_requests
 from stages.extract import extract_entry, load_for_extract
+from stages.extract.cluster import check_store_reachable, extract_on_cluster, is_distributed
 from stages.predict import predict_texts
 from stages.score.runner import run_score
 from stages.train.runner import run_train
@@ -30,7 +31,12 @@ def open_store(url: str):
     return Store(url, code_version=code_version())
 
 
-def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None, progress: bool = True) -> int:
+def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None,
+            progress: bool = True, scheduler: str | None = None) -> int:
+    scheduler = scheduler or cfg.extract.scheduler
+    check_store_reachable(store_url, scheduler)
+    if is_distributed(scheduler) and shard != (0, 1):
+        raise ConfigError(f"--shard {shard[0]}/{shard[1]} splits work between processes by hand; with --scheduler {scheduler} the cluster does that, drop one of them")
     store = open_store(store_url)
     requests = feature_requests(cfg, models)
     missing = [r for r in requests if not store.exists(r.key)]
@@ -44,6 +50,9 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
         if r.spec.random_init:
             log.info("note: %s is %s", r.model.name, r.spec.display)
             break
+    if is_distributed(scheduler):
+        log.info("%s", format_summary(extract_on_cluster(requests, store, scheduler, progress=progress)))
+        return 0
     stats = []
     by_model: dict[str, list] = {}
     for r in requests:
@@ -110,7 +119,10 @@ def predict(cfg: ExperimentConfig, store_url: str, head: str, texts: list[str]) 
 def store_command(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     if args.store_command == "ls":
-        print(commands.ls(store, as_json=args.json))
+        print(commands.ls(store, as_json=args.json, dataset=args.dataset, split=args.split, model=args.model, kind=args.kind))
+        return 0
+    if args.store_command == "rm":
+        print(commands.rm(store, args.keys, force=args.force))
         return 0
     if args.store_command == "verify":
         text, code = commands.verify(store, args.keys or None)

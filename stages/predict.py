@@ -79,7 +79,7 @@ def block_features(cfg: ExperimentConfig, blocks: list[Block], texts: list[str])
         if deepest < n_layers:
             _truncate(loaded.model, loaded.family, deepest + 1)
         request = FeatureRequest(split, mcfg, spec, cfg.extract)
-        arrays, *_ = extract_shard(loaded, request, list(texts), 0, split.labels)
+        arrays = extract_shard(loaded, request, list(texts), 0, split.labels).arrays
         for b in blocks:
             if b.model == model_name:
                 out[str(b)] = np.asarray(arrays[f"hidden/{b.pooling}"][:, b.layer, :], dtype=np.float32)
