@@ -171,7 +171,9 @@ def _objective(model, X, y, C) -> float:
 
 def _assert_parity(feats, ys, Cs, *, ref_tol: float, tol_points: float | None = 0.3) -> None:
     """Per layer and ``C``: the batched probe's objective is no worse than lbfgs's, and its dev and test
-    accuracy are within ``tol_points`` of lbfgs's; the chosen ``C`` is the same or one step apart.
+    accuracy are within ``tol_points`` of lbfgs's; the chosen ``C`` is the same or one step apart, or
+    (MiniLM ``first`` pooling, layer 2: dev accuracy 0.7431 at both C=0.1 and C=10, lbfgs one row lower
+    at 0.1) a near tie: the batched dev accuracy at lbfgs's ``C`` within one dev row of its best.
 
     With ``tol_points=None`` (the tiny models' 80 rows, where one prediction is 1.25 points), every
     prediction that differs must lie within 0.05 of lbfgs's decision boundary instead: lbfgs stops on
@@ -181,9 +183,10 @@ def _assert_parity(feats, ys, Cs, *, ref_tol: float, tol_points: float | None = 
     for layer, (X_tr, X_dv, X_te) in feats.items():
         batched = fit_probes([X_tr], ys[0], [X_dv], ys[1], Cs=Cs)[0]
         ref = fit_probe(X_tr, ys[0], X_dv, ys[1], Cs=Cs, solver="sklearn", tol=ref_tol, max_iter=10_000)
-        assert abs(Cs.index(batched.C) - Cs.index(ref.C)) <= 1, (layer, batched.C, ref.C)
+        dev_accuracy = {}
         for C in Cs:
             new = fit_probes([X_tr], ys[0], [X_dv], ys[1], Cs=[C])[0].model
+            dev_accuracy[C] = evaluate(new, X_dv, ys[1])["accuracy"]
             old = fit_probe(X_tr, ys[0], X_dv, ys[1], Cs=[C], solver="sklearn", tol=ref_tol, max_iter=10_000).model
             assert _objective(new, X_tr, ys[0], C) <= _objective(old, X_tr, ys[0], C) + 1e-5, (layer, C)
             for X, y in ((X_dv, ys[1]), (X_te, ys[2])):
@@ -193,6 +196,9 @@ def _assert_parity(feats, ys, Cs, *, ref_tol: float, tol_points: float | None = 
                 else:
                     diff = 100 * abs(evaluate(new, X, y)["accuracy"] - evaluate(old, X, y)["accuracy"])
                     assert diff <= tol_points, (layer, C, diff)
+        # A C further away is only a tie: dev accuracy as flat as one dev row across C.
+        near_tie = dev_accuracy[batched.C] - dev_accuracy[ref.C] <= 1.0 / len(ys[1]) + 1e-12
+        assert abs(Cs.index(batched.C) - Cs.index(ref.C)) <= 1 or near_tie, (layer, batched.C, ref.C, dev_accuracy)
 
 
 def test_batched_probes_match_sklearn_on_every_layer_of_the_tiny_models(tmp_path_factory, one_blas_thread):
