@@ -17,7 +17,8 @@ from bench import common
 from bench.common import FULL, QUICK, SMOKE, ROOT
 
 ORDER = ("extract_overhead", "bucketing_speedup", "store_overhead", "scaling_extract", "scaling_extract_workers", "score_read_fraction",
-         "score_peak_rss", "scaling_score", "cached_rerun_seconds", "train_seconds")
+         "score_peak_rss", "scaling_score", "cached_rerun_seconds", "train_seconds", "probe_speedup",
+         "train_stage_seconds")
 
 
 def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> dict:
@@ -67,12 +68,18 @@ def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> d
                 results.update(step("score_peak_rss", lambda: score_bench.score_peak_rss(plan, got[1])) or {})
         if want("scaling_score"):
             results.update(step("scaling_score", lambda: score_bench.scaling_score(plan, tmp)) or {})
-        if want("cached_rerun_seconds") or want("train_seconds"):
+        if any(want(k) for k in ("cached_rerun_seconds", "train_seconds", "probe_speedup", "train_stage_seconds")):
             got = step("cached_rerun_seconds", lambda: cached_bench.cached_rerun(plan, tmp, cached_store))
             if got:
                 results.update(got[0])
                 fill = got[0]["cached_rerun_seconds"]["details"]["first_run_seconds"]
-                results.update(step("train_seconds", lambda: train_bench.train_seconds(got[1], got[2], fill)) or {})
+                if want("train_seconds"):
+                    results.update(step("train_seconds", lambda: train_bench.train_seconds(got[1], got[2], fill)) or {})
+                if want("probe_speedup"):
+                    results.update(step("probe_speedup", lambda: train_bench.probe_speedup(
+                        plan, *train_bench.probe_config(plan, tmp, got[1], got[2]))) or {})
+                if want("train_stage_seconds"):
+                    results.update(step("train_stage_seconds", lambda: train_bench.train_stage_seconds(got[1], got[2], tmp)) or {})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["_seconds"] = timings

@@ -30,17 +30,21 @@ class Plan:
     score_scale_mb: float  # store size at 1x for scaling_score
     cached_config: str  # config whose cached rerun is timed (a path, or "tiny:<limit>" for a cut-down tiny.toml)
     cached_reps: int
+    probe_models: tuple[str, ...] = ()  # model sources whose per-layer probes probe_speedup times
+    probe_rows: int = 0  # SST-2 rows per split extracted for probe_speedup (0 = read the cached config's store)
+    probe_reps: int = 1  # interleaved (scikit-learn, batched) pairs
     threads: int = 0  # torch threads (0 = torch's default)
     workers_limit: int = 600  # rows per split of configs/tiny.toml for scaling_extract_workers (0 = all)
 
 
 QUICK = Plan("quick", ("all-minilm-l6-v2",), 96, 3, "all-minilm-l6-v2", 64, "all-minilm-l6-v2", 24,
-             32, 1024, 8, "configs/tiny.toml", 3)
+             32, 1024, 8, "configs/tiny.toml", 3, ("all-minilm-l6-v2",), 1500, 2)
 FULL = Plan("full", ("all-minilm-l6-v2", "smollm2-135m-instruct", "roberta-random-small", "t5-random-small"), 512, 5,
-            "all-minilm-l6-v2", 0, "all-minilm-l6-v2", 256, 256, 1024, 64, "configs/default.toml", 5, workers_limit=0)
+            "all-minilm-l6-v2", 0, "all-minilm-l6-v2", 256, 256, 1024, 64, "configs/default.toml", 5,
+            ("all-minilm-l6-v2", "smollm2-135m-instruct"), 0, 2, workers_limit=0)
 # The test suite's smoke run: tiny random models, a handful of rows; numbers are meaningless.
 SMOKE = Plan("smoke", ("tiny-random-bert",), 16, 1, "tiny-random-bert", 32, "tiny-random-bert", 8,
-             2, 256, 1, "tiny:16", 1, workers_limit=16)
+             2, 256, 1, "tiny:16", 1, ("tiny-random-llama", "tiny-random-bert"), 0, 1, workers_limit=16)
 
 
 def result(value, reference, unit: str, details: dict | None = None, ratio=None) -> dict:

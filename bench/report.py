@@ -18,6 +18,8 @@ GOALS = {
     "cached_rerun_seconds": ("value < 2 s", lambda r: r["value"] < 2.0),
     "train_seconds": ("informational", None),
     "head_params": ("ratio <= 0.04 (LLMEmbed: ~4%)", lambda r: r["ratio"] <= 0.04),
+    "probe_speedup": ("ratio >= 10", lambda r: r["ratio"] >= 10),
+    "train_stage_seconds": ("value < 60 s (default config)", lambda r: r["value"] < 60.0),
 }
 
 
@@ -81,6 +83,8 @@ suite never asserts speed; `tests/bench/test_bench_smoke.py` only checks that th
 | `score_peak_rss` | peak RSS increase of that score run in a subprocess | threads x largest chunk + accumulators; status checks it stays below the memory limit |
 | `cached_rerun_seconds` | wall time of `python -m pipeline extract` with everything cached (subprocess) | goal 2 s |
 | `train_seconds`, `head_params` | fitting a probe and the fusion head on cached features; fusion head parameters | extract time of those features; frozen parameters of the models the head reads |
+| `probe_speedup[/family]` | the train stage's per-layer probe sweep (`probe_layers`: every layer, mean pooling, every `C`, dev selection, dev and test scoring) with the batched torch solver; full mode: SmolLM2 and MiniLM on the whole SST-2 train split, quick: MiniLM on 1500 rows per split | the same sweep with scikit-learn's lbfgs (`solver="sklearn"`) on the same features; the unsuffixed key is the worst model; details hold the accuracy and chosen-`C` agreement |
+| `train_stage_seconds` | wall time of `python -m pipeline train` (what `make train` runs: every probe, the fusion and concat heads, the store entry) in a subprocess, on the cached-rerun config (full: `configs/default.toml`) | goal 60 s |
 
 Details of every record (per-repetition times, sizes, CPU-time ratios, profiles) are in
 `results.json`.

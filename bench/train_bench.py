@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, result
+from bench.common import ROOT, median, paired_ratio, result
 
 
 def safetensors_params(path: Path) -> int:
@@ -106,3 +106,121 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
         "head_params": result(head.n_params_, sum(frozen.values()), "parameters (fusion head / frozen models it reads)",
                               {"frozen": frozen, "default_config_shapes": details["default_config_shapes"], "llmembed_claim": "~4%"}),
     }
+
+
+# MiniLM over an SST-2 slice for the quick probe benchmark (full mode reads configs/default.toml's store).
+PROBE_TOML = """name = "bench-probes"
+seed = 0
+
+[data]
+name = "sst2"
+path = "{data}"
+splits = ["train", "dev", "test"]
+limit = {limit}
+
+[[models]]
+name = "bert"
+source = "all-minilm-l6-v2"
+
+[extract]
+max_length = 128
+storage_dtype = "float16"
+"""
+
+
+def probe_config(plan, tmp: Path, cfg_path: Path, store_url: str) -> tuple[Path, str]:
+    """Where probe_speedup reads features: the full run's default store, or a MiniLM slice it extracts."""
+    if plan.probe_rows == 0:
+        return cfg_path, store_url
+    from bench.cached_bench import fill
+
+    path = tmp / "bench-probes.toml"
+    path.write_text(PROBE_TOML.format(data=ROOT / "data" / "sst2", limit=plan.probe_rows), encoding="utf-8")
+    store = str(tmp / "probe-store")
+    fill(path, store)
+    return path, store
+
+
+def probe_speedup(plan, cfg_path: Path, store_url: str) -> dict:
+    """scikit-learn's lbfgs sweep vs the batched torch sweep over every layer of a model (mean pooling).
+
+    Both are the train stage's ``probe_layers`` on the same in-memory features (all layers,
+    every ``C`` of the config, dev selection, dev and test scoring), timed back to back.
+    """
+    from pipeline.blocks import Block
+    from pipeline.config import load_config
+    from stages.entries import open_features, train_requests
+    from stages.train.probes import probe_layers
+    from stages.train.runner import FeatureCache
+    from store import Store
+
+    cfg = load_config(cfg_path)
+    store = Store(store_url)
+    splits = (cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split)
+    requests = [r for r in train_requests(cfg) if r.spec.source in plan.probe_models]
+    entries = {(r.model.name, r.split.name): open_features(store, r, verify=False) for r in requests}
+    out: dict = {}
+    for model in dict.fromkeys(m for m, _ in entries):
+        cache = FeatureCache(entries)
+        y = [entries[(model, s)].table()["label"].to_numpy() for s in splits]
+        n_layers = int(entries[(model, splits[0])].description["n_layers"])
+        feats = {layer: tuple(cache.layer(Block(model, layer, "mean"), s) for s in splits) for layer in range(n_layers + 1)}
+        del cache
+
+        def sweep(solver: str, feats=feats, y=y):
+            t0 = time.perf_counter()
+            df = probe_layers(feats, *y, Cs=cfg.train.Cs, seed=cfg.seed, solver=solver)
+            return time.perf_counter() - t0, df
+
+        ref, new = [], []
+        for _ in range(plan.probe_reps):
+            t, ref_df = sweep("sklearn")
+            ref.append(t)
+            t, new_df = sweep("torch")
+            new.append(t)
+        Cs = sorted(cfg.train.Cs)
+        steps = (ref_df["C"].map(Cs.index) - new_df["C"].map(Cs.index)).abs()
+        family = requests[[r.model.name for r in requests].index(model)].family.name
+        details = {
+            "model": entries[(model, splits[0])].description["model"]["source"], "pooling": "mean", "layers": n_layers + 1,
+            "Cs": Cs, "train_rows": int(len(y[0])), "sklearn_seconds": [round(x, 2) for x in ref],
+            "batched_seconds": [round(x, 2) for x in new],
+            "max_abs_dev_accuracy_diff": float((ref_df["dev_accuracy"] - new_df["dev_accuracy"]).abs().max()),
+            "max_abs_test_accuracy_diff": float((ref_df["test_accuracy"] - new_df["test_accuracy"]).abs().max()),
+            "same_C_layers": int((steps == 0).sum()), "max_C_steps_apart": int(steps.max()),
+        }
+        out[f"probe_speedup/{family}"] = result(median(ref), median(new), "seconds (scikit-learn lbfgs sweep / batched torch sweep)",
+                                                details, ratio=paired_ratio(ref, new))
+    if out:
+        worst = min(out, key=lambda k: out[k]["ratio"])
+        out["probe_speedup"] = {**out[worst], "details": {**out[worst]["details"], "worst_of": sorted(out)}}
+    return out
+
+
+def train_stage_seconds(cfg_path: Path, store_url: str, tmp: Path) -> dict:
+    """Wall time of `python -m pipeline train` (what `make train` runs) on a scored store, in a subprocess."""
+    import subprocess
+    import sys
+
+    from bench.common import env
+    from pipeline import orchestrate
+    from pipeline.config import load_config
+
+    out = tmp / "train-out"
+    orchestrate.score(load_config(cfg_path), store_url, out, progress=False)
+    cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(cfg_path), "--store", store_url, "--out", str(out), "-q"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=3600)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"train failed: {proc.stderr[-2000:]}")
+    import pandas as pd
+
+    fits = pd.read_parquet(out / "train.parquet")
+    fits = fits[fits["split"] == "test"].groupby("head")["fit_seconds"].sum().round(2).to_dict()
+    details = {"config": str(cfg_path.relative_to(ROOT)) if cfg_path.is_relative_to(ROOT) else cfg_path.name,
+               "fit_seconds_by_head": fits, "goal": f"< {TRAIN_GOAL_SECONDS:g} s on 2 idle cores (configs/default.toml)"}
+    return {"train_stage_seconds": result(seconds, TRAIN_GOAL_SECONDS, "seconds (wall, `python -m pipeline train`, subprocess)", details)}
+
+
+TRAIN_GOAL_SECONDS = 60.0

@@ -88,7 +88,7 @@ class _Problem:
         evals = evals.clamp_min(0)
         # (L, d, m, 1): inverse square root of the Hessian at W = 0 along each eigenvector.
         self.D = (curvature * evals.unsqueeze(2) + self.lam.view(1, 1, -1)).rsqrt().unsqueeze(-1)
-        self.Db = curvature ** -0.5
+        self.Db = curvature**-0.5
 
     def weights(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``theta`` -> ``W (L, d, m, k)``, ``b (L, m, k)`` in the standardised space."""
@@ -139,6 +139,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _bc(x: torch.Tensor) -> torch.Tensor:
     """A per-problem ``(L, m)`` value broadcast against ``(L, d + 1, m, k)``."""
     return x[:, None, :, None]
+
+
 def fit_batched(
     Z: torch.Tensor,
     y: torch.Tensor,
@@ -229,6 +231,4 @@ def fit_batched(
             logger.debug("%d probe(s) stopped at the float precision floor", int(stalled.sum()))
         active = active & ~stalled & (gmax > tol)
     W, b = prob.weights(theta)
-    return BatchedFit(
-        coef=W.permute(0, 2, 3, 1).contiguous(), intercept=b.contiguous(), n_iter=n_iter, converged=gmax <= tol
-    )
+    return BatchedFit(coef=W.permute(0, 2, 3, 1).contiguous(), intercept=b.contiguous(), n_iter=n_iter, converged=gmax <= tol)

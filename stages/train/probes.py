@@ -90,13 +90,13 @@ class ProbeResult:
     n_params: int
 
 
-def _make_probe(C: float, seed: int, max_iter: int) -> Pipeline:
+def _make_probe(C: float, seed: int, max_iter: int, tol: float = 1e-4) -> Pipeline:
     # lbfgs on >2 classes fits the multinomial (softmax) loss; on 2 classes the
     # binary logistic loss, which is the same model with one weight vector.
     return Pipeline(
         [
             ("scaler", StandardScaler()),
-            ("logreg", LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, random_state=seed)),
+            ("logreg", LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, random_state=seed)),
         ]
     )
 
@@ -119,6 +119,7 @@ def fit_probe(
     max_iter: int = 1000,
     solver: str = "torch",
     device=None,
+    tol: float = 1e-4,
 ) -> ProbeResult:
     """Fit one probe per ``C`` on train and keep the one with the best dev accuracy.
 
@@ -140,6 +141,8 @@ def fit_probe(
         ``"sklearn"``: scikit-learn's lbfgs, warm-started along ``Cs``, the reference.
     device : str or torch.device, optional
         Where the torch solver runs (default CPU).
+    tol : float
+        Stop once ``max |gradient| <= tol`` (scikit-learn's ``tol``).
 
     Returns
     -------
@@ -156,14 +159,14 @@ def fit_probe(
     Cs = _check_Cs(Cs)
     _check_solver(solver, max_iter)
     if solver == "torch":
-        return fit_probes([X_train], y_train, [X_dev], y_dev, Cs=Cs, seed=seed, max_iter=max_iter, device=device)[0]
+        return fit_probes([X_train], y_train, [X_dev], y_dev, Cs=Cs, seed=seed, max_iter=max_iter, tol=tol, device=device)[0]
     best: tuple[float, float, Pipeline] | None = None
     t0 = time.perf_counter()
     # Standardise once and sweep C upwards from the previous solution (warm start): weaker
     # regularisation starts near its optimum, so the sweep costs little more than one fit.
     scaler = StandardScaler().fit(X_train)
     Z_train, Z_dev = scaler.transform(X_train), scaler.transform(X_dev)
-    logreg = _make_probe(Cs[0], seed, max_iter)[-1].set_params(warm_start=True)
+    logreg = _make_probe(Cs[0], seed, max_iter, tol)[-1].set_params(warm_start=True)
     for C in Cs:
         logreg.set_params(C=C)
         with warnings.catch_warnings(record=True) as caught:
@@ -209,6 +212,7 @@ def fit_probes(
     max_iter: int = 1000,
     tol: float = 1e-4,
     device=None,
+    dtype: str = "float32",
 ) -> list[ProbeResult]:
     """Fit the ``C`` sweep of several same-shaped feature sets at once (all layers of a model).
 
@@ -228,6 +232,8 @@ def fit_probes(
         Gradient tolerance, as scikit-learn's ``tol``.
     device : str or torch.device, optional
         Where to solve (default CPU); results come back as NumPy.
+    dtype : {"float32", "float64"}
+        Solver precision; float32 halves the memory traffic, float64 reaches tolerances below 1e-6.
 
     Returns
     -------
@@ -247,12 +253,12 @@ def fit_probes(
         raise ValueError(f"need one dev matrix per train matrix, got {len(Xs_train)} and {len(Xs_dev)}")
     t0 = time.perf_counter()
     first = np.asarray(Xs_train[0])
-    X = torch.empty((len(Xs_train), *first.shape), dtype=torch.float32)
+    X = torch.empty((len(Xs_train), *first.shape), dtype=getattr(torch, dtype))
     for i, x in enumerate(Xs_train):
         x = np.asarray(x)
         if x.shape != first.shape:
             raise ValueError(f"all train matrices must share one shape, got {first.shape} and {x.shape}")
-        X[i] = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        X[i] = torch.from_numpy(np.asarray(x, dtype=dtype))
     return _fit_stacked(X, y_train, list(Xs_dev), y_dev, _check_Cs(Cs), seed, max_iter, tol, device, t0)
 
 
@@ -287,7 +293,7 @@ def _fit_stacked(X, y_train, Xs_dev, y_dev, Cs, seed, max_iter, tol, device, t0)
         Z_dev = scaler.transform(X_dev)
         best: tuple[float, float, LogisticRegression] | None = None
         for j, C in enumerate(Cs):
-            lr = _make_probe(C, seed, max_iter)[-1]
+            lr = _make_probe(C, seed, max_iter, tol)[-1]
             lr.coef_, lr.intercept_ = coef[i, j], intercept[i, j]
             lr.classes_, lr.n_features_in_ = classes, X.shape[2]
             lr.n_iter_ = np.array([n_iter[i, j]], dtype=np.int32)
@@ -295,8 +301,15 @@ def _fit_stacked(X, y_train, Xs_dev, y_dev, Cs, seed, max_iter, tol, device, t0)
             if best is None or acc > best[1]:
                 best = (C, acc, lr)
         C, acc, lr = best
-        results.append(ProbeResult(model=Pipeline([("scaler", scaler), ("logreg", lr)]), C=C, dev_accuracy=float(acc),
-                                   fit_seconds=seconds, n_params=int(lr.coef_.size + lr.intercept_.size)))
+        results.append(
+            ProbeResult(
+                model=Pipeline([("scaler", scaler), ("logreg", lr)]),
+                C=C,
+                dev_accuracy=float(acc),
+                fit_seconds=seconds,
+                n_params=int(lr.coef_.size + lr.intercept_.size),
+            )
+        )
     return results
 
 
@@ -388,8 +401,9 @@ def probe_layers(
     rows = []
     done = 0
     while done < len(layers):
-        group, fitted = _fit_group(layers[done:], load, y_train, y_dev, Cs=Cs, seed=seed, max_iter=max_iter,
-                                   solver=solver, device=device, batch_bytes=batch_bytes)
+        group, fitted = _fit_group(
+            layers[done:], load, y_train, y_dev, Cs=Cs, seed=seed, max_iter=max_iter, solver=solver, device=device, batch_bytes=batch_bytes
+        )
         for layer, (res, X_dev, X_test) in zip(group, fitted):
             dev = evaluate(res.model, X_dev, y_dev)
             test = evaluate(res.model, X_test, y_test)
@@ -408,14 +422,26 @@ def probe_layers(
             done += 1
             logger.debug(
                 "layer %s (%d/%d): C=%g dev acc %.4f test acc %.4f (%.2fs)",
-                layer, done, len(layers), res.C, dev["accuracy"], test["accuracy"], res.fit_seconds,
+                layer,
+                done,
+                len(layers),
+                res.C,
+                dev["accuracy"],
+                test["accuracy"],
+                res.fit_seconds,
             )
             if on_result is not None:
                 on_result(layer, res)
         del fitted
     columns = [
-        "layer", "C", "dev_accuracy", "dev_macro_f1",
-        "test_accuracy", "test_macro_f1", "n_params", "fit_seconds",
+        "layer",
+        "C",
+        "dev_accuracy",
+        "dev_macro_f1",
+        "test_accuracy",
+        "test_macro_f1",
+        "n_params",
+        "fit_seconds",
     ]
     return pd.DataFrame(rows, columns=columns)
 
@@ -467,9 +493,7 @@ def spearman_nu_accuracy(nu: Sequence[float], acc: Sequence[float]) -> float:
     nu = np.asarray(nu, dtype=float)
     acc = np.asarray(acc, dtype=float)
     if nu.ndim != 1 or acc.shape != nu.shape:
-        raise ValueError(
-            f"nu and acc must be 1-D of equal length, got shapes {nu.shape} and {acc.shape}"
-        )
+        raise ValueError(f"nu and acc must be 1-D of equal length, got shapes {nu.shape} and {acc.shape}")
     keep = ~(np.isnan(nu) | np.isnan(acc))
     nu, acc = nu[keep], acc[keep]
     if nu.size < 2:
@@ -502,8 +526,7 @@ def probe_to_arrays(pipeline: Pipeline) -> tuple[dict[str, np.ndarray], dict]:
     scaler, lr = pipeline[0], pipeline[-1]
     if not isinstance(scaler, StandardScaler) or not isinstance(lr, LogisticRegression):
         raise ValueError(
-            "probe_to_arrays expects a Pipeline(StandardScaler, LogisticRegression), got "
-            f"({type(scaler).__name__}, {type(lr).__name__})"
+            f"probe_to_arrays expects a Pipeline(StandardScaler, LogisticRegression), got ({type(scaler).__name__}, {type(lr).__name__})"
         )
     check_is_fitted(scaler)
     check_is_fitted(lr)
@@ -535,8 +558,7 @@ def probe_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> Pipeli
     """Rebuild the pipeline written by :func:`probe_to_arrays` (no pickle involved)."""
     if meta.get("format") != PROBE_FORMAT or meta.get("version") != PROBE_FORMAT_VERSION:
         raise ValueError(
-            f"not a {PROBE_FORMAT} v{PROBE_FORMAT_VERSION} probe: format={meta.get('format')!r} "
-            f"version={meta.get('version')!r}"
+            f"not a {PROBE_FORMAT} v{PROBE_FORMAT_VERSION} probe: format={meta.get('format')!r} version={meta.get('version')!r}"
         )
     n_features = int(meta["n_features_in"])
     sm = meta["scaler"]
@@ -544,8 +566,7 @@ def probe_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> Pipeli
     scaler.mean_ = np.asarray(arrays["scaler.mean"]) if "scaler.mean" in arrays else None
     scaler.scale_ = np.asarray(arrays["scaler.scale"]) if "scaler.scale" in arrays else None
     scaler.var_ = np.asarray(arrays["scaler.var"]) if "scaler.var" in arrays else None
-    scaler.n_samples_seen_ = np.asarray(sm["n_samples_seen"]) if isinstance(
-        sm["n_samples_seen"], list) else sm["n_samples_seen"]
+    scaler.n_samples_seen_ = np.asarray(sm["n_samples_seen"]) if isinstance(sm["n_samples_seen"], list) else sm["n_samples_seen"]
     scaler.n_features_in_ = n_features
 
     lr = LogisticRegression(**meta["logreg"]["params"])

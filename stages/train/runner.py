@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.blocks import Block, candidate_layers
 from pipeline.config import ExperimentConfig
+from pipeline.device import resolve_device
 from pipeline.errors import ConfigError, PipelineError
 from stages.entries import config_scores_key, head_file, heads_key, load_scores, make_lineage, open_features, train_requests
 from stages.report import md_table, write_section
@@ -83,6 +84,7 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
                          "split": split, "accuracy": metrics[f"{split}_accuracy"], "macro_f1": metrics[f"{split}_macro_f1"],
                          "n_params": n_params, "fit_seconds": seconds})
 
+    device = resolve_device(cfg.extract.device)  # probes fit where the features were computed
     jobs = [(m, p) for m in by_model for p in cfg.train.poolings]
     for model, pooling in tqdm(jobs, desc="train probes", unit="model/pooling", disable=not progress):
         n_layers = int(entries[(model, train_split)].description["n_layers"])
@@ -97,7 +99,7 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
                 blobs[f"{stem}.{name.split('.', 1)[1]}"] = data
 
         df = probe_layers(load, y[train_split], y[dev_split], y[test_split], layers=range(n_layers + 1),
-                          Cs=cfg.train.Cs, seed=cfg.seed, on_result=keep)
+                          Cs=cfg.train.Cs, seed=cfg.seed, on_result=keep, device=device)
         nus = nu_table[(nu_table["model"] == model) & (nu_table["pooling"] == pooling)].set_index("layer")["variability"]
         df.insert(0, "pooling", pooling)
         df.insert(0, "model", model)

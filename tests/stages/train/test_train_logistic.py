@@ -1,0 +1,101 @@
+"""The batched torch logistic solver reaches scikit-learn's optimum for every (layer, C) at once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
+
+from stages.train._logistic import fit_batched, standardise
+
+CS = [0.01, 0.1, 1.0, 10.0]
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """scikit-learn's OpenMP/BLAS threads, like torch's in the suite-wide fixture: on two
+    contended cores a tiny lbfgs iteration was measured 20x slower threaded."""
+    with threadpool_limits(1):
+        yield
+
+
+def _layers(n_classes: int, n: int = 240, d: int = 12, n_layers: int = 3, seed: int = 0):
+    """Layers of increasing class separation, with one huge, one constant and two collinear features."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, size=n)
+    means = rng.normal(size=(n_classes, d))
+    mix = rng.normal(size=(d, d))
+    layers = []
+    for layer in range(n_layers):
+        X = rng.normal(size=(n, d)) @ mix + 0.6 * layer * means[y]
+        X[:, 0] *= 1e3
+        X[:, 1] = 7.0
+        X[:, 3] = X[:, 2] * 2 + 0.05 * rng.normal(size=n)
+        layers.append(X.astype(np.float32))
+    return np.stack(layers), y
+
+
+def _objective(Z: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: np.ndarray, C: float) -> float:
+    """scikit-learn's lbfgs objective in float64: mean loss + ||W||^2 / (2 C n)."""
+    logits = Z @ coef.T + intercept
+    if coef.shape[0] == 1:
+        t = logits[:, 0]
+        loss = np.logaddexp(0, t) - y * t
+    else:
+        loss = np.logaddexp.reduce(logits, axis=1) - logits[np.arange(y.size), y]
+    return float(loss.mean() + (coef**2).sum() / (2 * C * y.size))
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_fit_batched_matches_sklearn_lbfgs_on_every_layer_and_C(n_classes):
+    X, y = _layers(n_classes)
+    Z, mean, var = standardise(torch.from_numpy(X.copy()))
+    fit = fit_batched(Z, torch.from_numpy(y), n_classes, CS, tol=1e-5)
+    assert fit.converged.all()
+    assert fit.coef.shape == (3, len(CS), 1 if n_classes == 2 else n_classes, X.shape[2])
+    for layer in range(X.shape[0]):
+        scaler = StandardScaler().fit(X[layer].astype(np.float64))
+        np.testing.assert_allclose(mean[layer].numpy(), scaler.mean_, rtol=1e-5, atol=1e-4 * np.abs(scaler.mean_).max())
+        np.testing.assert_allclose(var[layer].numpy()[2:], scaler.var_[2:], rtol=1e-4)
+        Zs = scaler.transform(X[layer].astype(np.float64))
+        for j, C in enumerate(CS):
+            ref = LogisticRegression(C=C, solver="lbfgs", tol=1e-8, max_iter=10_000).fit(Zs, y)
+            coef, intercept = fit.coef[layer, j].double().numpy(), fit.intercept[layer, j].double().numpy()
+            if n_classes == 2:
+                assert coef.shape == ref.coef_.shape
+            # Same optimum: the objectives agree to float32 precision and the weights closely.
+            f_new = _objective(Zs, y, coef, intercept, C)
+            f_ref = _objective(Zs, y, ref.coef_, ref.intercept_, C)
+            assert f_new == pytest.approx(f_ref, rel=1e-5, abs=1e-6), (layer, C)
+            np.testing.assert_allclose(coef, ref.coef_, atol=2e-3 * max(1.0, np.abs(ref.coef_).max()))
+            np.testing.assert_array_equal(
+                (Zs @ coef.T + intercept).argmax(1) if n_classes > 2 else (Zs @ coef.T + intercept)[:, 0] > 0,
+                ref.predict(Zs) if n_classes > 2 else ref.predict(Zs) == 1,
+            )
+
+
+def test_fit_batched_stops_at_max_iter_and_reports_it():
+    X, y = _layers(2)
+    Z, _, _ = standardise(torch.from_numpy(X.copy()))
+    fit = fit_batched(Z, torch.from_numpy(y), 2, [10.0], max_iter=1, tol=1e-8)
+    assert (fit.n_iter == 1).all()
+    assert not fit.converged.any()
+
+
+def test_fit_batched_needs_two_classes():
+    Z = torch.zeros(1, 4, 2)
+    with pytest.raises(ValueError, match="a probe needs at least 2 classes in y_train, got 1"):
+        fit_batched(Z, torch.zeros(4, dtype=torch.long), 1, [1.0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_batched_on_cuda_matches_cpu():
+    X, y = _layers(3)
+    cpu = fit_batched(standardise(torch.from_numpy(X.copy()))[0], torch.from_numpy(y), 3, CS)
+    gpu = fit_batched(standardise(torch.from_numpy(X.copy()).cuda())[0], torch.from_numpy(y), 3, CS)
+    assert gpu.coef.device.type == "cuda"
+    torch.testing.assert_close(gpu.coef.cpu(), cpu.coef, atol=1e-3, rtol=1e-3)
