@@ -193,3 +193,20 @@ def test_predict_before_train_says_run_train(tmp_path_factory):
     cfg_path, store_dir = tp.extracted_store(tmp_path_factory)
     with pytest.raises(PipelineError, match=r"no trained heads for 'e2e-tiny'.*make train CONFIG=.*tiny\.toml"):
         predict_texts(tp.load(cfg_path), Store(str(store_dir)), "fusion", ["text"])
+
+
+def test_load_head_predicts_like_the_stored_head(trained):
+    """`load_head` + `load_features` in a notebook give what the head gives on the stored features."""
+    from pipeline import load_features, load_head
+    from stages.entries import expected_heads_key
+    from stages.predict import _head_blocks, heads_entry
+
+    cfg, store, _ = trained
+    X, y = load_features(store, dataset="sst2", split=cfg.train.dev_split, model="t5", layer=1)
+    head = load_head(store, "probe:t5:1:mean")
+    ref, _ = _head_blocks("probe:t5:1:mean", heads_entry(cfg, store))
+    np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(X), rtol=0, atol=0)
+    np.testing.assert_array_equal(head.predict(X), ref.predict(X))
+    assert y.dtype.kind == "i" and set(head.classes_.tolist()) == {0, 1}
+    best = load_head(store, key=expected_heads_key(cfg)[:10])
+    assert hasattr(best, "predict_proba")
