@@ -18,6 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.outputs import save_figure
+
 _LINESTYLES = ("-", "--", ":", "-.")
 _GROUPS = ("dataset", "split")
 
@@ -161,11 +163,7 @@ def _legend(fig: Figure, axes) -> None:
 
 
 def _save(fig: Figure, path) -> Path:
-    """Write the figure, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 __all__ = ["plot_variability", "plot_sparsity", "variability_figure", "sparsity_figure"]

@@ -8,7 +8,6 @@ so teammates can reuse them.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
-
 from tqdm.auto import tqdm
 
 from pipeline.blocks import candidate_layers
@@ -25,7 +23,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
-from pipeline.outputs import write_atomic
+from pipeline.outputs import parquet_bytes, write_atomic, write_parquet
 from stages.entries import TABLES, feature_requests, load_keywords, open_features, scores_key
 from stages.report import md_table
 from stages.score.plots import plot_sparsity, plot_variability
@@ -160,12 +158,6 @@ def _check_train_split(split) -> None:
         raise PipelineError(f"score.split {split.name!r} has a single class; variability needs at least 2")
 
 
-def parquet_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
 def record_in_store(store, result: ScoreResult, cfg: ExperimentConfig, feature_keys: list[str]) -> None:
     """Publish the tables as a write-once ``scores`` entry (a no-op if a teammate already did)."""
     if store.exists(result.key):
@@ -180,15 +172,15 @@ def record_in_store(store, result: ScoreResult, cfg: ExperimentConfig, feature_k
 
 def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, requests, keywords: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    result.variability.to_parquet(out / "variability.parquet", index=False)
-    result.sparsity.to_parquet(out / "sparsity.parquet", index=False)
-    result.neurons.to_parquet(out / "neurons.parquet", index=False)
+    write_parquet(result.variability, out / "variability.parquet")
+    write_parquet(result.sparsity, out / "sparsity.parquet")
+    write_parquet(result.neurons, out / "neurons.parquet")
     where = f"{cfg.data.name}/{cfg.score.split}"
     plot_variability(result.variability.rename(columns={"variability": "nu"}), out / "variability.png",
                      title=f"{where}: hidden-state variability nu per layer (marked: lowest nu, the selected layer)")
     plot_sparsity(result.sparsity, out / "sparsity.png", title=f"{where}: FFN activation sparsity per layer, one line per threshold")
     top = top_keyword_neurons(primary_threshold(result.neurons), cfg.score.top_neurons, min_fire_sentences=cfg.score.min_fires)
-    top.to_parquet(out / "keyword_neurons.parquet", index=False)
+    write_parquet(top, out / "keyword_neurons.parquet")
     labels = np.asarray(requests[0].split.labels) if requests else np.array([])
     has_kw = keyword_mask(list(requests[0].split.texts), keywords) if requests else np.array([], dtype=bool)
     write_atomic(out / "report.md", score_report(result, cfg, requests, top, keywords, labels, has_kw))

@@ -7,8 +7,6 @@ canvas so that no pyplot global state is touched (safe in workers and tests).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from os import PathLike
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from pipeline.outputs import save_figure
 
 __all__ = ["plot_layers", "layers_figure"]
 
@@ -46,18 +46,7 @@ def plot_layers(df: pd.DataFrame, path: str | PathLike, *, title: str | None = N
     pathlib.Path
         ``path``, written atomically.
     """
-    fig = layers_figure(df, title=title, chance=chance, marks=marks)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_figure(layers_figure(df, title=title, chance=chance, marks=marks), path)
 
 
 def layers_figure(df: pd.DataFrame, *, title: str | None = None, chance: float | None = None, marks: dict | None = None) -> Figure:
