@@ -116,12 +116,24 @@ def _version() -> str:
     return code_version()
 
 
+LIBRARY_LOGGERS = ("distributed", "urllib3", "h5py", "fsspec", "transformers", "matplotlib", "torch", "dask", "sklearn", "PIL")
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
+    """INFO by default; -q: our warnings and errors only, and third-party libraries silenced (their log
+    records below ERROR and their Python warnings); --debug: everything, with logger names."""
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s")
-    if not args.debug:
-        for noisy in ("distributed", "urllib3", "h5py", "fsspec", "transformers", "matplotlib"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.debug:
+        return
+    for noisy in LIBRARY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR if args.quiet else logging.WARNING)
+    if args.quiet:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Dask workers and other child processes too
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from stages.score.runner import run_score
 from stages.train.runner import run_train
 from store import Store, commands
 from store.commands import human_bytes
+from store.errors import plural
 
 log = logging.getLogger("pipeline")
 
@@ -41,10 +42,10 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
     requests = feature_requests(cfg, models)
     missing = [r for r in requests if not store.exists(r.key)]
     if not missing:
-        log.info("extract: all %d entries are cached in %s", len(requests), store_url)
+        log.info("extract: %s cached in %s", "the 1 entry is" if len(requests) == 1 else f"all {len(requests)} entries are", store_url)
         return 0
     need = sum(r.estimated_bytes() for r in missing)
-    log.info("extract: %d of %d entries to compute, about %s on disk", len(missing), len(requests), human_bytes(need))
+    log.info("extract: %d of %s to compute, about %s on disk", len(missing), plural(len(requests), "entry"), human_bytes(need))
     _check_free_space(store_url, need)
     for r in requests:
         if r.spec.random_init:

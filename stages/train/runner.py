@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tqdm.auto import tqdm
-
 from pipeline.blocks import Block, candidate_layers
 from pipeline.config import ExperimentConfig
 from pipeline.errors import ConfigError, PipelineError, rerun_hint
+from pipeline.progress import tqdm
 from stages.entries import config_scores_key, head_file, heads_key, load_scores, make_lineage, open_features, train_requests
 from stages.report import md_table, write_section
 from stages.train.concat import ConcatHead
