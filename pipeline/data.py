@@ -82,8 +82,8 @@ def _read_frame(path: Path) -> pd.DataFrame:
             return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
         sep = "\t" if ext == ".tsv" else ","
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=3 if ext == ".tsv" else 0, encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid UTF-8 ({_first_bad_utf8(path)})") from None
     except (ValueError, pd.errors.ParserError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: cannot parse: {first}") from None
@@ -117,6 +117,18 @@ def train_label_names(cfg: DataConfig) -> tuple[str, ...] | None:
         df = df.iloc[: cfg.limit]
     names = _string_labels(path, df[cfg.label_column])
     return None if names is None else tuple(sorted(set(names)))
+
+
+def _first_bad_utf8(path: Path) -> str:
+    """'line N, byte offset B' of the first invalid byte in the file (the reader's own offset counts
+    from its current buffer, not from the start of the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"line {line}, byte offset {e.start}"
+    return "the file decodes now; it may have changed while being read"
 
 
 def _labels(path: Path, column: pd.Series) -> np.ndarray:

@@ -363,3 +363,24 @@ def test_string_label_not_in_train(tmp_path):
         load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev")))
     msg = assert_one_line_naming(e, tmp_path / "dev.tsv")
     assert "'meh'" in msg and "['neg', 'pos']" in msg
+
+
+@pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])
+def test_non_utf8_error_names_the_real_line_and_offset(tmp_path, ext):
+    """Far into a large file (past the readers' first buffer), the position is the file's, not the buffer's."""
+    rows = [f"row number {i} with some padding text" for i in range(20000)]
+    if ext == ".jsonl":
+        lines = [f'{{"text": "{t}", "label": {i % 2}}}' for i, t in enumerate(rows)]
+        head = ""
+    else:
+        sep = "\t" if ext == ".tsv" else ","
+        lines = [f"{t}{sep}{i % 2}" for i, t in enumerate(rows)]
+        head = f"text{sep}label\n"
+    data = (head + "\n".join(lines[:15000])).encode() + b"\nbad \xff byte" + ("\n" + "\n".join(lines[15000:]) + "\n").encode()
+    p = tmp_path / f"train{ext}"
+    p.write_bytes(data)
+    offset = data.index(b"\xff")
+    line = data.count(b"\n", 0, offset) + 1
+    with pytest.raises(DataError) as e:
+        load_split(cfg_for(path=str(tmp_path)), "train")
+    assert f"not valid UTF-8 (line {line}, byte offset {offset})" in assert_one_line_naming(e, p)
