@@ -22,9 +22,8 @@ POOLINGS = ("mean", "first", "last")
 
 
 def _store(store):
-    from store import Store
-
     from pipeline.version import code_version
+    from store import Store
 
     return store if isinstance(store, Store) else Store(os.fspath(store), code_version=code_version())
 

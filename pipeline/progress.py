@@ -55,7 +55,7 @@ class LogProgress:
             self.update(1)
         self.close()
 
-    def __enter__(self) -> "LogProgress":
+    def __enter__(self) -> LogProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from pipeline_helpers import PROJECT_ROOT
 
 N_LAYERS, WIDTH = 5, 6

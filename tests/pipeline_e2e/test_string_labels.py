@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-
 import tiny_pipeline as tp
+import torch
 
 
 @pytest.mark.slow  # a full tiny run, about 20 s on 2 cores

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from reliability_helpers import entry_dirs, entry_digest
+from reliability_helpers import entry_digest, entry_dirs
 
 
 def test_ctrl_c_during_extract_keeps_the_work_and_a_rerun_resumes(cli, reference, tmp_path):
