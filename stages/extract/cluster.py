@@ -257,7 +257,7 @@ def extract_on_cluster(
     task whose worker died, and up to ``retries`` times one that raised.
     """
     from distributed import as_completed
-    from tqdm.auto import tqdm
+    from pipeline.progress import tqdm
 
     from pipeline.device import device_type
 

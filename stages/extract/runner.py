@@ -26,6 +26,7 @@ from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.errors import PipelineError
 from stages.entries import FeatureRequest
 from stages.extract.batching import plan_batches
+from store.errors import plural
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
     expires); whoever sees the last shard published commits the entry, once. Compute runs here while
     the previous shard is written on a background thread.
     """
-    from tqdm.auto import tqdm
+    from pipeline.progress import tqdm
 
     split = request.split
     stats = EntryStats(request.model.name, split.name)
@@ -353,8 +354,8 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
         log.warning("%s: %d text(s) longer than max_length=%d were truncated", what, stats.truncated, cfg.max_length)
     stats.committed = commit_if_complete(writer, total)
     if not stats.committed:
-        log.info("%s: %d of %d shards present; the process that writes the last one commits the entry",
-                 what, len(writer.done_shards()), total)
+        log.info("%s: %d of %s present; the process that writes the last one commits the entry",
+                 what, len(writer.done_shards()), plural(total, "shard"))
     return stats
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.blocks import candidate_layers
 from pipeline.config import ExperimentConfig
@@ -24,6 +23,7 @@ from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
 from pipeline.outputs import parquet_bytes, write_atomic, write_parquet
+from pipeline.progress import tqdm
 from stages.entries import TABLES, feature_requests, load_keywords, open_features, scores_key
 from stages.report import md_table
 from stages.score.plots import plot_sparsity, plot_variability
