@@ -31,3 +31,11 @@ class Block:
 
     def __str__(self) -> str:
         return f"{self.model}:{self.layer}:{self.pooling}"
+
+
+def candidate_layers(n_hidden: int, include_embeddings: bool = False) -> range:
+    """Hidden-state indices layer selection may pick: block outputs 1..L, plus 0 (the embedding output) if asked.
+
+    Xie et al. select among transformer block outputs; the embedding output is a lookup table, not a layer.
+    """
+    return range(0 if include_embeddings else 1, n_hidden) if n_hidden > 1 else range(n_hidden)

@@ -119,7 +119,10 @@ def predict(cfg: ExperimentConfig, store_url: str, head: str, texts: list[str]) 
 def store_command(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     if args.store_command == "ls":
-        print(commands.ls(store, as_json=args.json))
+        print(commands.ls(store, as_json=args.json, dataset=args.dataset, split=args.split, model=args.model, kind=args.kind))
+        return 0
+    if args.store_command == "rm":
+        print(commands.rm(store, args.keys, force=args.force))
         return 0
     if args.store_command == "verify":
         text, code = commands.verify(store, args.keys or None)

@@ -30,3 +30,14 @@ def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     return write_atomic(path, buf.getvalue())
+
+
+def parquet_bytes(df) -> bytes:
+    """A DataFrame as Parquet bytes (no index), for the store and for output folders alike."""
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def write_parquet(df, path: str | os.PathLike) -> Path:
+    return write_atomic(path, parquet_bytes(df))

@@ -59,13 +59,20 @@ class LoadedModel:
     device: object
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
+def tokenize(tokenizer, texts: list[str], max_length: int, sink: int | None = None) -> tuple[list[list[int]], list[list[int]], np.ndarray]:
     """Token ids and special-token masks, truncated to ``max_length``; also which texts were cut.
 
     One untruncated pass gives every length; a text that fits is exactly what truncation would
     return (truncation is a no-op below ``max_length``), so only the texts that are too long are
-    tokenised again, with the tokenizer's own truncation.
+    tokenised again, with the tokenizer's own truncation. A ``sink`` token id is put in front of
+    every text that does not start with it, marked special, within ``max_length``.
     """
+    if sink is not None:
+        ids, special, truncated = tokenize(tokenizer, texts, max_length - 1)
+        for i, row in enumerate(ids):
+            if not row or row[0] != sink:
+                ids[i], special[i] = [sink, *row], [1, *special[i]]
+        return ids, special, truncated
     enc = tokenizer(texts, add_special_tokens=True, truncation=False, return_special_tokens_mask=True)
     ids, special = list(enc["input_ids"]), list(enc["special_tokens_mask"])
     truncated = np.fromiter((len(x) > max_length for x in ids), dtype=bool, count=len(ids))
@@ -142,15 +149,19 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
 
     from stages.extract.capture import FfnCapture, _pooling_threads, forward_features
 
+    from pipeline.models.families import RULE_ABS, sink_token_id
+
     cfg = request.extract
-    ids, special, truncated = tokenize(loaded.tokenizer, texts, cfg.max_length)
+    sink = sink_token_id(loaded.tokenizer, loaded.family, request.sink, getattr(loaded.model, "config", None))
+    ids, special, truncated = tokenize(loaded.tokenizer, texts, cfg.max_length, sink)
     lengths = np.array([len(x) for x in ids])
     n = len(texts)
     storage = getattr(torch, cfg.storage_dtype)
     out: dict[str, np.ndarray] = {}
     fire = None
     counted = 0
-    with torch.inference_mode(), FfnCapture(loaded.model, loaded.family, cfg.ffn_poolings, request.model.threshold) as capture:
+    with torch.inference_mode(), FfnCapture(loaded.model, loaded.family, request.ffn_arrays, request.thresholds,
+                                                    magnitude=request.fire_rule == RULE_ABS) as capture:
         for batch in plan_batches(lengths, cfg.token_budget, cfg.max_batch_size):
             inputs, special_t = _pad(loaded.tokenizer, [ids[i] for i in batch], [special[i] for i in batch], loaded.family.name, loaded.device)
             feats = forward_features(loaded.model, capture, inputs, special_t, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean)
@@ -174,8 +185,8 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
                 progress.update(len(batch))
                 progress.tokens += int(lengths[batch].sum())
     out["ffn/fire_count"] = fire.cpu().numpy()
-    attrs = {"ffn/fire_count": {"threshold": float(request.model.threshold), "n_tokens": int(counted),
-                                "special_tokens_counted": bool(cfg.special_tokens_in_mean)}}
+    attrs = {"ffn/fire_count": {"thresholds": list(request.thresholds), "rule": request.fire_rule, "n_tokens": int(counted),
+                                "special_tokens_counted": bool(cfg.special_tokens_in_mean), "sink_token": -1 if sink is None else int(sink)}}
     table = pd.DataFrame({
         "row": np.arange(row_start, row_start + n, dtype=np.int64),
         "label": labels.astype(np.int64),

@@ -67,6 +67,7 @@ def test_skips_and_waits_for_a_shard_held_by_another_writer(tmp_path, request_an
         shard = real(loaded, request, list(TEXTS[4:8]), 4, LABELS[4:8])
         other.write_shard(1, shard.arrays, shard.table, row_start=shard.row_start, attrs=shard.attrs)
         held.release()
+        other.close()  # the other process is done with the entry
 
     t = threading.Thread(target=slow_other_writer)
     t.start()
