@@ -183,13 +183,13 @@ def run_shard(job: ShardJob) -> ShardResult | ShardFailure:
     """A cluster task: claim the shard's lease, compute it with the cached model, publish it."""
     from store import Store
 
-    writer = Store(job.store_url, code_version=job.code_version).writer(job.key, job.description, n_shards=job.n_shards)
     request = job.request
     try:
-        for k, lease in claim_shards(writer, [job.index], job.lease_ttl, what=job.description.get("name", job.key)):
-            rows = request.split
-            compute = functools.partial(extract_shard, cached_model(request), request, list(rows.texts), job.row_start, rows.labels)
-            return compute_and_write(compute, writer, k, lease)
+        with Store(job.store_url, code_version=job.code_version).writer(job.key, job.description, n_shards=job.n_shards) as writer:
+            for k, lease in claim_shards(writer, [job.index], job.lease_ttl, what=job.description.get("name", job.key)):
+                rows = request.split
+                compute = functools.partial(extract_shard, cached_model(request), request, list(rows.texts), job.row_start, rows.labels)
+                return compute_and_write(compute, writer, k, lease)
     except PipelineError as e:
         return ShardFailure(job.index, str(e))
     return ShardResult(job.index)  # published by someone else meanwhile
@@ -276,6 +276,7 @@ def _submit(client, requests: list[FeatureRequest], store, *, gpu: bool, lease_t
             runs[r.key] = _EntryRun(r, writer, st, set(todo))
             if not todo:
                 writer.commit(expected_shards=total)
+                writer.close()
                 st.committed = True
             for job in shard_jobs(r, store.url, todo, n_total=total, lease_ttl=lease_ttl, code_version=store.code_version):
                 fut = client.submit(
@@ -317,6 +318,7 @@ def extract_on_cluster(
     gpu = any(device_type(r.extract.device) == "cuda" for r in requests)
     client = connect(address)
     owner: dict = {}
+    runs: dict[str, _EntryRun] = {}
     try:
         _check_workers(client, address, gpu, worker_timeout)
         runs, owner, model_left = _submit(client, requests, store, gpu=gpu, lease_ttl=lease_ttl, retries=retries)
@@ -336,6 +338,7 @@ def extract_on_cluster(
             run.left.discard(res.index)
             if not run.left:
                 run.writer.commit(expected_shards=run.writer.n_shards)
+                run.writer.close()
                 run.stats.committed = True
             model_left[mkey] -= 1
             if model_left[mkey] == 0:
@@ -348,6 +351,9 @@ def extract_on_cluster(
         if pending:
             client.cancel(pending)
         client.close()
+        for run in runs.values():
+            if run.writer is not None:
+                run.writer.close()
     for run in runs.values():
         if run.stats.truncated:
             log.warning("%s/%s: %d text(s) were truncated to max_length", run.stats.model, run.stats.split, run.stats.truncated)
