@@ -25,7 +25,10 @@ def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> d
     from bench import cached_bench, cluster_bench, extract_bench, score_bench, train_bench
 
     results: dict = {}
-    want = (lambda name: only is None or name in only)
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
     tmp = Path(tempfile.mkdtemp(prefix="layerstore-bench-"))
     timings = {}
 

@@ -93,7 +93,7 @@ def plain_read(url: str) -> int:
     for f in sorted(Path(url).rglob("*.h5")):
         with h5py.File(f, "r") as fh:
             names: list[str] = []
-            fh.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+            fh.visititems(lambda n, o, names=names: names.append(n) if isinstance(o, h5py.Dataset) else None)
             for n in names:
                 total += fh[n][()].nbytes
     return total

@@ -58,7 +58,7 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
     by_model: dict[str, list] = {}
     for r in requests:
         by_model.setdefault(r.model.name, []).append(r)
-    for name, reqs in by_model.items():
+    for reqs in by_model.values():
         loader = _memo(load_for_extract(reqs[0].model, reqs[0].spec, cfg.extract))
         for r in reqs:
             stats.append(extract_entry(r, store, loader, shard=shard, progress=progress))

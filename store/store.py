@@ -254,7 +254,7 @@ class Store:
                 for k in ("row_start", "n_rows"):
                     if k in f.attrs and int(f.attrs[k]) != s[k]:
                         out.append(Problem(key, h5_path, f"row count mismatch: the file says {k} {int(f.attrs[k])}, the manifest {s[k]}"))
-                f.visititems(lambda name, obj: found.__setitem__(name, obj.shape) if isinstance(obj, h5py.Dataset) else None)
+                f.visititems(lambda name, obj, found=found: found.__setitem__(name, obj.shape) if isinstance(obj, h5py.Dataset) else None)
             shapes.append(found)
             table_path = layout.entry_file(self._sfs, key, s["table"])
             with self._sfs.open(table_path, "rb") as fh:

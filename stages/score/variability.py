@@ -316,7 +316,6 @@ def _moments_block(x: np.ndarray, yb: np.ndarray, n_classes: int) -> np.ndarray:
     call: a threaded gemm with K rows is slower than the reduction, and
     oversubscribes the cores next to Dask's own threads.
     """
-    n = x.shape[0]
     out = np.zeros((1, n_classes + 1) + x.shape[1:])
     acc = out.reshape(n_classes + 1, -1)
     for b, runs in _class_sorted_blocks(x, yb, n_classes):
