@@ -9,6 +9,9 @@ OUT     ?= reports
 MODELS  ?= .models
 PYTEST_ARGS ?=
 QUICK   ?=
+HEAD    ?= fusion
+FILE    ?= -
+FORMAT  ?= tsv
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -24,6 +27,10 @@ help:
 	@echo "make lint             ruff lint and format check"
 	@echo "make test             the test suite (PYTEST_ARGS='-m \"not slow\"' for the fast part)"
 	@echo "make extract score train   the pipeline on CONFIG=$(CONFIG) STORE=$(STORE) OUT=$(OUT)"
+	@echo "make run              extract, score and train in one go"
+	@echo "make predict HEAD=fusion FILE=texts.txt   label texts (FILE=- reads stdin; FORMAT=tsv|jsonl)"
+	@echo "make store-ls store-verify   list / verify the store"
+	@echo "make clean-reports    remove OUT ($(OUT))"
 	@echo "make bench [QUICK=1]  benchmarks -> bench/results.json"
 
 setup: $(VENV)/.deps-installed $(MODELS)/.prepared
@@ -52,23 +59,32 @@ lint: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Values are single-quoted in recipes, so paths with spaces work (a value holding ' does not).
 extract:
-	$(RUN) extract --config $(CONFIG) --store $(STORE)
+	$(RUN) extract --config '$(CONFIG)' --store '$(STORE)'
 
 score:
-	$(RUN) score --config $(CONFIG) --store $(STORE) --out $(OUT)
+	$(RUN) score --config '$(CONFIG)' --store '$(STORE)' --out '$(OUT)'
 
 train:
-	$(RUN) train --config $(CONFIG) --store $(STORE) --out $(OUT)
+	$(RUN) train --config '$(CONFIG)' --store '$(STORE)' --out '$(OUT)'
 
 run:
-	$(RUN) run --config $(CONFIG) --store $(STORE) --out $(OUT)
+	$(RUN) run --config '$(CONFIG)' --store '$(STORE)' --out '$(OUT)'
+
+# make predict HEAD=fusion FILE=texts.txt   (FILE=- reads standard input; HEAD may be a heads entry key)
+predict:
+	$(RUN) predict --config '$(CONFIG)' --store '$(STORE)' --head '$(HEAD)' --file '$(FILE)' --format '$(FORMAT)'
+
+clean-reports:
+	@case '$(OUT)' in ''|/|.|..|~) echo "clean-reports: refusing to remove OUT='$(OUT)'" >&2; exit 1;; esac
+	rm -rf -- '$(OUT)'
 
 bench:
 	$(BIN)/python -m bench $(if $(QUICK),--quick,)
 
 store-ls:
-	$(RUN) store ls --store $(STORE)
+	$(RUN) store ls --store '$(STORE)'
 
 store-verify:
-	$(RUN) store verify --store $(STORE)
+	$(RUN) store verify --store '$(STORE)'

@@ -70,10 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out=True)
     p.add_argument("--scheduler", default=None, help="Dask scheduler for score; a tcp://host:port one runs extract on that cluster too")
 
-    p = sub.add_parser("predict", help="label new text with a trained head (runs the needed models up to the layers it uses)")
+    p = sub.add_parser("predict", help="label new text with a trained head (runs the needed models up to the layers it uses)",
+                       description="Everything predict needs (models, extract settings, class names) is read from the heads entry, "
+                                   "so it runs from the store alone.")
     _common(p)
-    p.add_argument("--head", required=True, help="head name from train.parquet (e.g. fusion, selected:bert:mean, probe:bert:3:mean) or a store key")
-    p.add_argument("--file", default=None, help="read texts from this file, one per line")
+    p.set_defaults(config=None)
+    p.add_argument("--head", required=True,
+                   help="a heads entry key or unique prefix, optionally KEY:NAME (needs only the store; `store ls --kind heads`), "
+                        f"or a head name from train.parquet (fusion, selected:bert:mean, probe:bert:3:mean) in --config's heads (default {DEFAULT_CONFIG})")
+    p.add_argument("--file", default=None, help="read texts from this file, one per line ('-' = standard input)")
+    p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv",
+                   help="tsv: a header, then label, one probability column per class, text (tabs/newlines escaped); jsonl: one object per text")
     p.add_argument("texts", nargs="*", help="texts to label")
 
     p = sub.add_parser("store", help="inspect and maintain a store: ls, verify, gc")
@@ -109,12 +116,24 @@ def _version() -> str:
     return code_version()
 
 
+LIBRARY_LOGGERS = ("distributed", "urllib3", "h5py", "fsspec", "transformers", "matplotlib", "torch", "dask", "sklearn", "PIL")
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
+    """INFO by default; -q: our warnings and errors only, and third-party libraries silenced (their log
+    records below ERROR and their Python warnings); --debug: everything, with logger names."""
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s" if args.debug else "%(message)s")
-    if not args.debug:
-        for noisy in ("distributed", "urllib3", "h5py", "fsspec", "transformers", "matplotlib"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.debug:
+        return
+    for noisy in LIBRARY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR if args.quiet else logging.WARNING)
+    if args.quiet:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")  # Dask workers and other child processes too
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -124,6 +143,15 @@ def _run(args: argparse.Namespace) -> int:
         return orchestrate.store_command(args)
     from pipeline.config import load_config
 
+    if args.command == "predict":
+        texts = list(args.texts)
+        if args.file:
+            texts += read_lines(args.file)
+        if not texts:
+            raise PipelineError("predict: give texts as arguments or --file (- for standard input)")
+        head_is_key = re.fullmatch(r"[0-9a-f]{8,64}(:.+)?", args.head) is not None
+        cfg = None if head_is_key and args.config is None else load_config(args.config or DEFAULT_CONFIG)
+        return orchestrate.predict(cfg, args.store, args.head, texts, fmt=args.format)
     cfg = load_config(args.config)
     if args.command == "extract":
         models = [m for m in args.models.split(",") if m]
@@ -141,14 +169,24 @@ def _run(args: argparse.Namespace) -> int:
             if rc:
                 return rc
         return 0
-    if args.command == "predict":
-        texts = list(args.texts)
-        if args.file:
-            texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise PipelineError("predict: give texts as arguments or --file")
-        return orchestrate.predict(cfg, args.store, args.head, texts)
     raise AssertionError(args.command)
+
+
+def read_lines(path: str) -> list[str]:
+    """Texts one per line from a file or '-' (stdin); a blank line is refused like an empty text in
+    extract, and bytes that are not UTF-8 are reported with their line and byte offset."""
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    where = "standard input" if path == "-" else path
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PipelineError(f"{where}: not valid UTF-8 at line {line}, byte offset {e.start}") from None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            raise PipelineError(f"{where}: line {i + 1} is empty; predict refuses empty texts as extract does")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,13 +3,16 @@
 Every field carries its help text and its constraints in ``metadata`` so that the
 checks live in one declarative table (as scikit-learn's ``_parameter_constraints``)
 rather than in scattered ``if`` statements. Validation does no I/O beyond reading
-the TOML file itself: data files and models are checked where they are used.
+the TOML file itself and resolving its relative paths against its folder: data files
+and models are checked where they are used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import tomllib
 import types
 import typing
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "first", "last")
 FFN_POOLINGS = ("mean", "max")
@@ -260,7 +265,47 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
         cfg = from_dict(ExperimentConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
-    return dataclasses.replace(cfg, source=str(p))
+    return dataclasses.replace(_resolve_paths(cfg, data, p), source=str(p))
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _resolve_path(value: str, config: Path, where: str) -> str:
+    """A relative path from a config file, against the config's folder, so a run from any directory works.
+
+    Configs written against the current directory still work where that path exists and the
+    config-relative one does not (with a note saying how to write it)."""
+    if not value or "://" in value or Path(value).is_absolute():
+        return value
+    beside = config.parent / value
+    if not beside.exists() and Path(value).exists():
+        log.warning("%s: %s = %r is resolved against the current directory; write it relative to the config file "
+                    "(%s) so the config runs from any directory", config, where, value, os.path.relpath(Path(value).resolve(), config.parent.resolve()))
+        return str(Path(value).resolve())
+    return str(beside.resolve())
+
+
+def _resolve_paths(cfg: ExperimentConfig, data: dict, config: Path) -> ExperimentConfig:
+    """Resolve the paths the file sets (data.path, data.files, score.keywords); defaults are the project's own."""
+    raw_data, raw_score = data.get("data", {}), data.get("score", {})
+    d = cfg.data
+    if "path" in raw_data:
+        d = dataclasses.replace(d, path=_resolve_path(d.path, config, "data.path"))
+    if "files" in raw_data:
+        d = dataclasses.replace(d, files={k: _resolve_path(v, config, f"data.files.{k}") for k, v in d.files.items()})
+    sc = cfg.score
+    if "keywords" in raw_score:
+        sc = dataclasses.replace(sc, keywords=_resolve_path(sc.keywords, config, "score.keywords"))
+    elif not Path(sc.keywords).is_absolute():
+        sc = dataclasses.replace(sc, keywords=str(PROJECT_ROOT / sc.keywords))
+    return dataclasses.replace(cfg, data=d, score=sc)
+
+
+def from_record(data: dict) -> ExperimentConfig:
+    """An ExperimentConfig from a `to_dict` record (a heads entry's lineage): the settings it was run with."""
+    internal = {f.name for f in dataclasses.fields(ExperimentConfig) if f.metadata.get("internal")}
+    return from_dict(ExperimentConfig, {k: v for k, v in data.items() if k not in internal})
 
 
 def to_dict(cfg: Any) -> dict:

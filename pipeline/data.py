@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
@@ -20,13 +21,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Split:
-    """One split's texts and integer labels, in file order."""
+    """One split's texts and integer labels, in file order; with string labels in the files,
+    `label_names` holds the sorted class names and `labels` the index of each row's name."""
 
     dataset: str
     name: str
     texts: tuple[str, ...]
     labels: np.ndarray
     path: str
+    label_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -34,11 +37,15 @@ class Split:
     @property
     def fingerprint(self) -> str:
         """sha256 of the texts and labels in order: the data's part of every store key."""
-        return data_fingerprint(self.texts, self.labels)
+        return data_fingerprint(self.texts, self.labels, self.label_names)
 
 
-def data_fingerprint(texts, labels) -> str:
+def data_fingerprint(texts, labels, label_names: tuple[str, ...] | None = None) -> str:
+    """Integer labels hash as before; class names, when there are any, are hashed too (a renamed class
+    changes the data)."""
     h = hashlib.sha256()
+    if label_names is not None:
+        h.update(json.dumps(["label_names", list(label_names)]).encode("utf-8"))
     for t, y in zip(texts, labels, strict=True):
         b = t.encode("utf-8")
         h.update(len(b).to_bytes(8, "little"))
@@ -75,11 +82,53 @@ def _read_frame(path: Path) -> pd.DataFrame:
             return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
         sep = "\t" if ext == ".tsv" else ","
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=3 if ext == ".tsv" else 0, encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid UTF-8 ({_first_bad_utf8(path)})") from None
     except (ValueError, pd.errors.ParserError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: cannot parse: {first}") from None
+
+
+_INT = re.compile(r"-?[0-9]+")
+
+
+def _is_int_label(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, (int, np.integer)) or isinstance(v, str) and bool(_INT.fullmatch(v.strip()))
+
+
+def _string_labels(path: Path, column: pd.Series) -> list[str] | None:
+    """The labels as class names when every one is a non-empty string that is not an integer, else None
+    (then the integer rules apply, so a stray 'pos' among integers stays an error, not a new class)."""
+    values = column.tolist()
+    if values and all(isinstance(v, str) and v.strip() and not _INT.fullmatch(v.strip()) for v in values):
+        return [v.strip() for v in values]
+    return None
+
+
+def train_label_names(cfg: DataConfig) -> tuple[str, ...] | None:
+    """The sorted class names of the training split, or None when its labels are integers."""
+    path = split_path(cfg, cfg.splits[0])
+    df = _read_frame(path)
+    if cfg.label_column not in df.columns:
+        return None  # load_split reports the missing column
+    if cfg.limit:
+        df = df.iloc[: cfg.limit]
+    names = _string_labels(path, df[cfg.label_column])
+    return None if names is None else tuple(sorted(set(names)))
+
+
+def _first_bad_utf8(path: Path) -> str:
+    """'line N, byte offset B' of the first invalid byte in the file (the reader's own offset counts
+    from its current buffer, not from the start of the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"line {line}, byte offset {e.start}"
+    return "the file decodes now; it may have changed while being read"
 
 
 def _labels(path: Path, column: pd.Series) -> np.ndarray:
@@ -101,8 +150,17 @@ def _labels(path: Path, column: pd.Series) -> np.ndarray:
     return out
 
 
-def load_split(cfg: DataConfig, split: str) -> Split:
-    """Read and check one split; every problem is a one-line DataError naming the file."""
+_FROM_TRAIN = object()
+
+
+def load_split(cfg: DataConfig, split: str, label_names=_FROM_TRAIN) -> Split:
+    """Read and check one split; every problem is a one-line DataError naming the file.
+
+    String labels become indices into the training split's sorted class names (`label_names`,
+    read from the training file unless given), so every split numbers the classes alike.
+    """
+    if label_names is _FROM_TRAIN:
+        label_names = train_label_names(cfg)
     path = split_path(cfg, split)
     df = _read_frame(path)
     if len(df) == 0:
@@ -117,9 +175,17 @@ def load_split(cfg: DataConfig, split: str) -> Split:
         if not isinstance(t, str) or not t.strip():
             raise DataError(f"{path}: row {i + 1}: empty or missing text")
         texts.append(t)
-    labels = _labels(path, df[cfg.label_column])
+    if label_names is None:
+        labels = _labels(path, df[cfg.label_column])
+    else:
+        names = [v.strip() if isinstance(v, str) else v for v in df[cfg.label_column].tolist()]
+        index = {n: i for i, n in enumerate(label_names)}
+        unknown = sorted({repr(n) for n in names if n not in index})
+        if unknown:
+            raise DataError(f"{path}: labels {', '.join(unknown)} do not occur in the training split {cfg.splits[0]!r} (classes: {list(label_names)})")
+        labels = np.array([index[n] for n in names], dtype=np.int64)
     _warn_duplicates(path, texts, labels)
-    return Split(cfg.name, split, tuple(texts), labels, str(path))
+    return Split(cfg.name, split, tuple(texts), labels, str(path), label_names)
 
 
 def _warn_duplicates(path: Path, texts: list[str], labels: np.ndarray) -> None:
@@ -141,7 +207,8 @@ def _warn_duplicates(path: Path, texts: list[str], labels: np.ndarray) -> None:
 
 def load_splits(cfg: DataConfig) -> dict[str, Split]:
     """All configured splits, with labels checked for consistency against the training split."""
-    splits = {s: load_split(cfg, s) for s in cfg.splits}
+    names = train_label_names(cfg)
+    splits = {s: load_split(cfg, s, names) for s in cfg.splits}
     train = splits[cfg.splits[0]]
     classes = np.unique(train.labels)
     if len(classes) < 2:

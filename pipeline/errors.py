@@ -15,3 +15,11 @@ class DataError(PipelineError):
 
 class ModelError(PipelineError):
     """A model cannot be resolved offline or its architecture is unsupported."""
+
+
+def rerun_hint(stage: str, config: str | None, store_url: str | None = None) -> str:
+    """The make command that builds what is missing, with the CONFIG and STORE the user ran with."""
+    import shlex
+
+    hint = f"make {stage} CONFIG={shlex.quote(config) if config else '...'}"
+    return hint + (f" STORE={shlex.quote(str(store_url))}" if store_url else "")

@@ -13,11 +13,12 @@ from pipeline.version import code_version
 from stages.entries import feature_requests
 from stages.extract import extract_entry, load_for_extract
 from stages.extract.cluster import check_store_reachable, extract_on_cluster, is_distributed
-from stages.predict import predict_texts
+from stages.predict import predict_table
 from stages.score.runner import run_score
 from stages.train.runner import run_train
 from store import Store, commands
 from store.commands import human_bytes
+from store.errors import plural
 
 log = logging.getLogger("pipeline")
 
@@ -41,10 +42,10 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
     requests = feature_requests(cfg, models)
     missing = [r for r in requests if not store.exists(r.key)]
     if not missing:
-        log.info("extract: all %d entries are cached in %s", len(requests), store_url)
+        log.info("extract: %s cached in %s", "the 1 entry is" if len(requests) == 1 else f"all {len(requests)} entries are", store_url)
         return 0
     need = sum(r.estimated_bytes() for r in missing)
-    log.info("extract: %d of %d entries to compute, about %s on disk", len(missing), len(requests), human_bytes(need))
+    log.info("extract: %d of %s to compute, about %s on disk", len(missing), plural(len(requests), "entry"), human_bytes(need))
     _check_free_space(store_url, need)
     for r in requests:
         if r.spec.random_init:
@@ -110,10 +111,24 @@ def train(cfg: ExperimentConfig, store_url: str, out: Path, *, progress: bool = 
     return 0
 
 
-def predict(cfg: ExperimentConfig, store_url: str, head: str, texts: list[str]) -> int:
-    for text, label, probs in predict_texts(cfg, open_store(store_url), head, texts):
-        print(f"{label}\t{' '.join(f'{p:.3f}' for p in probs)}\t{text}")
+def predict(cfg: ExperimentConfig | None, store_url: str, head: str, texts: list[str], fmt: str = "tsv") -> int:
+    """Print one row per text: TSV with a header (tabs and newlines in texts escaped, so a row stays one
+    line) or JSON lines."""
+    import json
+
+    classes, rows = predict_table(cfg, open_store(store_url), head, texts)
+    if fmt == "jsonl":
+        for text, label, probs in rows:
+            print(json.dumps({"label": label, "probabilities": {str(c): round(float(p), 6) for c, p in zip(classes, probs)}, "text": text}, ensure_ascii=False))
+        return 0
+    print("\t".join(["label", *(f"p_{_escape(str(c))}" for c in classes), "text"]))
+    for text, label, probs in rows:
+        print("\t".join([_escape(str(label)), *(f"{p:.4f}" for p in probs), _escape(text)]))
     return 0
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def store_command(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from . import transfer
+from .errors import plural as _plural
 from .store import EntryInfo, Store, display_name, lookup
 
 _MISSING_TEXT = "-"
@@ -65,10 +66,6 @@ def _matches(info: EntryInfo, filters: dict[str, str | None]) -> bool:
         if have is _MISSING_FIELD or str(have) != want:
             return False
     return True
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s" if not word.endswith("y") else f"{n} {word[:-1]}ies"
 
 
 def ls(store: Store, as_json: bool = False, **filters: str | None) -> str:

@@ -11,3 +11,10 @@ class CorruptEntryError(StoreError):
 
 class InvalidKeyError(StoreError, ValueError):
     """A key or key prefix that is not lowercase hex of a usable length."""
+
+
+def plural(n: int, word: str) -> str:
+    """'1 shard', '2 shards', '1 entry', '3 entries': counts in messages read as English."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else f"{n} {word}s"

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from . import layout, manifest as mf
 from .entry import Entry, open_h5
-from .errors import CorruptEntryError, StoreError
+from .errors import CorruptEntryError, StoreError, plural
 from .fs import StoreFS
 from .lease import Lease, WriterPresence
 from .keys import canonical_json, parse_shard_name, shard_name, validate_key, validate_name
@@ -271,7 +271,7 @@ class EntryWriter:
             "files": files,
         }
         if self._put(mf.MANIFEST_NAME, mf.dumps(manifest)):
-            log.info("committed entry %s (%d shards, %d rows)", self.key, len(shards), n_rows)
+            log.info("committed entry %s (%s, %s)", self.key, plural(len(shards), "shard"), plural(n_rows, "row"))
         else:
             log.info("entry %s was committed by another writer; using theirs", self.key)
         return Entry(self._sfs, self.key)

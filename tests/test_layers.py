@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("store", "pipeline", "stages")
 FOUNDATION = {"pipeline.config", "pipeline.data", "pipeline.models", "pipeline.device", "pipeline.errors",
-              "pipeline.version", "pipeline.blocks", "pipeline.outputs"}
+              "pipeline.version", "pipeline.blocks", "pipeline.outputs", "pipeline.progress"}
 SHARED = {"stages", "stages.entries", "stages.report"}
 STAGES = ("stages.extract", "stages.score", "stages.train")
 

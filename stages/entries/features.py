@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.config import ExperimentConfig, ExtractConfig, ModelConfig
 from pipeline.data import Split, load_splits
 from pipeline.device import compute_dtype_name
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, rerun_hint
 from pipeline.models import ModelSpec, resolve
 from pipeline.models.families import FAMILIES, RULE_ABS, SINK_AUTO, SINK_NONE, Family, default_thresholds, ffn_kind, firing_rule
 from pipeline.models.registry import EMBEDDED
@@ -111,7 +111,8 @@ class FeatureRequest:
         """Key material plus human context (names, paths) that does not change the bytes."""
         return {
             **self.key_material(),
-            "dataset": {"name": self.split.dataset, "split": self.split.name, "fingerprint": self.split.fingerprint, "path": self.split.path},
+            "dataset": {"name": self.split.dataset, "split": self.split.name, "fingerprint": self.split.fingerprint, "path": self.split.path,
+                        **({"label_names": list(self.split.label_names)} if self.split.label_names is not None else {})},
             "model": {**self.spec.identity, "name": self.model.name, "source": self.spec.source, "random_init": self.spec.random_init},
             "name": f"{self.split.dataset}/{self.split.name}/{self.model.name}",
             **dict(zip(("n_layers", "hidden_size", "ffn_size"), model_dims(self.spec))),
@@ -168,8 +169,8 @@ def open_features(store, request: FeatureRequest, *, verify: bool = True, config
     """
     name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
     if not store.exists(request.key):
-        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG={config or '...'}` with this config first")
+        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `{rerun_hint('extract', config, store.url)}` first")
     try:
         return store.open(request.key, verify=verify)
     except CorruptEntryError as e:
-        raise PipelineError(f"features for {name} are corrupt: {e}; delete the entry and re-run `make extract` to rebuild it") from None
+        raise PipelineError(f"features for {name} are corrupt: {e}; remove it (`store rm {request.key[:12]}`) and run `{rerun_hint('extract', config, store.url)}` to rebuild it") from None

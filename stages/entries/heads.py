@@ -24,7 +24,11 @@ def train_requests(cfg: ExperimentConfig):
 
 
 def make_lineage(cfg: ExperimentConfig, requests, scores: str) -> dict:
-    return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores}
+    """What the heads were trained on, and all predict needs to run from the store alone: the full
+    config (models and every extract setting) and the class names (None for integer labels)."""
+    names = next((r.split.label_names for r in requests), None)
+    return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores,
+            "label_names": None if names is None else list(names)}
 
 
 def heads_key(lineage: dict) -> str:

@@ -30,6 +30,7 @@ from stages.extract.runner import (
     ShardResult,
     claim_shards,
     compute_and_write,
+    count_shard,
     extract_shard,
     load_for_extract,
     n_shards,
@@ -182,13 +183,13 @@ def run_shard(job: ShardJob) -> ShardResult | ShardFailure:
     """A cluster task: claim the shard's lease, compute it with the cached model, publish it."""
     from store import Store
 
-    writer = Store(job.store_url, code_version=job.code_version).writer(job.key, job.description, n_shards=job.n_shards)
     request = job.request
     try:
-        for k, lease in claim_shards(writer, [job.index], job.lease_ttl, what=job.description.get("name", job.key)):
-            rows = request.split
-            compute = functools.partial(extract_shard, cached_model(request), request, list(rows.texts), job.row_start, rows.labels)
-            return compute_and_write(compute, writer, k, lease)
+        with Store(job.store_url, code_version=job.code_version).writer(job.key, job.description, n_shards=job.n_shards) as writer:
+            for k, lease in claim_shards(writer, [job.index], job.lease_ttl, what=job.description.get("name", job.key)):
+                rows = request.split
+                compute = functools.partial(extract_shard, cached_model(request), request, list(rows.texts), job.row_start, rows.labels)
+                return compute_and_write(compute, writer, k, lease)
     except PipelineError as e:
         return ShardFailure(job.index, str(e))
     return ShardResult(job.index)  # published by someone else meanwhile
@@ -240,6 +241,58 @@ def _check_workers(client, address: str, gpu: bool, timeout: float) -> None:
             )
 
 
+@dataclass
+class _EntryRun:
+    """Client-side state of one entry on the cluster: its writer, the shards still out, its stats."""
+
+    request: FeatureRequest
+    writer: object
+    stats: EntryStats
+    left: set[int]
+
+
+def _submit(client, requests: list[FeatureRequest], store, *, gpu: bool, lease_ttl: float, retries: int):
+    """Submit the missing shards model by model; commit entries that need no shard at once.
+
+    Returns (entry key -> _EntryRun, future -> (entry key, model key), model key -> shards out).
+    """
+    by_model: dict[str, list[FeatureRequest]] = {}
+    for r in requests:
+        by_model.setdefault(model_cache_key(r), []).append(r)
+    runs: dict[str, _EntryRun] = {}
+    owner: dict = {}
+    model_left: dict[str, int] = {}
+    for rank, (mkey, reqs) in enumerate(by_model.items()):
+        model_left[mkey] = 0
+        for r in reqs:
+            st = EntryStats(r.model.name, r.split.name)
+            if store.exists(r.key):
+                st.cached = st.committed = True
+                runs[r.key] = _EntryRun(r, None, st, set())
+                continue
+            total = n_shards(len(r.split), r.extract.shard_rows)
+            writer = store.writer(r.key, r.description(), n_shards=total)
+            todo = sorted(set(range(total)) - writer.done_shards())
+            runs[r.key] = _EntryRun(r, writer, st, set(todo))
+            if not todo:
+                writer.commit(expected_shards=total)
+                writer.close()
+                st.committed = True
+            for job in shard_jobs(r, store.url, todo, n_total=total, lease_ttl=lease_ttl, code_version=store.code_version):
+                fut = client.submit(
+                    run_shard,
+                    job,
+                    key=f"extract-shard-{r.key[:16]}-{job.index:05d}",
+                    pure=False,
+                    priority=len(by_model) - rank,
+                    retries=retries,
+                    resources={GPU_RESOURCE: 1} if gpu else None,
+                )
+                owner[fut] = (r.key, mkey)
+                model_left[mkey] += 1
+    return runs, owner, model_left
+
+
 def extract_on_cluster(
     requests: list[FeatureRequest],
     store,
@@ -254,86 +307,54 @@ def extract_on_cluster(
 
     Tasks are submitted model by model (earlier models first), so a worker finishes with one model
     before it needs the next; once a model's last shard is in, every worker drops it. Dask reruns a
-    task whose worker died, and up to ``retries`` times one that raised.
+    task whose worker died, and up to ``retries`` times one that raised. An entry's ``seconds`` is
+    the compute time of its shards summed over the workers.
     """
     from distributed import as_completed
-    from tqdm.auto import tqdm
+    from pipeline.progress import tqdm
 
     from pipeline.device import device_type
 
-    stats = {r.key: EntryStats(r.model.name, r.split.name) for r in requests}
     gpu = any(device_type(r.extract.device) == "cuda" for r in requests)
     client = connect(address)
-    futures = []
+    owner: dict = {}
+    runs: dict[str, _EntryRun] = {}
     try:
         _check_workers(client, address, gpu, worker_timeout)
-        by_model: dict[str, list[FeatureRequest]] = {}
-        for r in requests:
-            by_model.setdefault(model_cache_key(r), []).append(r)
-        entry_of, left, writers, model_left, started = {}, {}, {}, {}, {}
-        for rank, (mkey, reqs) in enumerate(by_model.items()):
-            model_left[mkey] = 0
-            for r in reqs:
-                st = stats[r.key]
-                if store.exists(r.key):
-                    st.cached = st.committed = True
-                    continue
-                total = n_shards(len(r.split), r.extract.shard_rows)
-                writer = writers[r.key] = store.writer(r.key, r.description(), n_shards=total)
-                todo = sorted(set(range(total)) - writer.done_shards())
-                started[r.key] = time.perf_counter()
-                if not todo:
-                    writer.commit(expected_shards=total)
-                    st.committed = True
-                    continue
-                left[r.key] = set(todo)
-                for job in shard_jobs(r, store.url, todo, n_total=total, lease_ttl=lease_ttl, code_version=store.code_version):
-                    fut = client.submit(
-                        run_shard,
-                        job,
-                        key=f"extract-shard-{r.key[:16]}-{job.index:05d}",
-                        pure=False,
-                        priority=len(by_model) - rank,
-                        retries=retries,
-                        resources={GPU_RESOURCE: 1} if gpu else None,
-                    )
-                    entry_of[fut.key] = (r, mkey)
-                    futures.append(fut)
-                    model_left[mkey] += 1
-        bar = tqdm(total=len(futures), desc=f"extract on {address}", unit="shard", disable=not progress or not futures)
-        rows = 0
-        t0 = time.perf_counter()
-        for fut in as_completed(futures, loop=client.loop):
-            r, mkey = entry_of[fut.key]
+        runs, owner, model_left = _submit(client, requests, store, gpu=gpu, lease_ttl=lease_ttl, retries=retries)
+        bar = tqdm(total=len(owner), desc=f"extract on {address}", unit="shard", disable=not progress or not owner)
+        rows, t0 = 0, time.perf_counter()
+        for fut in as_completed(list(owner), loop=client.loop):
+            key, mkey = owner[fut]
+            run = runs[key]
             try:
                 res = fut.result()
             except Exception as e:  # noqa: BLE001 - any task failure ends the run with one line
-                raise PipelineError(f"extract of {r.model.name}/{r.split.name} failed on the cluster: {type(e).__name__}: {e}") from e
+                raise PipelineError(f"extract of {run.stats.model}/{run.stats.split} failed on the cluster: {type(e).__name__}: {e}") from e
             if isinstance(res, ShardFailure):
                 raise PipelineError(res.message)
-            st = stats[r.key]
-            st.rows += res.rows
-            st.tokens += res.tokens
-            st.truncated += res.truncated
-            st.bytes_written += res.bytes_written
+            count_shard(run.stats, res)
             rows += res.rows
-            left[r.key].discard(res.index)
+            run.left.discard(res.index)
+            if not run.left:
+                run.writer.commit(expected_shards=run.writer.n_shards)
+                run.writer.close()
+                run.stats.committed = True
             model_left[mkey] -= 1
-            if not left[r.key]:
-                writers[r.key].commit(expected_shards=writers[r.key].n_shards)
-                st.committed = True
-                st.seconds = time.perf_counter() - started[r.key]
             if model_left[mkey] == 0:
                 client.run(release_model, mkey, on_error="ignore")
             bar.update(1)
             bar.set_postfix_str(f"{rows / (time.perf_counter() - t0):,.0f} rows/s")
         bar.close()
     finally:
-        pending = [f for f in futures if not f.done()]
+        pending = [f for f in owner if not f.done()]
         if pending:
             client.cancel(pending)
         client.close()
-    for st in stats.values():
-        if st.truncated:
-            log.warning("%s/%s: %d text(s) were truncated to max_length", st.model, st.split, st.truncated)
-    return [stats[r.key] for r in requests]
+        for run in runs.values():
+            if run.writer is not None:
+                run.writer.close()
+    for run in runs.values():
+        if run.stats.truncated:
+            log.warning("%s/%s: %d text(s) were truncated to max_length", run.stats.model, run.stats.split, run.stats.truncated)
+    return [runs[r.key].stats for r in requests]

@@ -26,6 +26,7 @@ from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.errors import PipelineError
 from stages.entries import FeatureRequest
 from stages.extract.batching import plan_batches
+from store.errors import plural
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class ShardResult:
     truncated: int = 0
     bytes_written: int = 0
     computed: bool = False  # False: it was already published by someone else
+    seconds: float = 0.0  # compute time
 
 
 def compute_shard(loaded: LoadedModel, request: FeatureRequest, index: int, progress=None) -> ShardArrays:
@@ -229,14 +231,14 @@ def compute_shard(loaded: LoadedModel, request: FeatureRequest, index: int, prog
     return extract_shard(loaded, request, list(split.texts[lo:hi]), lo, split.labels[lo:hi], progress)
 
 
-def publish_shard(writer, index: int, shard: ShardArrays, lease=None) -> ShardResult:
+def publish_shard(writer, index: int, shard: ShardArrays, lease=None, seconds: float = 0.0) -> ShardResult:
     """Publish a computed shard through the store, then give up its lease (also on failure)."""
     try:
         writer.write_shard(index, shard.arrays, shard.table, row_start=shard.row_start, attrs=shard.attrs)
     finally:
         if lease is not None:
             lease.release()
-    return ShardResult(index, shard.rows, shard.tokens, shard.truncated, shard.nbytes, computed=True)
+    return ShardResult(index, shard.rows, shard.tokens, shard.truncated, shard.nbytes, computed=True, seconds=seconds)
 
 
 def compute_and_write(compute: Callable[[], ShardArrays], writer, index: int, lease) -> ShardResult:
@@ -245,12 +247,13 @@ def compute_and_write(compute: Callable[[], ShardArrays], writer, index: int, le
     The unit of work of a cluster task; the local scheduler splits it in two to overlap the next
     shard's compute with this shard's write.
     """
+    t0 = time.perf_counter()
     try:
         shard = compute()
     except BaseException:
         lease.release()
         raise
-    return publish_shard(writer, index, shard, lease)
+    return publish_shard(writer, index, shard, lease, seconds=time.perf_counter() - t0)
 
 
 def claim_shards(writer, remaining: list[int], lease_ttl: float, *, on_wait=None, what: str = ""):
@@ -307,7 +310,7 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
     expires); whoever sees the last shard published commits the entry, once. Compute runs here while
     the previous shard is written on a background thread.
     """
-    from tqdm.auto import tqdm
+    from pipeline.progress import tqdm
 
     split = request.split
     stats = EntryStats(request.model.name, split.name)
@@ -327,7 +330,7 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
 
     def flush() -> None:
         while pending:
-            _add(stats, pending.pop().result())
+            count_shard(stats, pending.pop().result())
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
         for k, lease in claim_shards(writer, remaining, lease_ttl, on_wait=flush, what=what):
@@ -353,12 +356,14 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
         log.warning("%s: %d text(s) longer than max_length=%d were truncated", what, stats.truncated, cfg.max_length)
     stats.committed = commit_if_complete(writer, total)
     if not stats.committed:
-        log.info("%s: %d of %d shards present; the process that writes the last one commits the entry",
-                 what, len(writer.done_shards()), total)
+        log.info("%s: %d of %s present; the process that writes the last one commits the entry",
+                 what, len(writer.done_shards()), plural(total, "shard"))
     return stats
 
 
-def _add(stats: EntryStats, result: ShardResult) -> None:
+def count_shard(stats: EntryStats, result: ShardResult) -> None:
+    """Count a published shard into an entry's stats (``seconds`` only where the caller does not time the entry)."""
+    stats.seconds += result.seconds
     stats.rows += result.rows
     stats.tokens += result.tokens
     stats.truncated += result.truncated

@@ -16,7 +16,6 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipeline.blocks import candidate_layers
 from pipeline.config import ExperimentConfig
@@ -24,6 +23,7 @@ from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
 from pipeline.outputs import parquet_bytes, write_atomic, write_parquet
+from pipeline.progress import tqdm
 from stages.entries import TABLES, feature_requests, load_keywords, open_features, scores_key
 from stages.report import md_table
 from stages.score.plots import plot_sparsity, plot_variability
@@ -250,7 +250,7 @@ def _sparsity_section(spa: pd.DataFrame, requests) -> list[str]:
         max_over_layers=("token_fire_fraction", "max"), dead_fraction_mean=("dead_fraction", "mean"),
         dead_fraction_max=("dead_fraction", "max")).reset_index()
     if "rule" in summary:
-        summary["rule"] = summary["rule"].map(lambda r: RULE_TEXT.get(r, r))
+        summary["rule"] = summary["rule"].map(lambda r: RULE_TEXT.get(r, r).replace("|", "\\|"))  # a bare | splits a markdown cell
     kinds = {r.model.name: r.ffn_kind for r in requests if hasattr(r, "ffn_kind")}
     if kinds:
         summary.insert(1, "ffn", summary["model"].map(kinds))

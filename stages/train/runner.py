@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tqdm.auto import tqdm
-
 from pipeline.blocks import Block, candidate_layers
 from pipeline.config import ExperimentConfig
 from pipeline.device import resolve_device
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, rerun_hint
+from pipeline.progress import tqdm
 from stages.entries import config_scores_key, head_file, heads_key, load_scores, make_lineage, open_features, train_requests
 from stages.report import md_table, write_section
 from stages.train.concat import ConcatHead
@@ -68,7 +67,7 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
     skey = config_scores_key(cfg, requests)
     if not store.exists(skey):
-        raise PipelineError(f"no scores for this config in {store.url}; run `make score CONFIG={cfg.source or '...'}` first")
+        raise PipelineError(f"no scores for this config in {store.url}; run `{rerun_hint('score', cfg.source, store.url)}` first")
     nu_table = load_scores(store, skey)
     cache = FeatureCache(entries)
     y = {s: _labels(entries[(next(iter(by_model)), s)]) for s in (train_split, dev_split, test_split)}
@@ -134,7 +133,7 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     lineage = make_lineage(cfg, requests, skey)
     key = _save_heads(store, cfg, blobs, train_df, lineage)
     chance = float(np.mean(y[test_split] == _majority(y[train_split])))
-    _write_outputs(cfg, out, train_df, layers_df, selection_df, random_models, key, chance=chance)
+    _write_outputs(cfg, out, train_df, layers_df, selection_df, random_models, key, chance=chance, label_names=lineage["label_names"])
     return train_df
 
 
@@ -224,7 +223,7 @@ def best_probes(probes: pd.DataFrame, *, include_embeddings: bool = False) -> pd
 
 
 def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str,
-                   *, chance: float = float("nan")) -> None:
+                   *, chance: float = float("nan"), label_names: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_df.to_parquet(out / "train.parquet", index=False)
     layers_df.to_parquet(out / "layers.parquet", index=False)
@@ -246,6 +245,8 @@ def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFra
     section = [f"## Train: heads on cached features (store entry {key[:12]})", ""]
     if random_models:
         section += [f"> **Random weights:** {', '.join(random_models)}; their heads show the pipeline works, not what a trained model does.", ""]
+    if label_names:
+        section += ["Classes: " + ", ".join(f"{i} = {n}" for i, n in enumerate(label_names)), ""]
     section += [f"Selection protocol: every choice is made without the {cfg.train.test_split} split. A probe's C is chosen on "
                 f"{cfg.train.dev_split}; the variability-selected layer is the lowest nu (on {cfg.score.split}) and the best layer "
                 f"the highest {cfg.train.dev_split} accuracy, both among {among} (`train.include_embeddings`); "

@@ -195,3 +195,23 @@ def test_store_key_prefix_errors_are_one_line(tmp_path):
     removed = run_cli("store", "rm", b[:8], "--store", store)
     assert removed.returncode == 0 and "removed 1 entry" in removed.stdout
     assert_one_line_error(run_cli("store", "rm", b[:8], "--store", store), "no entry")
+
+
+def test_quiet_silences_library_warnings(monkeypatch):
+    import argparse
+    import logging
+    import warnings
+
+    from pipeline.cli import _setup_logging
+
+    for var in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.delenv(var, raising=False)  # restored (removed) after the test
+    with warnings.catch_warnings():
+        _setup_logging(argparse.Namespace(debug=False, quiet=True))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.warn("a library's UserWarning", UserWarning, stacklevel=1)
+        assert caught == []
+        assert not logging.getLogger("transformers").isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("distributed.worker").isEnabledFor(logging.WARNING)
+    for name in ("transformers", "distributed", "torch", "sklearn"):
+        logging.getLogger(name).setLevel(logging.NOTSET)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -301,3 +302,29 @@ def test_from_dict_without_a_file_reports_keys():
         from_dict(ModelConfig, {"name": "a", "sorce": "x"}, "models")
     m = from_dict(ModelConfig, {"name": "a", "source": "x"})
     assert m.thresholds == () and m.sink == "auto" and m.trust_remote_code is False
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch, data_dir):
+    """A config with relative paths runs from any directory; shipped configs too."""
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.data import load_splits
+
+    exp = tmp_path / "exp"
+    shutil.copytree(data_dir, exp / "data")
+    (exp / "kw.txt").write_text("good\n", encoding="utf-8")
+    cfg_text = (
+        'name = "rel"\n[data]\nname = "toy"\npath = "data"\n'
+        '[[models]]\nname = "bert"\nsource = "tiny-random-bert"\n[score]\nkeywords = "kw.txt"\n'
+    )
+    (exp / "c.toml").write_text(cfg_text, encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config("../exp/c.toml")
+    assert cfg.data.path == str((exp / "data").resolve()) and cfg.score.keywords == str((exp / "kw.txt").resolve())
+    assert len(load_splits(cfg.data)["train"]) > 0
+    shipped = load_config(PROJECT_ROOT / "configs" / "tiny.toml")
+    assert Path(shipped.data.path) == (PROJECT_ROOT / "data" / "sst2").resolve()
+    assert Path(shipped.score.keywords).is_file()

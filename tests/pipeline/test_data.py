@@ -333,3 +333,54 @@ def test_parquet_int_labels_roundtrip(tmp_path):
     df = pd.DataFrame({"text": ["a", "b"], "label": np.array([5, 2], dtype=np.int32)})
     df.to_parquet(tmp_path / "train.parquet")
     assert load_split(cfg_for(path=str(tmp_path)), "train").labels.tolist() == [5, 2]
+
+
+@pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl", ".parquet"])
+def test_string_labels_become_sorted_class_indices(tmp_path, ext):
+    write_splits(tmp_path, ext, train=[("a", "pos"), ("b", "neg"), ("c", " neutral "), ("d", "pos")],
+                 dev=[("x", "neg"), ("y", "pos")])
+    splits = load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev")))
+    train, dev = splits["train"], splits["dev"]
+    assert train.label_names == dev.label_names == ("neg", "neutral", "pos")
+    assert train.labels.tolist() == [2, 0, 1, 2] and dev.labels.tolist() == [0, 2]
+    assert load_split(cfg_for(path=str(tmp_path), splits=("train", "dev")), "dev").labels.tolist() == [0, 2]
+
+
+def test_string_labels_fingerprint_covers_the_names(tmp_path):
+    write_splits(tmp_path / "a", ".tsv", train=[("a", "pos"), ("b", "neg")], dev=[("x", "neg")])
+    write_splits(tmp_path / "b", ".tsv", train=[("a", "yes"), ("b", "no")], dev=[("x", "no")])
+    write_splits(tmp_path / "c", ".tsv", train=[("a", 1), ("b", 0)], dev=[("x", 0)])
+    fps = [load_splits(cfg_for(path=str(tmp_path / d), splits=("train", "dev")))["train"] for d in "abc"]
+    assert [s.labels.tolist() for s in fps] == [[1, 0]] * 3
+    assert len({s.fingerprint for s in fps}) == 3
+    assert fps[2].label_names is None
+    assert fps[2].fingerprint == data_fingerprint(("a", "b"), np.array([1, 0]))  # integer labels: the key is unchanged
+
+
+def test_string_label_not_in_train(tmp_path):
+    write_splits(tmp_path, ".tsv", train=[("a", "pos"), ("b", "neg")], dev=[("x", "neg"), ("y", "meh")])
+    with pytest.raises(DataError) as e:
+        load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev")))
+    msg = assert_one_line_naming(e, tmp_path / "dev.tsv")
+    assert "'meh'" in msg and "['neg', 'pos']" in msg
+
+
+@pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl"])
+def test_non_utf8_error_names_the_real_line_and_offset(tmp_path, ext):
+    """Far into a large file (past the readers' first buffer), the position is the file's, not the buffer's."""
+    rows = [f"row number {i} with some padding text" for i in range(20000)]
+    if ext == ".jsonl":
+        lines = [f'{{"text": "{t}", "label": {i % 2}}}' for i, t in enumerate(rows)]
+        head = ""
+    else:
+        sep = "\t" if ext == ".tsv" else ","
+        lines = [f"{t}{sep}{i % 2}" for i, t in enumerate(rows)]
+        head = f"text{sep}label\n"
+    data = (head + "\n".join(lines[:15000])).encode() + b"\nbad \xff byte" + ("\n" + "\n".join(lines[15000:]) + "\n").encode()
+    p = tmp_path / f"train{ext}"
+    p.write_bytes(data)
+    offset = data.index(b"\xff")
+    line = data.count(b"\n", 0, offset) + 1
+    with pytest.raises(DataError) as e:
+        load_split(cfg_for(path=str(tmp_path)), "train")
+    assert f"not valid UTF-8 (line {line}, byte offset {offset})" in assert_one_line_naming(e, p)

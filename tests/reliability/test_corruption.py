@@ -118,7 +118,7 @@ def test_verify_names_each_bad_file(name, runner, corrupt, cli, reference):
     problems, summary = lines[:-1], lines[-1]
     assert problems and all(reference.key in ln for ln in problems), res.stdout  # only the damaged entry
     assert any(f"{reference.key}/{bad}: " in ln and reason in ln for ln in problems), res.stdout
-    assert summary.startswith(f"{len(problems)} problems in 1 of 2 entries"), summary
+    assert summary.startswith(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} in 1 of 2 entries"), summary
     # the healthy entry still verifies on its own, and listing the store still works
     assert _run(runner, cli, ["store", "verify", "--store", store, other]).code == 0
     assert {i.key for i in Store(store).list()} == {reference.key, other}

@@ -112,12 +112,20 @@ def test_manifest_paths_cannot_escape(name, field, reference):
     assert str(path) in str(ei.value)
 
 
-@pytest.mark.parametrize("key", ["../../etc", "ABCDEF0123456789", "0" * 15, "0" * 16 + "/.."])
+@pytest.mark.parametrize("key", ["../../etc", "ABCDEF0123456789", "0" * 7, "0" * 16 + "/.."])
 def test_store_keys_cannot_escape(key, reference):
     from store import Store
 
     with pytest.raises(ValueError, match="invalid store key"):
         Store(reference.store).open(key)
+
+
+def test_a_short_hex_key_is_a_prefix_and_names_no_path(reference):
+    """15 hex characters are a key prefix now (like git): looked up among the entries, never used as a path."""
+    from store import Store, StoreError
+
+    with pytest.raises(StoreError, match="no entry 000000000000000 in"):
+        Store(reference.store).open("0" * 15)
 
 
 def test_entry_files_are_only_those_in_the_manifest(reference, tmp_path):

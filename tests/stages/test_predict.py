@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pipeline_e2e"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline_e2e"))
 import tiny_pipeline as tp  # noqa: E402
 
 from pipeline.errors import ConfigError, PipelineError  # noqa: E402
@@ -102,10 +102,76 @@ def test_predict_cli_prints_label_and_probabilities(trained, capsys):
     rc = main(["predict", "--config", cfg.source, "--store", store.url.removeprefix("file://"), "--head", "probe:t5:1:mean", "-q",
                "a gripping film", "dull and lifeless"])
     out = capsys.readouterr().out.strip().splitlines()
-    assert rc == 0 and len(out) == 2
-    label, probs, text = out[0].split("\t")
+    assert rc == 0 and len(out) == 3 and out[0] == "label\tp_0\tp_1\ttext"
+    label, p0, p1, text = out[1].split("\t")
     assert label in ("0", "1") and text == "a gripping film"
-    assert sum(float(p) for p in probs.split()) == pytest.approx(1.0, abs=2e-3)
+    assert float(p0) + float(p1) == pytest.approx(1.0, abs=2e-3)
+
+
+def _cli_rows(capsys, argv, stdin: str | None = None, monkeypatch=None) -> list[str]:
+    import io
+
+    from pipeline.cli import main
+
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return captured.out.splitlines()
+
+
+def test_predict_from_the_store_alone(trained, tmp_path, capsys, monkeypatch):
+    """With the data files gone, by head name (config) and by heads key (no config): same output."""
+    import json
+
+    from stages.entries import expected_heads_key
+
+    cfg, store, _ = trained
+    texts = ["a gripping film", "dull and\nlifeless", "tab\there"]
+    url = store.url.removeprefix("file://")
+    want = _cli_rows(capsys, ["predict", "--config", cfg.source, "--store", url, "--head", "fusion", "-q", *texts])
+    assert len(want) == 1 + len(texts)  # the newline and the tab stay inside their row
+    assert want[2].endswith("\tdull and\\nlifeless") and want[3].endswith("\ttab\\there")
+    key = expected_heads_key(cfg)
+    gone = tmp_path / "gone.toml"
+    gone.write_text(Path(cfg.source).read_text().replace(str(tp.DATA), str(tmp_path / "deleted-data")))
+    assert _cli_rows(capsys, ["predict", "--config", str(gone), "--store", url, "--head", "fusion", "-q", *texts]) == want
+    monkeypatch.chdir(tmp_path)  # no configs/default.toml here: the key alone must do
+    assert _cli_rows(capsys, ["predict", "--store", url, "--head", f"{key[:10]}:fusion", "-q", *texts]) == want
+    from_stdin = _cli_rows(capsys, ["predict", "--store", url, "--head", f"{key[:10]}:fusion", "--file", "-", "--format", "jsonl", "-q"],
+                           stdin="a gripping film\nflat\n", monkeypatch=monkeypatch)
+    rows = [json.loads(line) for line in from_stdin]
+    assert [r["text"] for r in rows] == ["a gripping film", "flat"]
+    assert rows[0]["label"] == int(want[1].split("\t")[0]) and set(rows[0]["probabilities"]) == {"0", "1"}
+    default = _cli_rows(capsys, ["predict", "--store", url, "--head", key[:10], "-q", "flat"])
+    assert default[0] == "label\tp_0\tp_1\ttext" and len(default) == 2
+
+
+def test_predict_refuses_empty_texts(trained, tmp_path):
+    from stages.predict import predict_texts
+
+    cfg, store, _ = trained
+    with pytest.raises(PipelineError, match="text 2 is empty"):
+        predict_texts(cfg, store, "fusion", ["fine", "  "])
+    from pipeline.cli import read_lines
+
+    (tmp_path / "t.txt").write_bytes("ok\n\nlast\n".encode())
+    with pytest.raises(PipelineError, match="line 2 is empty"):
+        read_lines(str(tmp_path / "t.txt"))
+    (tmp_path / "b.txt").write_bytes(b"fine\nstill fine\nbad \xff here\n")
+    with pytest.raises(PipelineError, match=r"not valid UTF-8 at line 3, byte offset 20"):
+        read_lines(str(tmp_path / "b.txt"))
+
+
+def test_head_key_of_another_kind_is_refused(trained):
+    from stages.entries import feature_requests
+    from stages.predict import predict_texts
+
+    cfg, store, _ = trained
+    features = feature_requests(cfg)[0].key
+    with pytest.raises(PipelineError, match=r"is a features entry, not heads; `store ls --kind heads"):
+        predict_texts(None, store, features[:12], ["text"])
 
 
 def test_changed_config_never_uses_stale_heads(trained):
@@ -127,3 +193,20 @@ def test_predict_before_train_says_run_train(tmp_path_factory):
     cfg_path, store_dir = tp.extracted_store(tmp_path_factory)
     with pytest.raises(PipelineError, match=r"no trained heads for 'e2e-tiny'.*make train CONFIG=.*tiny\.toml"):
         predict_texts(tp.load(cfg_path), Store(str(store_dir)), "fusion", ["text"])
+
+
+def test_load_head_predicts_like_the_stored_head(trained):
+    """`load_head` + `load_features` in a notebook give what the head gives on the stored features."""
+    from pipeline import load_features, load_head
+    from stages.entries import expected_heads_key
+    from stages.predict import _head_blocks, heads_entry
+
+    cfg, store, _ = trained
+    X, y = load_features(store, dataset="sst2", split=cfg.train.dev_split, model="t5", layer=1)
+    head = load_head(store, "probe:t5:1:mean")
+    ref, _ = _head_blocks("probe:t5:1:mean", heads_entry(cfg, store))
+    np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(X), rtol=0, atol=0)
+    np.testing.assert_array_equal(head.predict(X), ref.predict(X))
+    assert y.dtype.kind == "i" and set(head.classes_.tolist()) == {0, 1}
+    best = load_head(store, key=expected_heads_key(cfg)[:10])
+    assert hasattr(best, "predict_proba")

@@ -112,3 +112,10 @@ def test_rm_removes_and_refuses_a_live_writer(tmp_path, write_entry, description
 
 def test_human_bytes_is_iec():
     assert [commands.human_bytes(n) for n in (0, 1023, 1536, 5 * 2**20, 3 * 2**30)] == ["0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3.0 GiB"]
+
+
+def test_counts_read_as_english():
+    from store.errors import plural
+
+    assert [plural(1, "shard"), plural(3, "shard"), plural(1, "entry"), plural(2, "entry"), plural(0, "key")] == [
+        "1 shard", "3 shards", "1 entry", "2 entries", "0 keys"]

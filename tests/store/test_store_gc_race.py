@@ -17,7 +17,6 @@ import pytest
 import store.lease as lease_mod
 from store import Store, fingerprint
 
-
 _OPS = ("exists", "cat", "open", "size", "sha256", "listdir", "write_bytes", "publish", "overwrite", "remove",
         "makedirs", "ensure_writable", "open_random_access")
 # A writer waiting for gc's lock polls it: stop the writer after this many steps so gc can go on.

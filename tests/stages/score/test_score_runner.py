@@ -122,7 +122,8 @@ def test_score_writes_every_output_with_documented_columns(scored):
     report = (out / "report.md").read_text()
     assert "Random weights" in report and "llama (tiny-random-llama)" in report and "t5 (tiny-random-t5)" in report
     assert "![variability](variability.png)" in report and "![sparsity](sparsity.png)" in report
-    for text in ("|a| > t", "keyword_lift", "keyword_p_value", "Base rate", "Attention sinks", "block outputs 1..L"):
+    assert "| \\|a\\| > t |" in report  # the rule, escaped inside a markdown table cell
+    for text in ("keyword_lift", "keyword_p_value", "Base rate", "Attention sinks", "block outputs 1..L"):
         assert text in report, text
 
 

@@ -279,7 +279,7 @@ def test_train_before_score_says_run_score(tmp_path):
     cfg = load_config(write_config(tmp_path))
     store = Store(str(tmp_path / "store"))
     write_synthetic_store(cfg, store)
-    with pytest.raises(PipelineError, match=r"no scores .*run `make score CONFIG=.*synthetic\.toml` first"):
+    with pytest.raises(PipelineError, match=r"no scores .*run `make score CONFIG=.*synthetic\.toml STORE=\S+` first"):
         run_train(cfg, store, tmp_path / "out", progress=False)
 
 
