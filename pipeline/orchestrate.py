@@ -44,7 +44,7 @@ def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, spl
         if unknown:
             raise ConfigError(f"--models: {unknown} not in the config; configured: {[m.name for m in cfg.models]}")
         chosen = [m for m in cfg.models if m.name in models]
-    splits = splits if splits is not None else load_splits(cfg.data)
+    splits = splits if splits is not None else load_splits(cfg.data, cfg.seed)
     out = []
     for m in chosen:
         spec = resolve(m.source, m.revision)

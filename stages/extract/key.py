@@ -71,7 +71,14 @@ class FeatureRequest:
             "threshold": float(self.model.threshold),
             "shard_rows": cfg.shard_rows,
             "padding": "right",
+            **({"pooler": "pooler_output"} if self.pooler else {}),
+            **({"carved": self.split.carved} if self.split.carved else {}),
         }
+
+    @cached_property
+    def pooler(self) -> bool:
+        """Whether the pooler output is stored: only where the checkpoint has trained pooler weights."""
+        return has_trained_pooler(self.spec, self.family)
 
     @cached_property
     def key(self) -> str:
@@ -89,9 +96,31 @@ class FeatureRequest:
 
     def estimated_bytes(self) -> int:
         layers, hidden, ffn = model_dims(self.spec)
-        per_row = (layers + 1) * hidden * len(self.extract.poolings) + layers * ffn * len(self.extract.ffn_poolings)
+        per_row = (layers + 1) * hidden * len(self.extract.poolings) + layers * ffn * len(self.extract.ffn_poolings) + hidden * self.pooler
         itemsize = 2 if self.extract.storage_dtype == "float16" else 4
         return len(self.split) * per_row * itemsize
+
+
+POOLER_FAMILIES = ("bert", "roberta", "mpnet")
+POOLER_WEIGHT = "pooler.dense.weight"
+
+
+def has_trained_pooler(spec: ModelSpec, family: Family) -> bool:
+    """True if the model has a pooler and its checkpoint holds trained weights for it.
+
+    Random-weight models never qualify (their pooler is as random as the rest), and neither does a
+    checkpoint without pooler weights (transformers would initialise them at random). Only the
+    safetensors headers are read; a checkpoint in another format is treated as having none.
+    """
+    if spec.random_init or family.name not in POOLER_FAMILIES or not spec.path:
+        return False
+    for f in sorted(Path(spec.path).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            names = json.loads(fh.read(n))
+        if any(k == POOLER_WEIGHT or k.endswith("." + POOLER_WEIGHT) for k in names):
+            return True
+    return False
 
 
 def model_dims(spec: ModelSpec) -> tuple[int, int, int]:

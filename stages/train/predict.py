@@ -17,6 +17,7 @@ import torch
 from pipeline.config import ExperimentConfig
 from pipeline.data import Split
 from pipeline.errors import PipelineError
+from stages.train.fused import FUSED_HEADS
 from stages.train.runner import Block, head_file
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ def heads_entry(cfg: ExperimentConfig, store):
 
 
 def _head_blocks(name: str, entry) -> tuple[object, list[Block]]:
-    from stages.train.concat import ConcatHead
-    from stages.train.fusion import FusionHead
+    from stages.train.fused import head_class
     from stages.train.probes import probe_from_bytes
 
     index = json.loads(entry.read_file("heads.json"))
@@ -43,8 +43,8 @@ def _head_blocks(name: str, entry) -> tuple[object, list[Block]]:
         raise PipelineError(f"--head {name!r} not found; available: {', '.join(sorted(index))}")
     stem = index[name]
     blobs = {"head.safetensors": entry.read_file(f"{stem}.safetensors"), "head.json": entry.read_file(f"{stem}.json")}
-    if name in ("fusion", "concat"):
-        head = (FusionHead if name == "fusion" else ConcatHead).from_bytes(blobs)
+    if name in FUSED_HEADS:
+        head = head_class(name).from_bytes(blobs)
         return head, [Block.parse(b) for b in head.block_names_]
     parts = name.split(":")
     train = pd.read_parquet(io.BytesIO(entry.read_file("train.parquet")))
@@ -79,7 +79,7 @@ def block_features(cfg: ExperimentConfig, blocks: list[Block], texts: list[str])
         spec = resolve(mcfg.source, mcfg.revision)
         loaded = load_for_extract(mcfg, spec, cfg.extract)()
         n_layers = len(loaded.family.block_list(loaded.model))
-        deepest = max(b.layer for b in blocks if b.model == model_name)
+        deepest = max(n_layers if b.pooling == "pooler" else b.layer for b in blocks if b.model == model_name)
         if deepest < n_layers:
             _truncate(loaded.model, loaded.family, deepest + 1)
         request = FeatureRequest(split, mcfg, spec, cfg.extract)
@@ -95,7 +95,7 @@ def predict_texts(cfg: ExperimentConfig, store, head_name: str, texts: list[str]
     entry = heads_entry(cfg, store)
     head, blocks = _head_blocks(head_name, entry)
     feats = block_features(cfg, blocks, texts)
-    inputs = feats if head_name in ("fusion", "concat") else feats[str(blocks[0])]
+    inputs = feats if head_name in FUSED_HEADS else feats[str(blocks[0])]
     proba = head.predict_proba(inputs)
     classes = head.classes_ if hasattr(head, "classes_") else head[-1].classes_
     return [(t, classes[int(np.argmax(p))], p) for t, p in zip(texts, proba)]

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,19 +37,22 @@ class Block:
 
     @classmethod
     def parse(cls, text: str) -> "Block":
-        m = re.fullmatch(r"([A-Za-z0-9._-]+):(-?\d+):(mean|first|last)", text)
-        if not m:
-            raise ConfigError(f"train.fusion.inputs: {text!r} is not model:layer:pooling (e.g. 'llama:-1:mean')")
-        return cls(m[1], int(m[2]), m[3])
+        """``model:layer:pooling``, or ``model:pooler`` for the stored pooler output (its one "layer" is 0)."""
+        from pipeline.config import parse_block
+
+        model, layer, pooling = parse_block(text, "train.fusion.inputs")
+        return cls(model, 0 if pooling == "pooler" else layer, pooling)
 
     def resolved(self, n_layers: int) -> "Block":
+        if self.pooling == "pooler":
+            return self
         layer = self.layer if self.layer >= 0 else n_layers + 1 + self.layer
         if not 0 <= layer <= n_layers:
             raise ConfigError(f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})")
         return Block(self.model, layer, self.pooling)
 
     def __str__(self) -> str:
-        return f"{self.model}:{self.layer}:{self.pooling}"
+        return f"{self.model}:pooler" if self.pooling == "pooler" else f"{self.model}:{self.layer}:{self.pooling}"
 
 
 @dataclass
@@ -65,6 +67,9 @@ class FeatureCache:
         if key not in self.arrays:
             entry = self.entries[(model, split)]
             if f"hidden/{pooling}" not in entry.datasets():
+                if pooling == "pooler":
+                    raise PipelineError(f"{model}/{split}: no pooler output was stored (random weights, or no trained pooler "
+                                        f"in the checkpoint); use {model}:-1:first instead")
                 raise PipelineError(f"{model}/{split}: pooling {pooling!r} was not extracted; add it to extract.poolings and re-run `make extract`")
             self.arrays[key] = entry.array(f"hidden/{pooling}").compute()
         return self.arrays[key]
@@ -91,7 +96,9 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
     requests = train_requests(cfg)
     entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
-    fusion_blocks = _fusion_blocks(cfg, entries, train_split)  # a config error before any fitting
+    from stages.train.fused import ablation_section, fit_fused, plan_heads
+
+    _fusion_blocks(cfg, entries, train_split)  # named fusion inputs: a config error before any fitting
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
     skey = _scores_key(cfg, requests)
     if not store.exists(skey):
@@ -151,8 +158,8 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
                           "best_test_accuracy": float(df.loc[df["dev_accuracy"].idxmax(), "test_accuracy"]),
                           "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy())})
 
-    if fusion_blocks:
-        blobs.update(_fit_fused_heads(cfg, cache, fusion_blocks, y, (train_split, dev_split, test_split), add_rows))
+    plans = plan_heads(cfg, requests, entries, train_split, nu_table)
+    blobs.update(fit_fused(cfg, cache, plans, y, (train_split, dev_split, test_split), add_rows))
 
     train_df = pd.DataFrame(rows, columns=TRAIN_COLUMNS)
     layers_df = pd.concat(layer_rows, ignore_index=True)
@@ -169,7 +176,7 @@ def train_requests(cfg: ExperimentConfig):
     from pipeline.orchestrate import feature_requests
 
     names = dict.fromkeys((cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split))
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, cfg.seed)
     return feature_requests(cfg, splits={s: splits[s] for s in names})
 
 
@@ -192,6 +199,7 @@ def expected_heads_key(cfg: ExperimentConfig) -> str:
 
 
 def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Block]:
+    """The named fusion inputs, resolved; raises a ConfigError before any fitting if one cannot be."""
     blocks = []
     for text in cfg.train.fusion.inputs:
         b = Block.parse(text)
@@ -200,36 +208,6 @@ def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Blo
                               f"{sorted({m for m, _ in entries})}); add it and run `make extract`")
         blocks.append(b.resolved(int(entries[(b.model, train_split)].description["n_layers"])))
     return blocks
-
-
-def _fit_fused_heads(cfg, cache: FeatureCache, blocks: list[Block], y: dict, split_names, add_rows) -> dict[str, bytes]:
-    from stages.train.concat import ConcatHead
-    from stages.train.fusion import FusionHead
-    from stages.train.probes import evaluate
-
-    train_split, dev_split, test_split = split_names
-    fc = cfg.train.fusion
-    raw_avg = [Block.parse(t) for t in fc.average]
-    avg = [str(b.resolved(int(cache.entries[(b.model, train_split)].description["n_layers"]))) for b in raw_avg]
-    inputs = {s: {str(b): cache.layer(b, s) for b in blocks} for s in (train_split, dev_split, test_split)}
-    models = "+".join(dict.fromkeys(b.model for b in blocks))
-    layers = ",".join(f"{b.model}:{b.layer}" for b in blocks)
-    pools = ",".join(sorted({b.pooling for b in blocks}))
-    out: dict[str, bytes] = {}
-    t0 = time.perf_counter()
-    fusion = FusionHead(width=fc.width, sigma=fc.sigma, dropout=fc.dropout, hidden=fc.hidden, epochs=fc.epochs, lr=fc.lr,
-                        batch_size=fc.batch_size, patience=fc.patience, seed=cfg.seed)
-    fusion.fit(inputs[train_split], y[train_split], inputs[dev_split], y[dev_split], avg_keys=avg)
-    seconds = time.perf_counter() - t0
-    concat = ConcatHead(Cs=cfg.train.Cs, seed=cfg.seed).fit(inputs[train_split], y[train_split], inputs[dev_split], y[dev_split])
-    for name, head, secs in (("fusion", fusion, seconds), ("concat", concat, concat.fit_seconds_)):
-        metrics = {f"{split}_{k}": v for split, s in (("dev", dev_split), ("test", test_split))
-                   for k, v in evaluate(head, inputs[s], y[s]).items()}
-        add_rows(name, models, layers, pools, metrics, int(head.n_params_), float(secs))
-        for fname, data in head.to_bytes().items():
-            out[f"{name}.{fname.split('.', 1)[1]}"] = data
-        log.info("%s head: dev %.4f test %.4f (%d params, %.1f s)", name, metrics["dev_accuracy"], metrics["test_accuracy"], head.n_params_, secs)
-    return out
 
 
 def heads_key(lineage: dict) -> str:
@@ -253,7 +231,9 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
     train_df.to_parquet(buf, index=False)
     writer.write_file("train.parquet", buf.getvalue())
     writer.write_file("lineage.json", json.dumps(lineage, indent=2, sort_keys=True).encode())
-    names = sorted({f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in ("fusion", "concat") else f"{h}:{m}:{p}")
+    from stages.train.fused import FUSED_HEADS
+
+    names = sorted({f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in FUSED_HEADS else f"{h}:{m}:{p}")
                     for h, m, lay, p in train_df[["head", "models", "layers", "pooling"]].itertuples(index=False)})
     writer.write_file("heads.json", json.dumps({n: head_file(n) for n in names}, indent=2, sort_keys=True).encode())
     writer.commit()
@@ -262,6 +242,7 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
 
 def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str) -> None:
     from stages.score.runner import _md_table
+    from stages.train.fused import ablation_section
     from stages.train.plots import plot_layers
 
     out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +263,8 @@ def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFra
                 _md_table(selection_df[["model", "pooling", "selected_layer", "selected_test_accuracy", "top_layer", "top_test_accuracy",
                                         "best_layer", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
                 "### Best probe per model (by test accuracy)", "",
-                _md_table(best[["models", "layers", "pooling", "accuracy", "macro_f1"]]), "", "![layers](layers.png)", ""]
+                _md_table(best[["models", "layers", "pooling", "accuracy", "macro_f1"]]), "", *ablation_section(train_df),
+                "![layers](layers.png)", ""]
     report = out / "report.md"
     text = report.read_text(encoding="utf-8") if report.exists() else f"# {cfg.name}\n\n"
     text = text.split("## Train: heads on cached features")[0].rstrip() + "\n\n"
