@@ -17,10 +17,11 @@ export LAYERSTORE_MODELS := $(abspath $(MODELS))
 
 RUN := $(BIN)/python -m pipeline
 
-.PHONY: setup test extract score train run predict bench store-ls store-verify clean-reports help
+.PHONY: setup lint test extract score train run predict bench store-ls store-verify clean-reports help
 
 help:
 	@echo "make setup            venv, pinned CPU torch, project, embedded models (offline)"
+	@echo "make lint             ruff lint and format check"
 	@echo "make test             the test suite (PYTEST_ARGS='-m \"not slow\"' for the fast part)"
 	@echo "make extract score train   the pipeline on CONFIG=$(CONFIG) STORE=$(STORE) OUT=$(OUT)"
 	@echo "make bench [QUICK=1]  benchmarks -> bench/results.json"
@@ -44,6 +45,10 @@ $(VENV)/.deps-installed: pyproject.toml | $(BIN)/python
 $(MODELS)/.prepared: $(VENV)/.deps-installed pipeline/models/prepare.py pipeline/models/random_init.py
 	$(BIN)/python -m pipeline.models.prepare --dir $(MODELS)
 	touch $@
+
+lint: setup
+	$(BIN)/ruff check pipeline stages store bench tests
+	$(BIN)/ruff format --check pipeline stages store bench tests
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

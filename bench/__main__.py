@@ -16,12 +16,12 @@ from pathlib import Path
 from bench import common
 from bench.common import FULL, QUICK, SMOKE, ROOT
 
-ORDER = ("extract_overhead", "bucketing_speedup", "store_overhead", "scaling_extract", "score_read_fraction",
+ORDER = ("extract_overhead", "bucketing_speedup", "store_overhead", "scaling_extract", "scaling_extract_workers", "score_read_fraction",
          "score_peak_rss", "scaling_score", "cached_rerun_seconds", "train_seconds")
 
 
 def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> dict:
-    from bench import cached_bench, extract_bench, score_bench, train_bench
+    from bench import cached_bench, cluster_bench, extract_bench, score_bench, train_bench
 
     results: dict = {}
     want = (lambda name: only is None or name in only)
@@ -58,6 +58,8 @@ def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> d
             results.update(step("bucketing_speedup", lambda: extract_bench.bucketing_speedup(plan)) or {})
         if want("scaling_extract"):
             results.update(step("scaling_extract", lambda: extract_bench.scaling_extract(plan, tmp)) or {})
+        if want("scaling_extract_workers"):
+            results.update(step("scaling_extract_workers", lambda: cluster_bench.scaling_extract_workers(plan, tmp)) or {})
         if want("score_read_fraction") or want("score_peak_rss"):
             got = step("score_read_fraction", lambda: score_bench.score_read_fraction(plan, tmp))
             if got:

@@ -31,15 +31,16 @@ class Plan:
     cached_config: str  # config whose cached rerun is timed (a path, or "tiny:<limit>" for a cut-down tiny.toml)
     cached_reps: int
     threads: int = 0  # torch threads (0 = torch's default)
+    workers_limit: int = 600  # rows per split of configs/tiny.toml for scaling_extract_workers (0 = all)
 
 
 QUICK = Plan("quick", ("all-minilm-l6-v2",), 96, 3, "all-minilm-l6-v2", 64, "all-minilm-l6-v2", 24,
              32, 1024, 8, "configs/tiny.toml", 3)
 FULL = Plan("full", ("all-minilm-l6-v2", "smollm2-135m-instruct", "roberta-random-small", "t5-random-small"), 512, 5,
-            "all-minilm-l6-v2", 0, "all-minilm-l6-v2", 256, 256, 1024, 64, "configs/default.toml", 5)
+            "all-minilm-l6-v2", 0, "all-minilm-l6-v2", 256, 256, 1024, 64, "configs/default.toml", 5, workers_limit=0)
 # The test suite's smoke run: tiny random models, a handful of rows; numbers are meaningless.
 SMOKE = Plan("smoke", ("tiny-random-bert",), 16, 1, "tiny-random-bert", 32, "tiny-random-bert", 8,
-             2, 256, 1, "tiny:16", 1)
+             2, 256, 1, "tiny:16", 1, workers_limit=16)
 
 
 def result(value, reference, unit: str, details: dict | None = None, ratio=None) -> dict:

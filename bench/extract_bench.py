@@ -63,7 +63,7 @@ def train_split(rows: int):
 
 
 def request(b: Bundle, split):
-    from stages.extract.key import FeatureRequest
+    from stages.entries import FeatureRequest
 
     return FeatureRequest(split, b.model_cfg, b.spec, b.extract_cfg)
 
@@ -111,10 +111,15 @@ def features_forward(b: Bundle, batches) -> None:
     """Every hook and pooling extract runs, on given batches (no tokenisation, no writing)."""
     import torch
 
+    from pipeline.models.families import RULE_ABS, default_thresholds, ffn_kind, firing_rule
     from stages.extract.capture import FfnCapture, forward_features
 
     cfg, L = b.extract_cfg, b.loaded
-    with torch.inference_mode(), FfnCapture(L.model, L.family, cfg.ffn_poolings, b.model_cfg.threshold) as cap:
+    kind = ffn_kind(L.family, L.model.config.to_dict())
+    magnitude = firing_rule(kind) == RULE_ABS
+    thresholds = b.model_cfg.thresholds or cfg.thresholds or default_thresholds(kind)
+    poolings = tuple(cfg.ffn_poolings) + (("absmax",) if magnitude else ())
+    with torch.inference_mode(), FfnCapture(L.model, L.family, poolings, thresholds, magnitude=magnitude) as cap:
         for inputs, special, _ in batches:
             feats = forward_features(L.model, cap, inputs, special, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean)
             for t in feats.arrays.values():

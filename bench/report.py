@@ -11,6 +11,7 @@ GOALS = {
     "bucketing_speedup": ("ratio >= 3.5", lambda r: r["ratio"] >= 3.5),
     "store_overhead": ("value <= 0.05", lambda r: r["value"] <= 0.05),
     "scaling_extract": ("ratio ~ 1 (0.8-1.25)", lambda r: 0.8 <= r["ratio"] <= 1.25),
+    "scaling_extract_workers": ("ratio > 1 (at most 2 on 2 cores)", lambda r: r["ratio"] > 1.0),
     "score_read_fraction": ("ratio >= 0.5", lambda r: r["ratio"] >= 0.5),
     "score_peak_rss": ("value <= memory limit", lambda r: bool(r["details"].get("within_limit"))),
     "scaling_score": ("ratio ~ 1 (0.8-1.25)", lambda r: 0.8 <= r["ratio"] <= 1.25),
@@ -75,6 +76,7 @@ suite never asserts speed; `tests/bench/test_bench_smoke.py` only checks that th
 | `bucketing_speedup` | real tokens/s with length-grouped token-budget batches (all-MiniLM-L6-v2, SST-2 train) | fixed batches of 32 padded to 128 tokens, as LLMEmbed's reference code; same hooks and poolings |
 | `store_overhead` | bytes on disk of an extract entry (HDF5 shards, row tables, manifest) / raw bytes of its arrays - 1 | goal 0.05 |
 | `scaling_extract`, `scaling_score` | time at 4x the data | 4 x time at 1x (ratio 1 = linear) |
+| `scaling_extract_workers` | `extract --scheduler` of configs/tiny.toml on a local Dask cluster with 2 worker processes (1 thread each) | the same with 1 worker; ratio = speed-up (at most 2 on 2 cores) |
 | `score_read_fraction` | effective MiB/s of score (variability for every pooling + sparsity, Dask threads) over a synthetic entry of MiniLM shapes, >= 3x the memory limit | plain sequential h5py read of every dataset of the same shard files |
 | `score_peak_rss` | peak RSS increase of that score run in a subprocess | threads x largest chunk + accumulators; status checks it stays below the memory limit |
 | `cached_rerun_seconds` | wall time of `python -m pipeline extract` with everything cached (subprocess) | goal 2 s |

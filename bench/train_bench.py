@@ -32,7 +32,7 @@ def default_head_vs_frozen() -> dict:
     """LLMEmbed's comparison for the embedded default (configs/default.toml), from shapes alone."""
     from pipeline.config import load_config
     from pipeline.models import resolve
-    from stages.extract.key import model_dims
+    from stages.entries import model_dims
     from stages.train.fusion import FusionHead
 
     cfg = load_config(ROOT / "configs" / "default.toml")
@@ -52,11 +52,12 @@ def default_head_vs_frozen() -> dict:
 
 def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dict:
     from pipeline.config import load_config
-    from pipeline.orchestrate import feature_requests
-    from stages.score.runner import open_features
+    from stages.entries import feature_requests
+    from stages.entries import open_features
     from stages.train.fusion import FusionHead
     from stages.train.probes import fit_probe
-    from stages.train.runner import Block, FeatureCache
+    from pipeline.blocks import Block
+    from stages.train.runner import FeatureCache
     from store import Store
 
     cfg = load_config(cfg_path)

@@ -1,3 +1,5 @@
 """Configuration, CLI and orchestration shared by the extract, score and train stages."""
 
-__version__ = "0.1.0"
+from pipeline.version import __version__
+
+__all__ = ["__version__"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 DEFAULT_CONFIG = "configs/default.toml"
+KEYS_HELP = "entry keys, or unique prefixes of 8+ hex characters (as `store ls` shows them)"
 log = logging.getLogger("pipeline")
 
 
@@ -24,6 +25,12 @@ def _shard(text: str) -> tuple[int, int]:
     if not m or not (0 <= int(m[1]) < int(m[2])):
         raise argparse.ArgumentTypeError(f"--shard expects I/N with 0 <= I < N, got {text!r}")
     return int(m[1]), int(m[2])
+
+
+def _extract_scheduler(text: str) -> str:
+    if not re.fullmatch(r"local|(tcp|tls)://.+", text):
+        raise argparse.ArgumentTypeError(f"--scheduler expects local or tcp://host:port, got {text!r}")
+    return text
 
 
 def _common(p: argparse.ArgumentParser, *, config: bool = True, out: bool = False) -> None:
@@ -38,7 +45,9 @@ def _common(p: argparse.ArgumentParser, *, config: bool = True, out: bool = Fals
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Offline feature store for transformer internals.")
+    prog = "layerstore" if os.path.basename(sys.argv[0] or "") == "layerstore" else "python -m pipeline"
+    parser = argparse.ArgumentParser(prog=prog, description="Offline feature store for transformer internals.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("extract", help="run the models once over the corpus and cache per-layer features in the store",
@@ -46,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="do only store shards with index %% N == I (run N processes for N GPUs/machines)")
     p.add_argument("--models", default="", help="comma-separated model names from the config (default: all)")
+    p.add_argument("--scheduler", default=None, type=_extract_scheduler, metavar="local|tcp://HOST:PORT",
+                   help="compute the shards on the workers of this dask.distributed scheduler (overrides extract.scheduler; "
+                        "the store must be an absolute shared path or s3:// URL)")
 
     p = sub.add_parser("score", help="variability and sparsity statistics, out of core with Dask")
     _common(p, out=True)
@@ -56,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="extract, score and train in order")
     _common(p, out=True)
-    p.add_argument("--scheduler", default=None, help="Dask scheduler for score")
+    p.add_argument("--scheduler", default=None, help="Dask scheduler for score; a tcp://host:port one runs extract on that cluster too")
 
     p = sub.add_parser("predict", help="label new text with a trained head (runs the needed models up to the layers it uses)")
     _common(p)
@@ -66,12 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("store", help="inspect and maintain a store: ls, verify, gc")
     ssub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    q = ssub.add_parser("ls", help="list entries with human names, sizes and age")
+    q = ssub.add_parser("ls", help="list entries with human names, sizes and age, and a total")
     _common(q, config=False)
     q.add_argument("--json", action="store_true", help="machine-readable output")
-    q = ssub.add_parser("verify", help="rehash every file; exit 1 naming each bad one")
+    for name, what in (("dataset", "dataset name, e.g. sst2"), ("split", "split, e.g. train"),
+                       ("model", "model name from the config, e.g. bert"), ("kind", "features, scores or heads")):
+        q.add_argument(f"--{name}", default=None, help=f"only entries of this {what}")
+    q = ssub.add_parser("verify", help="rehash every file and check row counts; exit 1 naming each bad one")
     _common(q, config=False)
-    q.add_argument("keys", nargs="*", help="entry keys (default: all)")
+    q.add_argument("keys", nargs="*", help=KEYS_HELP + " (default: all)")
+    q = ssub.add_parser("rm", help="remove entries (refuses one a writer holds a live lease on)")
+    _common(q, config=False)
+    q.add_argument("keys", nargs="+", help=KEYS_HELP)
+    q.add_argument("--force", action="store_true", help="remove even an entry with a live lease (its writer then fails)")
     q = ssub.add_parser("gc", help="remove temporaries and unfinished entries older than the grace period (never committed ones)")
     _common(q, config=False)
     q.add_argument("--dry-run", action="store_true", help="only list what would be removed")
@@ -80,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         q = ssub.add_parser(name, help=helptext)
         _common(q, config=False)
         q.add_argument("--to" if name == "push" else "--from", dest="other", required=True, help="the other store (path or URL)")
-        q.add_argument("keys", nargs="*", help="entry keys (default: all committed)")
+        q.add_argument("keys", nargs="*", help=KEYS_HELP + " (default: all committed)")
     return parser
+
+
+def _version() -> str:
+    from pipeline.version import code_version
+
+    return code_version()
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -102,13 +127,14 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.command == "extract":
         models = [m for m in args.models.split(",") if m]
-        return orchestrate.extract(cfg, args.store, shard=args.shard, models=models, progress=not args.quiet)
+        return orchestrate.extract(cfg, args.store, shard=args.shard, models=models, progress=not args.quiet, scheduler=args.scheduler)
     if args.command == "score":
         return orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet)
     if args.command == "train":
         return orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)
     if args.command == "run":
-        for step in (lambda: orchestrate.extract(cfg, args.store, progress=not args.quiet),
+        on_cluster = args.scheduler if args.scheduler and args.scheduler.startswith(("tcp://", "tls://")) else None
+        for step in (lambda: orchestrate.extract(cfg, args.store, progress=not args.quiet, scheduler=on_cluster),
                      lambda: orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet),
                      lambda: orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)):
             rc = step()
@@ -131,12 +157,32 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     _setup_logging(args)
-    if args.debug:
-        return _run(args)
+    try:
+        if args.debug:
+            return _run(args)
+        return _guarded(args)
+    except BrokenPipeError:
+        # `store ls | head`: the reader has what it wanted; point stdout at /dev/null so the
+        # interpreter's final flush does not complain, and exit quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    if args.command in ("extract", "run"):
+        return ("interrupted: the shards written so far are kept; run the same command again to resume "
+                "(it continues at the first missing shard)")
+    return "interrupted: nothing was committed by the unfinished step; run the same command again"
+
+
+def _guarded(args: argparse.Namespace) -> int:
     try:
         return _run(args)
+    except BrokenPipeError:
+        raise
     except KeyboardInterrupt:
-        print("interrupted; committed shards are kept and a rerun resumes", file=sys.stderr)
+        print(_interrupted_message(args), file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI edge turns known errors into one line
         if not _is_user_error(e):

@@ -24,6 +24,7 @@ FFN_POOLINGS = ("mean", "max")
 STORAGE_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_FORMATS = (".tsv", ".csv", ".jsonl", ".parquet")
+MAX_THRESHOLDS = 8
 
 
 def _field(default: Any = dataclasses.MISSING, help: str = "", **constraints: Any) -> Any:
@@ -55,7 +56,8 @@ class ModelConfig:
     name: str = _field(help="Short name used in store entries and reports (e.g. 'bert').", pattern="name")
     source: str = _field(help="An embedded model name (see README), a Hugging Face id in the local cache, or a local folder.")
     revision: str = _field("", help="Hugging Face revision (commit, tag or branch) for hub ids; empty = the cached default.")
-    threshold: float = _field(0.0, help="An FFN neuron fires on a token when its activation is > threshold (exact for ReLU; a stated rule for GELU/SiLU).", finite=True)
+    thresholds: tuple[float, ...] = _field((), help="FFN firing thresholds for this model (overrides extract.thresholds); empty = extract.thresholds, else the family default.", finite=True, max_items=MAX_THRESHOLDS, unique=True)
+    sink: str = _field("auto", help="Attention-sink token prepended to every text: 'auto' = the model's BOS for decoder models (Llama) whose tokenizer adds none, 'none' = never, or a token string to prepend. It is a special token: out of mean/last pooling and firing counts.", nonempty_str=True)
     trust_remote_code: bool = _field(False, help="Allow custom model code from the checkpoint. Off unless you trust the source.")
 
 
@@ -66,6 +68,7 @@ class ExtractConfig:
     max_length: int = _field(128, help="Tokens per text after truncation (longer texts are truncated and counted).", min=2, max=1_000_000)
     poolings: tuple[str, ...] = _field(POOLINGS, help="Hidden-state poolings to store.", choices=POOLINGS, nonempty=True)
     ffn_poolings: tuple[str, ...] = _field(FFN_POOLINGS, help="FFN activation poolings to store.", choices=FFN_POOLINGS, nonempty=True)
+    thresholds: tuple[float, ...] = _field((), help="FFN firing thresholds, all counted in one pass (a short list; the first is the primary one). Empty = the family default: ReLU [0.0] (exact: non-zero), GELU [0.0, 0.1], gated SwiGLU/GeGLU [0.1, 0.5] under the magnitude rule |a| > t.", finite=True, max_items=MAX_THRESHOLDS, unique=True)
     special_tokens_in_mean: bool = _field(False, help="Count special tokens ([CLS], <s>, </s>, BOS) in mean pooling and firing counts.")
     storage_dtype: str = _field("float16", help="dtype of stored float arrays.", choices=STORAGE_DTYPES)
     compute_dtype: str = _field("auto", help="Model dtype: auto = bfloat16 on CUDA, float32 on CPU.", choices=COMPUTE_DTYPES)
@@ -74,6 +77,7 @@ class ExtractConfig:
     max_batch_size: int = _field(128, help="Max texts per batch.", min=1)
     shard_rows: int = _field(2048, help="Rows per store shard (the unit of resume and of --shard I/N).", min=1)
     allow_nonfinite: bool = _field(False, help="Commit entries even if NaN/inf activations were found (they are always reported).")
+    scheduler: str = _field("local", help="local (this process), or tcp://host:port of a dask.distributed scheduler whose workers compute the shards; not in the key.", pattern="extract_scheduler")
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class TrainConfig:
 
     poolings: tuple[str, ...] = _field(POOLINGS, help="Hidden poolings to probe per layer.", choices=POOLINGS, nonempty=True)
     Cs: tuple[float, ...] = _field((0.01, 0.1, 1.0, 10.0), help="Inverse regularisation strengths tried for logistic probes (chosen on dev).", nonempty=True, min=0.0)
+    include_embeddings: bool = _field(False, help="Let layer selection pick hidden-state index 0 (the embedding output); off = select among block outputs 1..L only, as Xie et al.")
     dev_split: str = _field("dev", help="Split used for model choice and early stopping.")
     test_split: str = _field("test", help="Split reported as test.")
     fusion: FusionConfig = field(default_factory=FusionConfig, metadata={"help": "Fused multi-model head."})
@@ -215,6 +220,7 @@ _PATTERNS = {
     "name": (r"^[A-Za-z0-9][A-Za-z0-9._-]*$", "letters, digits, '.', '_' and '-'"),
     "device": (r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", "auto, cpu, mps, cuda or cuda:N"),
     "scheduler": (r"^(threads|synchronous|processes|tcp://.+|tls://.+)$", "threads, synchronous, processes or tcp://host:port"),
+    "extract_scheduler": (r"^(local|tcp://.+|tls://.+)$", "local or tcp://host:port (tls://host:port)"),
 }
 
 
@@ -224,6 +230,12 @@ def _check_constraints(where: str, value: Any, meta: dict) -> None:
     items = value if isinstance(value, tuple) else (value,)
     if meta.get("nonempty") and isinstance(value, tuple) and not value:
         raise ConfigError(f"{where}: must not be empty")
+    if meta.get("nonempty_str") and isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    if "max_items" in meta and isinstance(value, tuple) and len(value) > meta["max_items"]:
+        raise ConfigError(f"{where}: {len(value)} values given; at most {meta['max_items']} allowed")
+    if meta.get("unique") and isinstance(value, tuple) and len(set(value)) != len(value):
+        raise ConfigError(f"{where}: {list(value)} has duplicates; each value may appear once")
     for v in items:
         if "choices" in meta and v not in meta["choices"]:
             raise ConfigError(f"{where}: {v!r} is not allowed; choose from {list(meta['choices'])}")

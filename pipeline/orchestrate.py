@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import Split, load_splits
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.version import code_version
+from stages.entries import feature_requests
+from stages.extract import extract_entry, load_for_extract
+from stages.extract.cluster import check_store_reachable, extract_on_cluster, is_distributed
+from stages.predict import predict_texts
+from stages.score.runner import run_score
+from stages.train.runner import run_train
+from store import Store, commands
+from store.commands import human_bytes
 
 log = logging.getLogger("pipeline")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def open_store(url: str):
@@ -27,34 +28,15 @@ def open_store(url: str):
     s3:// URLs need s3fs (`pip install .[s3]`); credentials and the endpoint come from the usual
     AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an S3-compatible server).
     """
-    from pipeline.version import code_version
-    from store import Store
-
     return Store(url, code_version=code_version())
 
 
-def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, splits: dict[str, Split] | None = None):
-    """One FeatureRequest per (model, split); resolving models reads no weights."""
-    from pipeline.models import resolve
-    from stages.extract import FeatureRequest
-
-    chosen = list(cfg.models)
-    if models:
-        unknown = sorted(set(models) - {m.name for m in cfg.models})
-        if unknown:
-            raise ConfigError(f"--models: {unknown} not in the config; configured: {[m.name for m in cfg.models]}")
-        chosen = [m for m in cfg.models if m.name in models]
-    splits = splits if splits is not None else load_splits(cfg.data, cfg.seed)
-    out = []
-    for m in chosen:
-        spec = resolve(m.source, m.revision)
-        out.extend(FeatureRequest(s, m, spec, cfg.extract) for s in splits.values())
-    return out
-
-
-def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None, progress: bool = True) -> int:
-    from stages.extract import extract_entry, load_for_extract
-
+def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None,
+            progress: bool = True, scheduler: str | None = None) -> int:
+    scheduler = scheduler or cfg.extract.scheduler
+    check_store_reachable(store_url, scheduler)
+    if is_distributed(scheduler) and shard != (0, 1):
+        raise ConfigError(f"--shard {shard[0]}/{shard[1]} splits work between processes by hand; with --scheduler {scheduler} the cluster does that, drop one of them")
     store = open_store(store_url)
     requests = feature_requests(cfg, models)
     missing = [r for r in requests if not store.exists(r.key)]
@@ -68,6 +50,9 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
         if r.spec.random_init:
             log.info("note: %s is %s", r.model.name, r.spec.display)
             break
+    if is_distributed(scheduler):
+        log.info("%s", format_summary(extract_on_cluster(requests, store, scheduler, progress=progress)))
+        return 0
     stats = []
     by_model: dict[str, list] = {}
     for r in requests:
@@ -82,8 +67,6 @@ def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (
 
 def _check_free_space(store_url: str, need: int) -> None:
     """Refuse to start an extract that cannot fit on a local disk (remote stores are not checked)."""
-    import shutil
-
     if "://" in store_url and not store_url.startswith("file://"):
         return
     path = Path(store_url.removeprefix("file://")).resolve()
@@ -118,33 +101,28 @@ def format_summary(stats) -> str:
 
 
 def score(cfg: ExperimentConfig, store_url: str, out: Path, *, scheduler: str | None = None, progress: bool = True) -> int:
-    from stages.score.runner import run_score
-
     run_score(cfg, open_store(store_url), out, scheduler=scheduler or cfg.score.scheduler, progress=progress)
     return 0
 
 
 def train(cfg: ExperimentConfig, store_url: str, out: Path, *, progress: bool = True) -> int:
-    from stages.train.runner import run_train
-
     run_train(cfg, open_store(store_url), out, progress=progress)
     return 0
 
 
 def predict(cfg: ExperimentConfig, store_url: str, head: str, texts: list[str]) -> int:
-    from stages.train.predict import predict_texts
-
     for text, label, probs in predict_texts(cfg, open_store(store_url), head, texts):
         print(f"{label}\t{' '.join(f'{p:.3f}' for p in probs)}\t{text}")
     return 0
 
 
 def store_command(args: argparse.Namespace) -> int:
-    from store import commands
-
     store = open_store(args.store)
     if args.store_command == "ls":
-        print(commands.ls(store, as_json=args.json))
+        print(commands.ls(store, as_json=args.json, dataset=args.dataset, split=args.split, model=args.model, kind=args.kind))
+        return 0
+    if args.store_command == "rm":
+        print(commands.rm(store, args.keys, force=args.force))
         return 0
     if args.store_command == "verify":
         text, code = commands.verify(store, args.keys or None)

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import functools
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+__version__ = "0.1.0"
 
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """'layerstore 0.1.0+g<commit>[.dirty]' from a git checkout, else 'layerstore <version>'."""
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            v = version("layerstore")
-        except PackageNotFoundError:
-            from pipeline import __version__ as v
-    except ImportError:  # pragma: no cover
-        v = "unknown"
+        v = version("layerstore")
+    except PackageNotFoundError:
+        v = __version__
     commit = _git_commit(Path(__file__).resolve().parent.parent)
     return f"layerstore {v}" + (f"+g{commit}" if commit else "")
 

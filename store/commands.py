@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 from . import transfer
-from .store import EntryInfo, Store, lookup
+from .store import EntryInfo, Store, display_name, lookup
 
 _MISSING_TEXT = "-"
+_MISSING_FIELD = lookup({}, "x")
 
 
 def human_bytes(n: int) -> str:
@@ -32,11 +33,7 @@ def human_age(seconds: float | None) -> str:
 
 
 def _name(info: EntryInfo) -> str:
-    parts = [lookup(info.description, f) for f in ("dataset.name", "dataset.split", "model.name")]
-    parts = [str(p) for p in parts if isinstance(p, (str, int, float))]
-    if parts:
-        return "/".join(parts)
-    return str(info.name) if info.name is not None else _MISSING_TEXT
+    return display_name(info.description) or (str(info.name) if info.name is not None else _MISSING_TEXT)
 
 
 def _row(info: EntryInfo) -> dict[str, Any]:
@@ -54,9 +51,33 @@ def _row(info: EntryInfo) -> dict[str, Any]:
     }
 
 
-def ls(store: Store, as_json: bool = False) -> str:
-    """A table (or JSON list) of every entry with its human name, kind, key, size and age."""
-    rows = [_row(info) for info in store.list()]
+LS_FILTERS = {"dataset": "dataset.name", "split": "dataset.split", "model": "model.name", "kind": "kind"}
+
+
+def _matches(info: EntryInfo, filters: dict[str, str | None]) -> bool:
+    """Every given filter equals the entry's field; a heads entry's model is 'a+b', so any of its parts matches."""
+    for name, want in filters.items():
+        if want is None:
+            continue
+        have = lookup(info.description, LS_FILTERS[name])
+        if name == "model" and isinstance(have, str) and want in have.split("+"):
+            continue
+        if have is _MISSING_FIELD or str(have) != want:
+            return False
+    return True
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s" if not word.endswith("y") else f"{n} {word[:-1]}ies"
+
+
+def ls(store: Store, as_json: bool = False, **filters: str | None) -> str:
+    """A table (or JSON list) of the entries (filtered by dataset, split, model, kind) with their human
+    name, kind, key, size and age, and a total line."""
+    unknown = sorted(set(filters) - set(LS_FILTERS))
+    if unknown:
+        raise ValueError(f"ls filters {unknown}: expected some of {sorted(LS_FILTERS)}")
+    rows = [_row(info) for info in store.list() if _matches(info, filters)]
     if as_json:
         return json.dumps(rows, indent=1, sort_keys=True)
     header = ["NAME", "KIND", "KEY", "ROWS", "LAYERS", "SIZE", "AGE", "COMPLETE", "CREATED_BY", "CODE"]
@@ -73,22 +94,27 @@ def ls(store: Store, as_json: bool = False) -> str:
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
-    return text if rows else text + f"\n(no entries in {store.url})"
+    if not rows:
+        where = " matching " + " ".join(f"--{k} {v}" for k, v in filters.items() if v is not None) if any(
+            v is not None for v in filters.values()) else ""
+        return text + f"\n(no entries{where} in {store.url})"
+    complete = sum(r["complete"] for r in rows)
+    total = f"total: {_plural(len(rows), 'entry')}, {human_bytes(sum(r['bytes'] for r in rows))}"
+    return text + "\n" + total + ("" if complete == len(rows) else f" ({len(rows) - complete} incomplete)")
 
 
 def verify(store: Store, keys: list[str] | None = None) -> tuple[str, int]:
     """(report, exit code): 0 if every file matches its manifest, 1 naming each bad file, 2 for a bad key."""
-    try:
-        problems = store.verify(keys or None)
-    except ValueError as exc:
-        return str(exc), 2
+    keys = [store.resolve(k) for k in keys or ()]
+    problems = store.verify(keys or None)
     # an entry whose manifest is unreadable lists as incomplete, but it was checked (and failed)
     checked = keys or sorted({i.key for i in store.list() if i.complete} | {p.key for p in problems})
     if not problems:
-        return f"ok: {len(checked)} entries verified in {store.url}", 0
+        return f"ok: {_plural(len(checked), 'entry')} verified in {store.url}", 0
     lines = [f"{p.path}: {p.reason}" for p in problems]
     bad = sorted({p.key for p in problems})
-    lines.append(f"{len(problems)} problems in {len(bad)} of {len(checked)} entries; remove them and re-run the stages that built them")
+    lines.append(f"{_plural(len(problems), 'problem')} in {len(bad)} of {_plural(len(checked), 'entry')}; "
+                 "remove them (`store rm KEY`) and re-run the stages that built them")
     return "\n".join(lines), 1
 
 
@@ -101,10 +127,20 @@ def gc(store: Store, grace_seconds: float = 86400, dry_run: bool = False) -> str
     return "\n".join([*(f"{verb} {p}" for p in removed), f"{verb} {len(removed)} paths from {store.url}"])
 
 
+def rm(store: Store, keys: list[str], force: bool = False) -> str:
+    """Remove entries by key or unique prefix; one with a live lease is refused (StoreError) unless `force`."""
+    infos = {i.key: i for i in store.list()}
+    removed = store.rm(keys, force=force)
+    lines = [f"removed {k[:12]} {_name(infos[k]) if k in infos else ''} ({human_bytes(infos[k].bytes) if k in infos else '?'})".replace("  ", " ")
+             for k in removed]
+    lines.append(f"removed {_plural(len(removed), 'entry')} from {store.url}")
+    return "\n".join(lines)
+
+
 def copy(src: Store, dst: Store, keys: list[str] | None = None) -> str:
     """Copy committed entries (default: all of `src`) to `dst`, every file verified by sha256 at the
     destination and the manifest published last; entries already committed in `dst` are skipped."""
-    results = transfer.copy(src, dst, keys or None)
+    results = transfer.copy(src, dst, [src.resolve(k) for k in keys or ()] or None)
     if not results:
         return f"nothing to copy: no committed entries in {src.url}"
     lines = []

@@ -67,12 +67,10 @@ class Entry:
         self.key = validate_key(key)
         self._sfs = sfs
         if manifest is None:
-            path = layout.entry_file(sfs, key, mf.MANIFEST_NAME)
             try:
-                data = sfs.cat(path)
+                _, manifest = mf.read(sfs, key)
             except FileNotFoundError:
                 raise StoreError(f"no committed entry {key} in store {sfs.url}; run the stage that builds it") from None
-            manifest = mf.loads(data, key, path)
         self.manifest = manifest
         self.description: dict[str, Any] = manifest["description"]
         self.n_rows: int = manifest["n_rows"]

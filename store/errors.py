@@ -7,3 +7,7 @@ class StoreError(Exception):
 
 class CorruptEntryError(StoreError):
     """A committed entry's files do not match its manifest, or the manifest itself is unsafe."""
+
+
+class InvalidKeyError(StoreError, ValueError):
+    """A key or key prefix that is not lowercase hex of a usable length."""

@@ -28,6 +28,12 @@ RANDOM_ACCESS_BLOCK = 1 << 20
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 
+def _unlink_quietly(path: str) -> None:
+    """Unlink a temporary that gc may already have removed."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 class StoreFS:
     """A store root on one fsspec filesystem, with the few operations the store needs."""
 
@@ -179,8 +185,17 @@ class StoreFS:
                 return False
             except (ValueError, NotImplementedError, TypeError):
                 pass  # no exclusive create on this backend: temporary + publish
-        self.write_bytes(tmp, data)
-        return self.publish(tmp, dst)
+        for attempt in range(3):
+            self.write_bytes(tmp, data)
+            try:
+                return self.publish(tmp, dst)
+            except FileNotFoundError:
+                # `store gc` may remove a temporary of a writer that has not announced itself yet
+                # (its own lease file); the bytes are still in memory, so write them again
+                if attempt == 2:
+                    raise
+                log.debug("temporary %s vanished before it was published; writing it again", self.rel(tmp))
+        raise AssertionError("unreachable")
 
     def publish(self, tmp: str, dst: str) -> bool:
         """Move temporary `tmp` to `dst` unless `dst` exists; True if this call published it.
@@ -194,17 +209,17 @@ class StoreFS:
             try:
                 os.link(tmp, dst)
             except FileExistsError:
-                os.unlink(tmp)
+                _unlink_quietly(tmp)
                 return False
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
                     raise
                 if os.path.exists(dst):
-                    os.unlink(tmp)
+                    _unlink_quietly(tmp)
                     return False
                 os.replace(tmp, dst)
                 return True
-            os.unlink(tmp)
+            _unlink_quietly(tmp)
             return True
         if self.fs.exists(dst):
             self.fs.rm_file(tmp)
@@ -240,7 +255,8 @@ class StoreFS:
 
     def remove(self, path: str) -> None:
         """Remove a file or a directory tree (read-only published files included)."""
-        if self.fs.isdir(path):
-            self.fs.rm(path, recursive=True)
-        elif self.fs.exists(path):
-            self.fs.rm_file(path)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile by someone else: the goal is met
+            if self.fs.isdir(path):
+                self.fs.rm(path, recursive=True)
+            elif self.fs.exists(path):
+                self.fs.rm_file(path)

@@ -36,9 +36,29 @@ def shard_lease_name(key: str, index: int) -> str:
     return f"{validate_key(key)}.shard_{index:05d}"
 
 
+def writer_lease_name(key: str, owner: str) -> str:
+    """Lease one writer holds while it works on an entry (unique per writer, never taken over)."""
+    return f"{validate_key(key)}.writer_{owner}"
+
+
+def gc_lock_name(key: str) -> str:
+    """Lease `gc` and `rm` hold while they decide on and delete an unfinished entry."""
+    return f"{validate_key(key)}.gc"
+
+
 def lease_key(basename: str) -> str:
     """The entry key a lease file 'KEY[.shard_N].json' belongs to."""
     return basename.split(".", 1)[0]
+
+
+def tmp_key(basename: str) -> str | None:
+    """The entry key a temporary 'KEY.NAME.UUID.part' or 'lease.KEY[...].UUID.part' belongs to, if any."""
+    parts = basename.split(".")
+    candidate = parts[1] if parts[0] == "lease" and len(parts) > 1 else parts[0]
+    try:
+        return validate_key(candidate)
+    except ValueError:
+        return None
 
 
 def tmp_path(sfs: StoreFS, key: str, name: str) -> str:

@@ -185,3 +185,58 @@ class Lease:
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lease.get("expires", 0) or 0)))
         return (f"{self.what} is being written by {lease.get('host')} pid {lease.get('pid')} (lease until {until}); "
                 "wait for it, or run `store gc` after the lease expires")
+
+
+PRESENCE_TTL = 300.0
+GC_LOCK_TTL = 60.0
+GC_WAIT_POLL = 0.05
+
+
+def live_leases(sfs: StoreFS, key: str, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Paths of the live leases of entry `key` (its entry, shard, writer and gc leases), read now."""
+    live = []
+    for item in sfs.listdir(sfs.join(layout.LEASES)):
+        base = item["basename"]
+        if not base.endswith(".json") or layout.lease_key(base) != key or item["name"] in exclude:
+            continue
+        try:
+            body = json.loads(sfs.cat(item["name"]))
+        except (ValueError, FileNotFoundError):
+            continue
+        if isinstance(body, dict) and Lease.is_live(body):
+            live.append(item["name"])
+    return live
+
+
+class WriterPresence:
+    """Tells `gc` and `rm` that a writer is working on an entry, from its first file to its commit.
+
+    Each writer publishes its own lease `<key>.writer_<id>` (heartbeat-refreshed), *then* waits
+    while a `<key>.gc` lock is live; gc takes that lock *then* reads the leases of the key, and
+    deletes only if none is live. Whichever of the two publishes second sees the other's file
+    (Dekker's handshake), so gc never deletes under a writer whose lease is live: the writer
+    either is seen by gc, or starts only after gc's deletion is complete.
+    """
+
+    def __init__(self, sfs: StoreFS, key: str, ttl: float = PRESENCE_TTL):
+        self._sfs = sfs
+        self.key = key
+        self.lease = Lease(sfs, layout.writer_lease_name(key, uuid.uuid4().hex[:16]), ttl, what=f"writer of entry {key}")
+
+    def acquire(self) -> "WriterPresence":
+        if self.lease.held:
+            return self
+        if not self.lease.try_acquire():  # a unique name: only a store that refuses writes gets here
+            raise StoreError(f"cannot publish the writer lease of entry {self.key} in {self._sfs.url}")
+        self.lease.heartbeat()
+        gc_lock = Lease(self._sfs, layout.gc_lock_name(self.key), GC_LOCK_TTL)
+        waited = False
+        while (holder := gc_lock.holder()) is not None and Lease.is_live(holder):
+            if not waited:
+                log.info("entry %s: waiting for a running `store gc`/`store rm` to finish with it", self.key)
+                waited = True
+            time.sleep(GC_WAIT_POLL)
+        return self
+
+    def release(self) -> None:
+        self.lease.release()

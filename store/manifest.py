@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from . import layout
 from .errors import CorruptEntryError
 from .keys import parse_shard_name, validate_name
 
@@ -35,6 +36,13 @@ def _escape(name: Any) -> bool:
     except ValueError:
         return True
     return False
+
+
+def read(sfs, key: str) -> tuple[bytes, dict[str, Any]]:
+    """The committed manifest of entry `key` as (exact bytes, parsed); FileNotFoundError if not committed."""
+    path = layout.entry_file(sfs, key, MANIFEST_NAME)
+    data = sfs.cat(path)
+    return data, loads(data, key, path)
 
 
 def loads(data: bytes, key: str, where: str) -> dict[str, Any]:

@@ -5,23 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import h5py
 import pyarrow.parquet as pq
 
 from . import layout, manifest as mf
 from .entry import Entry
-from .errors import CorruptEntryError, StoreError
+from .errors import CorruptEntryError, InvalidKeyError, StoreError
 from .fs import StoreFS
 from .keys import validate_key
-from .lease import Lease
+from .lease import GC_LOCK_TTL, Lease, live_leases
 from .writer import EntryWriter
 
 log = logging.getLogger(__name__)
 
 _MISSING = object()
+MIN_PREFIX = 8
+_FULL_KEY = re.compile(r"[0-9a-f]{64}")
+_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},64}}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,16 @@ def lookup(description: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def display_name(description: dict[str, Any]) -> str | None:
+    """'dataset/split/model' from a description, else its 'name', else None."""
+    parts = [lookup(description, f) for f in ("dataset.name", "dataset.split", "model.name")]
+    parts = [str(p) for p in parts if isinstance(p, (str, int, float))]
+    if parts:
+        return "/".join(parts)
+    name = description.get("name")
+    return None if name is None else str(name)
+
+
 class Store:
     """A feature store rooted at a local path or fsspec URL ('s3://bucket/prefix', 'memory://x')."""
 
@@ -78,9 +93,27 @@ class Store:
         """True if entry `key` is committed (its manifest is published)."""
         return self._sfs.exists(layout.entry_file(self._sfs, key, mf.MANIFEST_NAME))
 
+    def resolve(self, key: str) -> str:
+        """The full key of entry `key`, or of the one entry whose key starts with it (8+ hex characters),
+        like git; StoreError naming the matches if several do, or saying none does."""
+        if isinstance(key, str) and _FULL_KEY.fullmatch(key):
+            return key
+        if not isinstance(key, str) or not _PREFIX.fullmatch(key):
+            raise InvalidKeyError(f"invalid store key {key!r}: expected a key or a unique prefix of {MIN_PREFIX}+ lowercase hex characters")
+        matches = [k for k in self._keys() if k.startswith(key)]
+        if key in matches:
+            return key
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise StoreError(f"no entry {key} in {self.url}; `store ls` lists the entries")
+        names = {i.key: display_name(i.description) for i in self.list() if i.key in matches}
+        listed = ", ".join(f"{k[:16]} ({names.get(k) or '?'})" for k in matches)
+        raise StoreError(f"key prefix {key} is ambiguous in {self.url}: {len(matches)} entries match: {listed}; give more characters")
+
     def open(self, key: str, verify: bool = False) -> Entry:
-        """The committed entry `key`; with verify=True every file is rehashed first."""
-        validate_key(key)
+        """The committed entry `key` (or a unique key prefix); with verify=True every file is rehashed first."""
+        key = self.resolve(key)
         if verify:
             problems = self.verify([key])
             if problems:
@@ -172,7 +205,7 @@ class Store:
             validate_key(key)
             mpath = layout.entry_file(self._sfs, key, mf.MANIFEST_NAME)
             try:
-                manifest = mf.loads(self._sfs.cat(mpath), key, mpath)
+                _, manifest = mf.read(self._sfs, key)
             except FileNotFoundError:
                 problems.append(Problem(key, mpath, "not committed"))
                 continue
@@ -191,56 +224,153 @@ class Store:
                         problems.append(Problem(key, path, "sha256 mismatch"))
                 except FileNotFoundError:
                     problems.append(Problem(key, path, "missing"))
+            if not any(p.key == key for p in problems):  # the files are the ones committed: check the counts
+                problems.extend(self._row_problems(key, mpath, manifest))
         for p in problems:
             log.warning("verify: %s: %s", p.path, p.reason)
         return problems
 
-    # garbage collection ------------------------------------------------------------------------------
+    def _row_problems(self, key: str, mpath: str, manifest: dict[str, Any]) -> list[Problem]:
+        """Row counts of the manifest against its shards: the manifest total, each shard's `n_rows` and
+        `row_start` (continuous from 0), the HDF5 file attributes, the Parquet row count and the first
+        axis of every row-wise dataset must agree. Hashes cannot catch an edited manifest; this can."""
+        from .entry import open_h5
+
+        out: list[Problem] = []
+        shards = manifest["shards"]
+        if shards:
+            total = sum(s["n_rows"] for s in shards)
+            if manifest["n_rows"] != total:
+                out.append(Problem(key, mpath, f"row count mismatch: n_rows {manifest['n_rows']} but the shards hold {total}"))
+        start = 0
+        shapes: list[dict[str, tuple[int, ...]]] = []
+        for s in shards:
+            h5_path = layout.entry_file(self._sfs, key, s["file"])
+            if s["row_start"] != start:
+                out.append(Problem(key, mpath, f"row count mismatch: shard {s['index']} row_start {s['row_start']}, expected {start}"))
+            start = s["row_start"] + s["n_rows"]
+            found: dict[str, tuple[int, ...]] = {}
+            with open_h5(self._sfs, h5_path) as f:
+                for k in ("row_start", "n_rows"):
+                    if k in f.attrs and int(f.attrs[k]) != s[k]:
+                        out.append(Problem(key, h5_path, f"row count mismatch: the file says {k} {int(f.attrs[k])}, the manifest {s[k]}"))
+                f.visititems(lambda name, obj: found.__setitem__(name, obj.shape) if isinstance(obj, h5py.Dataset) else None)
+            shapes.append(found)
+            table_path = layout.entry_file(self._sfs, key, s["table"])
+            with self._sfs.open(table_path, "rb") as fh:
+                table_rows = pq.read_metadata(fh).num_rows
+            if table_rows != s["n_rows"]:
+                out.append(Problem(key, table_path, f"row count mismatch: {table_rows} rows, the manifest says {s['n_rows']}"))
+        # a dataset is row-wise if its first axis follows the shard's rows somewhere and its shape varies;
+        # per-shard datasets (firing counts) have one shape in every shard
+        for name in sorted({n for found in shapes for n in found}):
+            dims = [found.get(name) for found in shapes]
+            if len(set(dims)) > 1 and any(d and d[0] == s["n_rows"] for d, s in zip(dims, shards)):
+                for d, s in zip(dims, shards):
+                    if d is not None and (not d or d[0] != s["n_rows"]):
+                        out.append(Problem(key, layout.entry_file(self._sfs, key, s["file"]),
+                                           f"row count mismatch: dataset {name} has {d[0] if d else 0} rows, expected {s['n_rows']}"))
+        return out
+
+    # garbage collection ----------------------------------------------------------------------------
 
     def _leases(self) -> dict[str, list[tuple[str, bool]]]:
-        """key -> [(lease path, live)] for the entry lease and its shard leases; unreadable ones are not live."""
+        """key -> [(lease path, live)] for every lease of the key; unreadable ones are not live."""
         out: dict[str, list[tuple[str, bool]]] = {}
         now = time.time()
         for item in self._sfs.listdir(self._sfs.join(layout.LEASES)):
             base = item["basename"]
             if not base.endswith(".json"):
                 continue
-            try:
-                body = json.loads(self._sfs.cat(item["name"]))
-                live = isinstance(body, dict) and Lease.is_live(body, now)
-            except (ValueError, AttributeError, TypeError, FileNotFoundError):
-                live = False
-            out.setdefault(layout.lease_key(base), []).append((item["name"], live))
+            out.setdefault(layout.lease_key(base), []).append((item["name"], self._lease_live(item["name"], now)))
         return out
+
+    def _lease_live(self, path: str, now: float | None = None) -> bool:
+        try:
+            body = json.loads(self._sfs.cat(path))
+        except (ValueError, AttributeError, TypeError, FileNotFoundError):
+            return False
+        return isinstance(body, dict) and Lease.is_live(body, now)
+
+    def _remove_entry(self, key: str, *, force: bool = False, committed: bool = False) -> bool:
+        """Delete entry `key` under its gc lock unless a writer holds a live lease on it (or, without
+        `committed`, it is committed); False if it was kept. See `WriterPresence` for why this is safe."""
+        lock = Lease(self._sfs, layout.gc_lock_name(key), GC_LOCK_TTL, what=f"gc of entry {key}")
+        if not lock.try_acquire():
+            log.info("entry %s: another gc or rm is working on it; skipped", key)
+            return False
+        try:
+            if not force and live_leases(self._sfs, key, exclude=(lock.path,)):
+                return False
+            if not committed and self.exists(key):
+                return False
+            # the manifest goes first: the entry stops existing at once, never half-deleted but committed
+            self._sfs.remove(layout.entry_file(self._sfs, key, mf.MANIFEST_NAME))
+            self._sfs.remove(layout.entry_dir(self._sfs, key))
+            return True
+        finally:
+            lock.release()
 
     def gc(self, grace_seconds: float = 86400, dry_run: bool = False) -> list[str]:
         """Remove temporaries and unfinished entries older than `grace_seconds`, and expired leases.
 
-        A committed entry (manifest present) is never touched; an unfinished entry under a live lease
-        is kept whatever its age. Returns the removed (or, with dry_run, removable) paths.
+        A committed entry (manifest present) is never touched; an unfinished entry, or a temporary of
+        it, is kept whatever its age while any lease on it is live, and the final decision for an entry
+        is taken under its gc lock (safe against writers starting meanwhile). Temporaries are listed
+        before the leases: a temporary written under a lease is then never seen without that lease.
+        Returns the removed (or, with dry_run, removable) paths.
         """
         now = time.time()
+        tmp_items = list(self._sfs.walk_files(self._sfs.join(layout.TMP)))
         leases = self._leases()
-        doomed: list[str] = []
-        for item in self._sfs.walk_files(self._sfs.join(layout.TMP)):
+
+        def busy(key: str | None) -> bool:
+            return key is not None and any(live for _, live in leases.get(key, ()))
+
+        tmp_doomed: list[str] = []
+        for item in tmp_items:
             mtime = StoreFS.mtime(item)
-            if mtime is None or now - mtime > grace_seconds:
-                doomed.append(item["name"])
+            if (mtime is None or now - mtime > grace_seconds) and not busy(layout.tmp_key(item["basename"])):
+                tmp_doomed.append(item["name"])
+        entries: list[str] = []
         for key in self._keys():
-            if self.exists(key):
-                continue
-            if any(live for _, live in leases.get(key, ())):
+            if self.exists(key) or busy(key):
                 continue
             times = [StoreFS.mtime(f) for f in self._sfs.walk_files(layout.entry_dir(self._sfs, key))]
             known = [t for t in times if t is not None]
             if not known or now - max(known) > grace_seconds:
-                doomed.append(layout.entry_dir(self._sfs, key))
-        for key, held in sorted(leases.items()):
-            doomed.extend(path for path, live in sorted(held) if not live)
-        if not dry_run:
-            for path in doomed:
-                if path.startswith(self._sfs.join(layout.ENTRIES) + "/") and self._sfs.exists(path + "/" + mf.MANIFEST_NAME):
-                    continue
+                entries.append(key)
+        dead = [path for key, held in sorted(leases.items()) for path, live in sorted(held) if not live]
+        if dry_run:
+            return tmp_doomed + [layout.entry_dir(self._sfs, k) for k in entries] + dead
+        removed: list[str] = []
+        for path in tmp_doomed:
+            self._sfs.remove(path)
+            removed.append(path)
+        for key in entries:
+            if self._remove_entry(key):
+                removed.append(layout.entry_dir(self._sfs, key))
+        for path in dead:
+            if not self._lease_live(path):  # re-read: it may have been taken over since the listing
                 self._sfs.remove(path)
-                log.info("gc removed %s", path)
-        return doomed
+                removed.append(path)
+        for path in removed:
+            log.info("gc removed %s", path)
+        return removed
+
+    def rm(self, keys: list[str], *, force: bool = False) -> list[str]:
+        """Delete the given entries (committed or not); one with a live lease is refused unless `force`.
+
+        Raises StoreError naming every refused key after removing the others; returns the removed keys.
+        """
+        removed, busy = [], []
+        keys = list(dict.fromkeys(self.resolve(k) for k in keys))
+        for key in keys:
+            if not self._sfs.exists(layout.entry_dir(self._sfs, key)):
+                raise StoreError(f"no entry {key} in {self.url}; `store ls` lists the entries")
+        for key in keys:
+            (removed if self._remove_entry(key, force=force, committed=True) else busy).append(key)
+        if busy:
+            raise StoreError(f"entry {', '.join(k[:12] for k in busy)} is being written (live lease); "
+                             "wait for the writer to finish, or pass --force")
+        return removed

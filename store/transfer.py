@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from . import layout, manifest as mf
 from .errors import CorruptEntryError, StoreError
 from .keys import validate_key
+from .lease import WriterPresence
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,23 @@ def copy_entry(src, dst, key: str) -> CopyResult:
     if dst.exists(key):
         return CopyResult(key, "present")
     s, d = src.fs, dst.fs
-    mpath = layout.entry_file(s, key, mf.MANIFEST_NAME)
     try:
-        manifest_bytes = s.cat(mpath)
+        manifest_bytes, manifest = mf.read(s, key)
     except FileNotFoundError:
         raise StoreError(f"no committed entry {key} in {src.url}; `store ls --store {src.url}` lists what is there") from None
-    manifest = mf.loads(manifest_bytes, key, mpath)
     d.ensure_writable()
-    for path in (layout.entry_dir(d, key), d.join(layout.TMP)):
+    for path in (d.join(layout.TMP), d.join(layout.LEASES)):
         d.makedirs(path)
+    presence = WriterPresence(d, key).acquire()  # a `store gc` at the destination leaves the copy alone
+    try:
+        return _copy_files(src, dst, key, manifest, manifest_bytes)
+    finally:
+        presence.release()
+
+
+def _copy_files(src, dst, key: str, manifest: dict, manifest_bytes: bytes) -> CopyResult:
+    s, d = src.fs, dst.fs
+    d.makedirs(layout.entry_dir(d, key))
     copied = total = 0
     for name, sha, size in mf.file_records(manifest):
         src_path, dst_path = layout.entry_file(s, key, name), layout.entry_file(d, key, name)

@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from . import layout, manifest as mf
 from .entry import Entry, open_h5
 from .errors import CorruptEntryError, StoreError
 from .fs import StoreFS
-from .lease import Lease
+from .lease import Lease, WriterPresence
 from .keys import canonical_json, parse_shard_name, shard_name, validate_key, validate_name
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,29 @@ class EntryWriter:
         self._dir = layout.entry_dir(sfs, key)
         self._entry_lease: Lease | None = None
         sfs.ensure_writable()
-        for path in (self._dir, sfs.join(layout.TMP), sfs.join(layout.LEASES)):
+        for path in (sfs.join(layout.TMP), sfs.join(layout.LEASES)):
             sfs.makedirs(path)
+        # announced before the first file of the entry, so gc never deletes under this writer
+        self._presence = WriterPresence(sfs, self.key).acquire()
+        self._finalizer = weakref.finalize(self, self._presence.release)
+        sfs.makedirs(self._dir)
 
     def __repr__(self) -> str:
         return f"EntryWriter({self._sfs.url!r}, key={self.key!r}, n_shards={self.n_shards})"
+
+    def __enter__(self) -> "EntryWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Withdraw this writer's lease: an unfinished entry then becomes gc-able after the grace period."""
+        self._presence.release()
+
+    def _present(self) -> None:
+        """Re-announce the writer if it was closed and is used again."""
+        self._presence.acquire()
 
     # shards -------------------------------------------------------------------------------------------
 
@@ -132,6 +151,7 @@ class EntryWriter:
         if unknown:
             raise ValueError(f"attrs for shard {index} of entry {self.key} name datasets not written: {unknown}")
         arrays = {_dataset_name(k): np.asarray(v) for k, v in arrays.items()}
+        self._present()
         if index in self.done_shards():
             log.debug("entry %s shard %d already published; skipping", self.key, index)
             return
@@ -185,6 +205,7 @@ class EntryWriter:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data for {name} must be bytes, got {type(data).__name__}")
         data = bytes(data)
+        self._present()
         if not self._put(name, data):
             existing = self._sfs.cat(layout.entry_file(self._sfs, self.key, name))
             if existing != data:
@@ -201,8 +222,15 @@ class EntryWriter:
 
     def commit(self, expected_shards: int | None = None) -> Entry:
         """Hash every file and publish manifest.json last; if someone committed first, return theirs."""
+        try:
+            return self._commit(expected_shards)
+        finally:
+            self.close()
+
+    def _commit(self, expected_shards: int | None) -> Entry:
         if self.committed():
             return Entry(self._sfs, self.key)
+        self._present()
         if expected_shards is not None and expected_shards != self.n_shards:
             raise StoreError(f"entry {self.key}: expected {expected_shards} shards but the writer was created with n_shards={self.n_shards}")
         listing = sorted(item["basename"] for item in self._sfs.listdir(self._dir))

@@ -19,7 +19,7 @@ from stages.extract import pooling
 @dataclass
 class BatchFeatures:
     arrays: dict[str, torch.Tensor]  # name -> (B, layers, width), on the device
-    fire_count: torch.Tensor  # (n_layers, ffn) int64
+    fire_count: torch.Tensor  # (n_thresholds, n_layers, ffn) int64
     n_counted: int  # tokens that count for means and firing
 
 
@@ -47,11 +47,17 @@ def _pooling_threads(device: torch.device):
 class FfnCapture:
     """Forward pre-hooks on every block's FFN output projection; use as a context manager."""
 
-    def __init__(self, model: torch.nn.Module, family: Family, poolings: tuple[str, ...], threshold: float):
+    def __init__(self, model: torch.nn.Module, family: Family, poolings: tuple[str, ...], thresholds: tuple[float, ...],
+                 magnitude: bool = False):
+        """``poolings`` may hold mean, max and, with ``magnitude``, absmax (max of |a|); a token fires at
+        threshold t when a > t, or |a| > t with ``magnitude`` (gated FFNs), counted for every threshold at once."""
+        if "absmax" in poolings and not magnitude:
+            raise ValueError("absmax pooling comes with the magnitude rule")
         self.blocks = list(family.block_list(model))
         self.projections = [family.ffn_projection(b) for b in self.blocks]
         self.poolings = poolings
-        self.threshold = threshold
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.magnitude = magnitude
         self.mask: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None  # mask as (B, T, 1) bool, built once per batch
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None  # pooling.mean_weights(mask), once per batch
@@ -69,16 +75,20 @@ class FfnCapture:
         return hook
 
     def _reduce(self, layer: int, x: torch.Tensor) -> None:
-        if True:
-            out = {}
-            if "mean" in self.poolings:
-                out["mean"] = pooling.masked_mean(x, self.mask, weights=self.weights)
+        out = {}
+        if "mean" in self.poolings:
+            out["mean"] = pooling.masked_mean(x, self.mask, weights=self.weights)
+        if "max" in self.poolings or "absmax" in self.poolings:
+            mx, absmx, self.fired[layer] = pooling.masked_max_and_fire_counts(
+                x, self.mask, self.thresholds, magnitude=self.magnitude, keep=self.keep,
+                workspace=self.workspace, counted=self.counted)
             if "max" in self.poolings:
-                out["max"], self.fired[layer] = pooling.masked_max_and_fire_counts(
-                    x, self.mask, self.threshold, keep=self.keep, workspace=self.workspace, counted=self.counted)
-            else:
-                self.fired[layer] = pooling.fire_counts(x, self.mask, self.threshold, workspace=self.workspace)
-            self.pooled[layer] = out
+                out["max"] = mx
+            if "absmax" in self.poolings:
+                out["absmax"] = absmx
+        else:
+            self.fired[layer] = pooling.fire_counts(x, self.mask, self.thresholds, magnitude=self.magnitude, workspace=self.workspace)
+        self.pooled[layer] = out
 
     def __enter__(self) -> "FfnCapture":
         self._handles = [p.register_forward_pre_hook(self._hook(i)) for i, p in enumerate(self.projections)]
@@ -133,5 +143,6 @@ def forward_features(
             arrays["hidden/pooler"] = out.pooler_output.unsqueeze(1)
         for name in capture.poolings:
             arrays[f"ffn/{name}"] = torch.stack([p[name] for p in capture.pooled], dim=1)
-        fired = torch.stack(capture.fired)
+        arrays["stats/norm_ratio"] = pooling.norm_ratio(hidden, mask)
+        fired = torch.stack(capture.fired, dim=1)
     return BatchFeatures(arrays, fired, int(mask.sum().item()))

@@ -55,6 +55,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, *, weights: tuple[torch.Ten
     return total / denom
 
 
+def norm_ratio(hidden, mask: torch.Tensor) -> torch.Tensor:
+    """(B, layers): per text and layer, the largest token norm over the median token norm, over counted tokens.
+
+    An attention sink shows as a ratio in the hundreds (one token's state 100x the others');
+    a text with one counted token has ratio 1. The median is the lower median for even counts.
+    """
+    keep = mask.bool()
+    out = []
+    for h in hidden:
+        norms = torch.linalg.vector_norm(h.to(torch.float32), dim=-1)
+        top = norms.masked_fill(~keep, float("-inf")).amax(dim=1)
+        mid = norms.masked_fill(~keep, float("nan")).nanmedian(dim=1).values
+        out.append(top / mid.clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(out, dim=1)
+
+
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
 
@@ -109,17 +125,29 @@ class Workspace:
 _EXACT_FLOAT_COUNT = 2**24
 
 
-def fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float, *, workspace: Workspace | None = None) -> torch.Tensor:
-    """(B, T, F) -> (F,) int64: how many counted tokens have activation > threshold."""
+def fire_counts(x: torch.Tensor, mask: torch.Tensor, thresholds, *, magnitude: bool = False,
+                workspace: Workspace | None = None) -> torch.Tensor:
+    """(B, T, F) -> (len(thresholds), F) int64: counted tokens that fire at each threshold.
+
+    A token fires when ``x > t``, or ``|x| > t`` with ``magnitude`` (the rule for gated FFNs,
+    whose product activation carries no information in its sign).
+    """
     b, t, f = x.shape
+    stat = x.abs() if magnitude else x
+    counts = torch.empty((len(thresholds), f), dtype=torch.int64, device=x.device)
     if b * t >= _EXACT_FLOAT_COUNT:
-        fired = (x > threshold) & mask.bool().unsqueeze(-1)
-        return fired.sum(dim=(0, 1), dtype=torch.int64)
+        keep = mask.bool().unsqueeze(-1)
+        for i, thr in enumerate(thresholds):
+            counts[i] = ((stat > thr) & keep).sum(dim=(0, 1), dtype=torch.int64)
+        return counts
     ws = workspace or Workspace()
     fired = ws.get("fired", (b * t, f), torch.float32, x.device)
-    torch.gt(x.reshape(b * t, f), threshold, out=fired)  # compared in x's dtype, stored as 0.0/1.0
-    # mask is 0/1: the matmul adds exactly the fired flags of counted tokens.
-    return (mask.to(torch.float32).reshape(1, b * t) @ fired).squeeze(0).round().to(torch.int64)
+    weights = mask.to(torch.float32).reshape(1, b * t)
+    for i, thr in enumerate(thresholds):
+        torch.gt(stat.reshape(b * t, f), thr, out=fired)  # compared in x's dtype, stored as 0.0/1.0
+        # mask is 0/1: the matmul adds exactly the fired flags of counted tokens.
+        counts[i] = (weights @ fired).squeeze(0).round().to(torch.int64)
+    return counts
 
 
 class CountedTokens:
@@ -146,10 +174,11 @@ class CountedTokens:
                 r0 = r
 
 
-def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: float, *,
+def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, thresholds, *, magnitude: bool = False,
                                keep: torch.Tensor | None = None, workspace: Workspace | None = None,
-                               counted: CountedTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``masked_max`` and ``fire_counts`` in a few passes, with the same results as those two.
+                               counted: CountedTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``masked_max``, the masked max of ``|x|`` (with ``magnitude``, else None) and ``fire_counts``
+    at every threshold, in a few passes, with the same results as the separate reductions.
 
     With ``counted`` (``CountedTokens(mask)``, CPU): gathers the counted tokens once, takes each
     row's max over its contiguous slice of them and counts the fired flags of the gathered
@@ -160,32 +189,53 @@ def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, threshold: f
     """
     b, t, f = x.shape
     ws = workspace or Workspace()
+    counts = torch.empty((len(thresholds), f), dtype=torch.int64, device=x.device)
     if counted is not None and counted.n < _EXACT_FLOAT_COUNT and counted.shape == (b, t):
         xs = ws.get("counted", (counted.n, f), x.dtype, x.device)
         torch.index_select(x.reshape(b * t, f), 0, counted.index, out=xs)
-        mx = torch.empty((b, f), dtype=x.dtype, device=x.device)
-        for r0, r1, off, n in counted.runs:
-            # Every row has >= 1 counted token (token_masks falls back to its real tokens).
-            group = xs[off:off + (r1 - r0) * n].view(r1 - r0, n, f)
-            # Reducing the outer dim of a (n, rows, F) view is much faster on the CPU than the middle one.
-            torch.amax(group.permute(1, 0, 2), dim=0, out=mx[r0:r1])
-        fired = xs if x.dtype == torch.float32 else ws.get("fired", (counted.n, f), torch.float32, x.device)
-        torch.gt(xs, threshold, out=fired)  # compared in x's dtype, as ``x > threshold``; xs is done with
-        counts = (ws.ones(counted.n, x.device) @ fired).squeeze(0).round().to(torch.int64)
-        return mx, counts
+
+        def row_max(values: torch.Tensor) -> torch.Tensor:
+            mx = torch.empty((b, f), dtype=x.dtype, device=x.device)
+            for r0, r1, off, n in counted.runs:
+                # Every row has >= 1 counted token (token_masks falls back to its real tokens).
+                group = values[off:off + (r1 - r0) * n].view(r1 - r0, n, f)
+                # Reducing the outer dim of a (n, rows, F) view is much faster on the CPU than the middle one.
+                torch.amax(group.permute(1, 0, 2), dim=0, out=mx[r0:r1])
+            return mx
+
+        mx = row_max(xs)
+        absmx = None
+        if magnitude:
+            torch.abs(xs, out=xs)  # the signed values are done with
+            absmx = row_max(xs)
+        ones = ws.ones(counted.n, x.device)
+        for i, thr in enumerate(thresholds):
+            last = i == len(thresholds) - 1
+            # the last comparison may overwrite xs itself (float32 only: the flags are float32)
+            fired = xs if last and x.dtype == torch.float32 else ws.get("fired", (counted.n, f), torch.float32, x.device)
+            torch.gt(xs, thr, out=fired)  # compared in x's dtype, as ``x > threshold``
+            counts[i] = (ones @ fired).squeeze(0).round().to(torch.int64)
+        return mx, absmx, counts
     if keep is None:
         keep = mask.bool().unsqueeze(-1)
     xm = ws.get("masked", (b, t, f), x.dtype, x.device)
     torch.where(keep, x, ws.const(float("-inf"), x.dtype, x.device), out=xm)
     # The max over tokens of the same values as masked_max (max is order-free, NaN propagates alike).
     mx = xm.permute(1, 0, 2).amax(dim=0)
+    absmx = None
+    if magnitude:
+        torch.abs(xm, out=xm)
+        xm.masked_fill_(~keep, float("-inf"))
+        absmx = xm.permute(1, 0, 2).amax(dim=0)
     n = b * t
     if n >= _EXACT_FLOAT_COUNT:
-        return mx, (xm > threshold).flatten(0, 1).sum(dim=0, dtype=torch.int64)
-    if x.dtype == torch.float32:
-        fired = xm.view(n, f)  # xm is no longer needed: overwrite it with the 0/1 flags
-    else:
-        fired = ws.get("fired", (n, f), torch.float32, x.device)
-    torch.gt(xm.view(n, f), threshold, out=fired)  # compared in x's dtype, as ``xm > threshold``
-    counts = (ws.ones(n, x.device) @ fired).squeeze(0).round().to(torch.int64)
-    return mx, counts
+        for i, thr in enumerate(thresholds):
+            counts[i] = (xm > thr).flatten(0, 1).sum(dim=0, dtype=torch.int64)
+        return mx, absmx, counts
+    ones = ws.ones(n, x.device)
+    for i, thr in enumerate(thresholds):
+        last = i == len(thresholds) - 1
+        fired = xm.view(n, f) if last and x.dtype == torch.float32 else ws.get("fired", (n, f), torch.float32, x.device)
+        torch.gt(xm.view(n, f), thr, out=fired)  # compared in x's dtype, as ``xm > threshold``
+        counts[i] = (ones @ fired).squeeze(0).round().to(torch.int64)
+    return mx, absmx, counts

@@ -8,8 +8,6 @@ so teammates can reuse them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -18,17 +16,22 @@ from pathlib import Path
 import dask
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
+from pipeline.blocks import candidate_layers
 from pipeline.config import ExperimentConfig
+from pipeline.data import load_split
 from pipeline.errors import PipelineError
+from pipeline.models.families import RULE_TEXT
+from pipeline.outputs import parquet_bytes, write_atomic, write_parquet
+from stages.entries import TABLES, feature_requests, load_keywords, open_features, scores_key
+from stages.report import md_table
 from stages.score.plots import plot_sparsity, plot_variability
 from stages.score.sparsity import SparsityPlan, keyword_mask, top_keyword_neurons
 from stages.score.variability import VariabilityPlan, lowest_nu_layer
 
 log = logging.getLogger(__name__)
 
-SCORES_VERSION = 1
-TABLES = ("variability.parquet", "sparsity.parquet", "neurons.parquet")
 
 
 @dataclass
@@ -57,76 +60,70 @@ def dask_scheduler(spec: str):
         yield spec
 
 
-def open_features(store, request, *, verify: bool = True, config: str = ""):
-    """The committed entry for a request, verified; a missing or corrupt one is a clear error.
+def firing_setup(entry, request) -> tuple[tuple[float, ...], str, str]:
+    """(thresholds, rule, per-sentence statistic array) of an entry, from its shard attributes.
 
-    ``config`` (the config file's path) is named in the error, so the user knows which
-    ``make extract`` run provides the entry.
+    Entries of format 1 stored one ``threshold`` and the rule a > t.
     """
-    from store import CorruptEntryError
-
-    name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
-    if not store.exists(request.key):
-        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG={config or '...'}` with this config first")
-    try:
-        return store.open(request.key, verify=verify)
-    except CorruptEntryError as e:
-        raise PipelineError(f"features for {name} are corrupt: {e}; delete the entry and re-run `make extract` to rebuild it") from None
-
-
-def load_keywords(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"score.keywords: keyword file not found: {p}")
-    return [w.strip() for w in p.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
+    attrs = entry.shard_attrs("ffn/fire_count")[0]
+    thresholds = tuple(float(t) for t in attrs.get("thresholds", [attrs.get("threshold", 0.0)]))
+    rule = str(attrs.get("rule", "gt"))
+    stat = "ffn/absmax" if rule == "abs_gt" else "ffn/max"
+    if stat not in entry.datasets():
+        raise PipelineError(f"{request.model.name}: sparsity needs {stat} (per-sentence max for the rule {RULE_TEXT.get(rule, rule)}); "
+                            "add 'max' to extract.ffn_poolings and re-extract")
+    return thresholds, rule, stat
 
 
-def scores_key(feature_keys: list[str], keywords: list[str]) -> str:
-    from store import fingerprint
+def norm_ratio_by_layer(entry) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer: median and max over sentences of (largest / median counted-token norm); NaN if not stored."""
+    if "stats/norm_ratio" not in entry.datasets():
+        n = int(entry.description.get("n_layers", 0)) + 1
+        return np.full(n, np.nan), np.full(n, np.nan)
+    r = np.asarray(entry.array("stats/norm_ratio").compute(), dtype=np.float64)
+    return np.median(r, axis=0), r.max(axis=0)
 
-    return fingerprint({
-        "kind": "scores", "version": SCORES_VERSION, "features": sorted(feature_keys),
-        "keywords": hashlib.sha256("\n".join(keywords).encode()).hexdigest(),
-    })
 
-
-def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, scheduler) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, scheduler,
+                include_embeddings: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     table = entry.table()
     labels = table["label"].to_numpy()
     ident = {"dataset": request.split.dataset, "split": request.split.name, "model": request.model.name}
     n_layers = entry.description.get("n_layers")
-    if "max" not in request.extract.ffn_poolings:
-        raise PipelineError(f"{ident['model']}: sparsity needs ffn max pooling; add 'max' to extract.ffn_poolings and re-extract")
+    thresholds, rule, stat = firing_setup(entry, request)
     # Two dask.compute calls read every shard at most twice: pass 1 of variability for every
-    # pooling, then pass 2 of every pooling fused with the sparsity pass over ffn/max.
+    # pooling, then pass 2 of every pooling fused with the sparsity pass over the per-sentence max.
     poolings = list(request.extract.poolings)
     plan = VariabilityPlan({p: entry.array(f"hidden/{p}", rows_per_chunk=rows_per_chunk) for p in poolings}, labels)
     attrs = entry.shard_attrs("ffn/fire_count")
     sparsity = SparsityPlan(
         entry.per_shard("ffn/fire_count"), [a["n_tokens"] for a in attrs],
-        entry.array("ffn/max", rows_per_chunk=rows_per_chunk), labels,
-        keyword_mask(table["text"].tolist(), keywords), request.model.threshold)
+        entry.array(stat, rows_per_chunk=rows_per_chunk), labels,
+        keyword_mask(table["text"].tolist(), keywords), thresholds, rule=rule)
     sums, = dask.compute(plan.first_pass(), scheduler=scheduler)
     sq, fires = dask.compute(plan.second_pass(sums), sparsity.lazy(), scheduler=scheduler)
     by_pooling = plan.results(sq)
+    ratio_median, ratio_max = norm_ratio_by_layer(entry)
     var_rows = []
     for pooling in poolings:
         results = by_pooling[pooling]
+        candidates = list(candidate_layers(len(results), include_embeddings))
         try:
-            best = lowest_nu_layer(results)
+            best = candidates[lowest_nu_layer([results[i] for i in candidates])]
         except ValueError:
             best = -1
         for layer, r in enumerate(results):
             var_rows.append({**ident, "pooling": pooling, "layer": layer, "n_layers": n_layers or len(results) - 1,
                              "relative_depth": layer / max(len(results) - 1, 1), "variability": r.nu, "rank": r.rank,
                              "n_rows": r.n_rows, "n_classes": r.n_classes, "lowest": layer == best,
+                             "norm_ratio_median": float(ratio_median[layer]) if layer < len(ratio_median) else float("nan"),
+                             "norm_ratio_max": float(ratio_max[layer]) if layer < len(ratio_max) else float("nan"),
                              "random_init": bool(request.spec.random_init)})
     layers, neurons = sparsity.finish(fires)
-    n = len(layers)
     layers.insert(0, "model", ident["model"])
     layers.insert(0, "split", ident["split"])
     layers.insert(0, "dataset", ident["dataset"])
-    layers["relative_depth"] = (layers["layer"] + 1) / n
+    layers["relative_depth"] = (layers["layer"] + 1) / int(layers["layer"].max() + 1)
     layers["random_init"] = bool(request.spec.random_init)
     for col, val in reversed(list(ident.items())):
         neurons.insert(0, col, val)
@@ -134,11 +131,6 @@ def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, sch
 
 
 def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "threads", progress: bool = True) -> ScoreResult:
-    from pipeline.orchestrate import feature_requests
-    from pipeline.data import load_split
-
-    from tqdm.auto import tqdm
-
     split = load_split(cfg.data, cfg.score.split)
     _check_train_split(split)
     requests = feature_requests(cfg, splits={split.name: split})
@@ -148,12 +140,13 @@ def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "thre
     t0 = time.perf_counter()
     with dask_scheduler(scheduler) as sched:
         for r, entry in tqdm(entries, desc="score", unit="model", disable=not progress):
-            v, s, n = score_entry(entry, r, keywords, rows_per_chunk=cfg.score.rows_per_chunk, scheduler=sched)
+            v, s, n = score_entry(entry, r, keywords, rows_per_chunk=cfg.score.rows_per_chunk, scheduler=sched,
+                                  include_embeddings=cfg.train.include_embeddings)
             var.append(v)
             spa.append(s)
             neu.append(n)
     result = ScoreResult(pd.concat(var, ignore_index=True), pd.concat(spa, ignore_index=True), pd.concat(neu, ignore_index=True),
-                         scores_key([r.key for r in requests], keywords))
+                         scores_key([r.key for r in requests], keywords, cfg.train.include_embeddings))
     log.info("score: %d models in %.1f s", len(entries), time.perf_counter() - t0)
     write_outputs(result, cfg, out, [r for r, _ in entries], keywords)
     record_in_store(store, result, cfg, [r.key for r in requests])
@@ -163,12 +156,6 @@ def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "thre
 def _check_train_split(split) -> None:
     if len(np.unique(split.labels)) < 2:
         raise PipelineError(f"score.split {split.name!r} has a single class; variability needs at least 2")
-
-
-def parquet_bytes(df: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    return buf.getvalue()
 
 
 def record_in_store(store, result: ScoreResult, cfg: ExperimentConfig, feature_keys: list[str]) -> None:
@@ -183,62 +170,140 @@ def record_in_store(store, result: ScoreResult, cfg: ExperimentConfig, feature_k
     writer.commit()
 
 
-def load_scores(store, key: str) -> pd.DataFrame:
-    """The variability table of a committed scores entry."""
-    entry = store.open(key, verify=True)
-    return pd.read_parquet(io.BytesIO(entry.read_file("variability.parquet")))
-
-
 def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, requests, keywords: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    result.variability.to_parquet(out / "variability.parquet", index=False)
-    result.sparsity.to_parquet(out / "sparsity.parquet", index=False)
-    result.neurons.to_parquet(out / "neurons.parquet", index=False)
-    plot_variability(result.variability.rename(columns={"variability": "nu"}), out / "variability.png")
-    plot_sparsity(result.sparsity, out / "sparsity.png")
-    top = top_keyword_neurons(result.neurons, cfg.score.top_neurons, min_fire_sentences=cfg.score.min_fires)
-    top.to_parquet(out / "keyword_neurons.parquet", index=False)
-    (out / "report.md").write_text(score_report(result, cfg, requests, top, len(keywords)), encoding="utf-8")
+    write_parquet(result.variability, out / "variability.parquet")
+    write_parquet(result.sparsity, out / "sparsity.parquet")
+    write_parquet(result.neurons, out / "neurons.parquet")
+    where = f"{cfg.data.name}/{cfg.score.split}"
+    plot_variability(result.variability.rename(columns={"variability": "nu"}), out / "variability.png",
+                     title=f"{where}: hidden-state variability nu per layer (marked: lowest nu, the selected layer)")
+    plot_sparsity(result.sparsity, out / "sparsity.png", title=f"{where}: FFN activation sparsity per layer, one line per threshold")
+    top = top_keyword_neurons(primary_threshold(result.neurons), cfg.score.top_neurons, min_fire_sentences=cfg.score.min_fires)
+    write_parquet(top, out / "keyword_neurons.parquet")
+    labels = np.asarray(requests[0].split.labels) if requests else np.array([])
+    has_kw = keyword_mask(list(requests[0].split.texts), keywords) if requests else np.array([], dtype=bool)
+    write_atomic(out / "report.md", score_report(result, cfg, requests, top, keywords, labels, has_kw))
     log.info("score: wrote %s", ", ".join(str(out / n) for n in (*TABLES, "variability.png", "sparsity.png", "report.md")))
 
 
-def _md_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
-    return "\n".join(lines)
+def primary_threshold(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows at each model's first (primary) threshold: the one the keyword and selectivity tables use."""
+    if "threshold" not in df or df.empty:
+        return df
+    first = df.groupby("model", sort=False)["threshold"].transform("first")
+    return df[df["threshold"] == first]
 
 
-def _fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "inf" if np.isinf(v) else f"{v:.4g}"
-    return str(v)
-
-
-def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.DataFrame, n_keywords: int) -> str:
+def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.DataFrame, keywords: list[str],
+                 labels: np.ndarray, has_kw: np.ndarray) -> str:
     random_models = [f"{r.model.name} ({r.spec.source})" for r in requests if r.spec.random_init]
     var = result.variability
-    best = var[var["lowest"]][["model", "pooling", "layer", "n_layers", "variability"]].rename(columns={"layer": "lowest_nu_layer"})
     spa = result.sparsity
-    summary = spa.groupby("model", sort=False).agg(threshold=("threshold", "first"), token_fire_fraction=("token_fire_fraction", "mean"),
-                                                   dead_fraction_mean=("dead_fraction", "mean"), dead_fraction_max=("dead_fraction", "max")).reset_index()
-    parts = [f"# {cfg.name}: scores on {cfg.data.name}/{cfg.score.split}", ""]
+    where = f"{cfg.data.name}/{cfg.score.split}"
+    among = "all hidden states 0..L" if cfg.train.include_embeddings else "block outputs 1..L (not the embedding output 0)"
+    best = var[var["lowest"]][["model", "pooling", "layer", "n_layers", "variability"]].rename(columns={"layer": "lowest_nu_layer"})
+    finite = var[np.isfinite(var["variability"]) & (var["variability"] > 0)]
+    spread = finite.groupby(["model", "pooling"], sort=False)["variability"].agg(lambda v: float(v.max() / v.min())).rename("nu_max_over_min")
+    best = best.merge(spread.reset_index(), on=["model", "pooling"], how="left")
+    parts = [f"# {cfg.name}: scores on {where}", ""]
     if random_models:
         parts += [f"> **Random weights:** {', '.join(random_models)} have randomly initialised weights; "
                   "their numbers show the pipeline works, not what a trained model does.", ""]
     parts += ["## Hidden-state variability (lower = the layer separates the classes better)", "",
-              "nu = (1/K) trace(Sigma_W pinv(Sigma_B)), Xie et al. 2022; inf where the class means coincide.", "",
-              _md_table(best), "", "![variability](variability.png)", "",
-              "## FFN activation sparsity", "",
-              "A neuron fires on a token when its activation is > threshold (exact for ReLU; a stated rule for GELU/SiLU). "
-              "Dead = never fires on any real token of the split.", "",
-              _md_table(summary), "", "![sparsity](sparsity.png)", ""]
-    if len(top):
-        parts += [f"## Keyword neurons ({n_keywords} keywords from {cfg.score.keywords})", "",
-                  f"Top {cfg.score.top_neurons} neurons per layer by keyword score (share of the sentences that fire the neuron "
-                  f"that contain a keyword), among neurons fired by at least {cfg.score.min_fires} sentences; "
-                  f"{int(result.neurons['keyword_score'].notna().sum())} neurons scored. Full table: keyword_neurons.parquet.", ""]
-        head = top.sort_values("keyword_score", ascending=False).head(15)
-        parts += [_md_table(head[["model", "layer", "neuron", "keyword_score", "sentence_fire_rate", "n_fire_sentences"]]), ""]
+              f"nu = (1/K) trace(Sigma_W pinv(Sigma_B)), Xie et al. 2022, on the {cfg.score.split} split; inf where the class means "
+              f"coincide. The lowest-nu layer is chosen among {among} (`train.include_embeddings`); "
+              "nu_max_over_min is the spread of finite nu over all layers.", "",
+              md_table(best), "", "![variability](variability.png)", ""]
+    parts += _sink_section(var, requests)
+    parts += _sparsity_section(spa, requests)
+    parts += _keyword_section(result, cfg, top, keywords, labels, has_kw)
     return "\n".join(parts)
+
+
+def _sink_section(var: pd.DataFrame, requests) -> list[str]:
+    if "norm_ratio_median" not in var or var["norm_ratio_median"].isna().all():
+        return []
+    one = var.drop_duplicates(["model", "layer"])
+    rows = []
+    sinks = {r.model.name: r.sink for r in requests}
+    for model, part in one.groupby("model", sort=False):
+        part = part[part["norm_ratio_median"].notna()]
+        if part.empty:
+            continue
+        worst = part.loc[part["norm_ratio_median"].idxmax()]
+        rows.append({"model": model, "sink": sinks.get(model, ""), "max_median_ratio": float(worst["norm_ratio_median"]),
+                     "at_layer": int(worst["layer"]), "median_over_layers": float(part["norm_ratio_median"].median()),
+                     "max_any_sentence": float(part["norm_ratio_max"].max())})
+    return ["## Attention sinks: largest over median token norm", "",
+            "Per sentence and layer, the largest hidden-state norm over the median one, among the tokens that enter the mean "
+            "(special tokens and a prepended sink excluded); the median over sentences is shown for the worst layer. A value in "
+            "the hundreds means one token (a sink) dominates the mean-pooled vector. `sink = auto` prepends the model's BOS to "
+            "decoder models whose tokenizer adds none, so no real word becomes the sink.", "",
+            md_table(pd.DataFrame(rows)), ""]
+
+
+def _sparsity_section(spa: pd.DataFrame, requests) -> list[str]:
+    group = ["model", "rule", "threshold"] if "rule" in spa else ["model", "threshold"]
+    summary = spa.groupby(group, sort=False).agg(
+        token_fire_fraction=("token_fire_fraction", "mean"), min_over_layers=("token_fire_fraction", "min"),
+        max_over_layers=("token_fire_fraction", "max"), dead_fraction_mean=("dead_fraction", "mean"),
+        dead_fraction_max=("dead_fraction", "max")).reset_index()
+    if "rule" in summary:
+        summary["rule"] = summary["rule"].map(lambda r: RULE_TEXT.get(r, r))
+    kinds = {r.model.name: r.ffn_kind for r in requests if hasattr(r, "ffn_kind")}
+    if kinds:
+        summary.insert(1, "ffn", summary["model"].map(kinds))
+    return ["## FFN activation sparsity", "",
+            "A neuron fires on a token when a > t for ReLU and GELU FFNs (exact non-zero for ReLU at t = 0; for GELU t = 0 "
+            "means a positive pre-activation) and when |a| > t for gated FFNs (SwiGLU/GeGLU: Llama's silu(gate) * up, whose "
+            "sign carries no information). Every threshold is counted in the same extract pass (`extract.thresholds`). "
+            "Dead = never fires on any counted token of the split. Token fire fraction: mean, min and max over layers.", "",
+            md_table(summary), "", "![sparsity](sparsity.png)", ""]
+
+
+def _keyword_section(result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFrame, keywords: list[str], labels: np.ndarray,
+                     has_kw: np.ndarray) -> list[str]:
+    neurons = primary_threshold(result.neurons)
+    if neurons.empty or "keyword_base_rate" not in neurons:
+        return []
+    base = float(neurons["keyword_base_rate"].iloc[0])
+    tested = neurons[(neurons["n_fire_sentences"] >= cfg.score.min_fires) & neurons["keyword_p_value"].notna()]
+    m = max(len(tested), 1)
+    parts = [f"## Keyword neurons ({len(keywords)} keywords from {cfg.score.keywords})", "",
+             f"Keywords match whole words of the lower-cased text (a hyphen joins words: `science-fiction` is not `science`). "
+             f"Base rate: {base:.3f} of {cfg.score.split} sentences contain a keyword. Keyword score = share of the sentences that "
+             "fire a neuron that contain a keyword; lift = score / base rate; p = one-sided hypergeometric P(at least that many "
+             "keyword sentences among the neuron's sentences by chance). Neurons are ranked by p, at each model's first threshold, "
+             f"among the {len(tested)} fired by at least {cfg.score.min_fires} sentences; p < {0.05 / m:.2g} survives a Bonferroni "
+             "correction over them. Full table: keyword_neurons.parquet.", ""]
+    if len(labels):
+        kw = None
+        if len(top):
+            classes, counts = np.unique(labels, return_counts=True)
+            rows = []
+            for model, part in top.groupby("model", sort=False):
+                row = {"model": model, "neurons": len(part)}
+                for c in classes:
+                    row[f"top_class={c}"] = int((part["top_class"] == c).sum())
+                rows.append(row)
+            share = {"model": "(class share of sentences)", "neurons": int(len(labels))}
+            for c, n in zip(classes, counts):
+                share[f"top_class={c}"] = round(float(n / len(labels)), 3)
+            rows.append(share)
+            if len(has_kw) == len(labels):
+                rate = {"model": "(keyword rate in the class)", "neurons": int(has_kw.sum())}
+                for c in classes:
+                    rate[f"top_class={c}"] = round(float(has_kw[labels == c].mean()), 3)
+                rows.append(rate)
+            kw = pd.DataFrame(rows)
+        if kw is not None:
+            parts += ["Where the top keyword neurons fire most (the class with the highest fire rate, per neuron), against "
+                      "the share of each class in the split: a concentration on the class whose sentences carry the keywords "
+                      "means the neurons track the topic.", "", md_table(kw), ""]
+    if len(top):
+        head = top.sort_values(["keyword_p_value", "keyword_lift"], ascending=[True, False]).head(15)
+        cols = ["model", "threshold", "layer", "neuron", "n_fire_sentences", "keyword_score", "keyword_base_rate", "keyword_lift",
+                "keyword_p_value", "top_class", "sentence_fire_rate"]
+        parts += [md_table(head[[c for c in cols if c in head]]), ""]
+    return parts

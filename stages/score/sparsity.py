@@ -1,13 +1,15 @@
 """FFN activation sparsity per layer and per neuron, computed out of core.
 
-Firing rule: a neuron fires on a token when its activation is strictly
-greater than ``threshold`` (0.0 for ReLU models means "non-zero"; GELU/SiLU
-models need a positive threshold, which is reported in every table). A
-sentence fires a neuron when the neuron fires on at least one of its real
-tokens, i.e. when the stored per-sentence max is > threshold. The stored
-max (float16 typically) is compared in float64, so a sentence whose max
-sits within float16 rounding of the threshold may disagree with extract's
-token counts, which were taken in the model's compute dtype.
+Firing rules: for ReLU and GELU FFNs a neuron fires on a token when its
+activation a > t (exact "non-zero" for ReLU at t = 0); for gated FFNs
+(SwiGLU/GeGLU, act(gate) * up) when |a| > t, since the sign of the product
+carries no information. Extract counts every threshold of a short list in
+one pass. A sentence fires a neuron when the neuron fires on at least one
+of its real tokens, i.e. when the stored per-sentence statistic (max of a,
+or max of |a| for the magnitude rule) is > t. That stored value (float16
+typically) is compared in float64, so a sentence whose max sits within
+float16 rounding of the threshold may disagree with extract's token
+counts, which were taken in the model's compute dtype.
 
 Per-neuron class selectivity, with r_k the share of class-k sentences that
 fire the neuron, m = max_k r_k and o = mean of the other K-1 rates::
@@ -19,6 +21,13 @@ it never fires). NaN when there is a single class.
 
 Keyword score (the "KT-score" of Li et al., 2022): of the sentences that
 fire a neuron, the share that contain a keyword; NaN where none fires it.
+It only means something against the base rate p0 (the share of all
+sentences that contain a keyword): lift = score / p0, and the one-sided
+hypergeometric p-value P(X >= k) for X the keyword sentences among n
+sentences drawn without replacement from the N of the split, K of which
+contain a keyword, where n sentences fire the neuron and k of them contain
+a keyword. Ranking by that p-value keeps a neuron seen on a handful of
+sentences from topping the table by luck.
 """
 
 from __future__ import annotations
@@ -39,37 +48,43 @@ if TYPE_CHECKING:  # pandas builds the result tables on the client only: Dask wo
 BLOCK_BYTES = 2**20
 
 
-def sparsity_stats(fire_count, n_tokens, ffn_max, labels, has_keyword,
-                   threshold: float, *,
+def sparsity_stats(fire_count, n_tokens, ffn_stat, labels, has_keyword,
+                   thresholds, *, rule: str = "gt",
                    scheduler=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-layer and per-neuron firing statistics in one pass over ``ffn_max``.
+    """Per-layer and per-neuron firing statistics in one pass over ``ffn_stat``.
 
     Parameters
     ----------
-    fire_count : dask or numpy array, (n_shards, n_layers, ffn), int
-        Per-shard counts of real tokens with activation > threshold.
+    fire_count : dask or numpy array, (n_shards, n_thresholds, n_layers, ffn), int
+        Per-shard counts of real tokens that fire at each threshold; a
+        (n_shards, n_layers, ffn) array is one threshold.
     n_tokens : array-like, (n_shards,)
         Real tokens per shard.
-    ffn_max : dask or numpy array, (n_rows, n_layers, ffn)
-        Per-sentence max activation over real tokens.
+    ffn_stat : dask or numpy array, (n_rows, n_layers, ffn)
+        Per-sentence max over real tokens of the activation (rule "gt") or of
+        its magnitude (rule "abs_gt").
     labels, has_keyword : array-like, (n_rows,)
         Class label and keyword flag of each sentence, in row order.
-    threshold : float
-        The firing threshold extract used for ``fire_count``.
+    thresholds : float or sequence of float
+        The firing thresholds extract used for ``fire_count``, in its order.
+    rule : str
+        "gt" (a > t) or "abs_gt" (|a| > t); reported in the layer table.
     scheduler : optional
         Forwarded to ``dask.compute``.
 
     Returns
     -------
     layers : DataFrame
-        layer, n_neurons, threshold, token_fire_fraction, dead_fraction,
-        sentence_fire_fraction.
+        threshold, rule, layer, n_neurons, token_fire_fraction,
+        dead_fraction, sentence_fire_fraction.
     neurons : DataFrame
-        layer, neuron, token_fire_rate, sentence_fire_rate,
-        n_fire_sentences, keyword_score, selectivity.
+        threshold, layer, neuron, token_fire_rate, sentence_fire_rate,
+        n_fire_sentences, n_keyword_fire_sentences, keyword_score,
+        keyword_base_rate, keyword_lift, keyword_p_value, selectivity,
+        top_class.
     """
-    plan = SparsityPlan(fire_count, n_tokens, ffn_max, labels, has_keyword,
-                        threshold)
+    plan = SparsityPlan(fire_count, n_tokens, ffn_stat, labels, has_keyword,
+                        thresholds, rule=rule)
     values, = dask.compute(plan.lazy(), scheduler=scheduler)
     return plan.finish(values)
 
@@ -79,70 +94,85 @@ class SparsityPlan:
     can compute it in the same ``dask.compute`` as other passes over the
     same shards::
 
-        plan = SparsityPlan(fire_count, n_tokens, ffn_max, labels, kw, t)
+        plan = SparsityPlan(fire_count, n_tokens, ffn_max, labels, kw, [t])
         values, other = dask.compute(plan.lazy(), other_lazy)
         layers, neurons = plan.finish(values)
     """
 
-    def __init__(self, fire_count, n_tokens, ffn_max, labels, has_keyword,
-                 threshold: float):
-        self.fire_count, self.ffn_max = _as_dask(fire_count), _as_dask(ffn_max)
+    def __init__(self, fire_count, n_tokens, ffn_stat, labels, has_keyword,
+                 thresholds, *, rule: str = "gt"):
+        self.thresholds = tuple(float(t) for t in np.atleast_1d(thresholds))
+        fire_count = _as_dask(fire_count)
+        if fire_count.ndim == 3:  # one threshold, stored without its axis
+            fire_count = fire_count[:, None]
+        self.fire_count, self.ffn_max = fire_count, _as_dask(ffn_stat)
+        self.rule = rule
         self.n_tokens = np.asarray(n_tokens, dtype=np.int64)
+        self.classes = np.unique(np.asarray(labels))
         self.yidx, self.class_sizes = _label_index(labels, self.ffn_max.shape[0])
         self.kw = np.asarray(has_keyword, dtype=bool)
-        self.threshold = float(threshold)
-        _check_shapes(self.fire_count, self.n_tokens, self.ffn_max, self.kw)
+        _check_shapes(self.fire_count, self.n_tokens, self.ffn_max, self.kw, len(self.thresholds))
 
     def lazy(self) -> tuple:
-        """(token fires (L, F), sentence fires (K+1, L, F)), both int64, lazy."""
+        """(token fires (T, L, F), sentence fires (T, K+1, L, F)), both int64, lazy."""
         return (
-            chunk_sum(self.fire_count, _shard_sum, out_axes={1: 0, 2: 1},
+            chunk_sum(self.fire_count, _shard_sum, out_axes={1: 0, 2: 1, 3: 2},
                       name="sparsity-token-fires"),
-            chunk_sum(self.ffn_max, _count_block, row_args=(self.yidx, self.kw),
+            chunk_sum(self.ffn_max, _count_block_multi, row_args=(self.yidx, self.kw),
                       kwargs={"n_classes": self.class_sizes.size,
-                              "threshold": self.threshold},
-                      out_axes={1: 1, 2: 2}, name="sparsity-sentence-fires"),
+                              "thresholds": self.thresholds},
+                      out_axes={1: 2, 2: 3}, name="sparsity-sentence-fires"),
         )
 
     def finish(self, values) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(layers, neurons) tables from the computed ``lazy()`` values."""
+        """(layers, neurons) tables from the computed ``lazy()`` values, one block per threshold."""
+        import pandas as pd
+
         token_fires, sentence_fires = (np.asarray(v) for v in values)
-        per_class, kw_fires = sentence_fires[:-1], sentence_fires[-1]
         n_tok = int(self.n_tokens.sum())
-        neurons = _neuron_table(token_fires, per_class, kw_fires, n_tok,
-                                self.class_sizes)
-        layers = _layer_table(token_fires, per_class, n_tok,
-                              self.ffn_max.shape[0], self.threshold)
-        return layers, neurons
+        layers, neurons = [], []
+        for i, t in enumerate(self.thresholds):
+            per_class, kw_fires = sentence_fires[i, :-1], sentence_fires[i, -1]
+            nt = _neuron_table(token_fires[i], per_class, kw_fires, n_tok, self.class_sizes, self.kw, self.classes)
+            nt.insert(0, "threshold", t)
+            neurons.append(nt)
+            lt = _layer_table(token_fires[i], per_class, n_tok, self.ffn_max.shape[0], t)
+            lt.insert(0, "rule", self.rule)
+            lt.insert(0, "threshold", lt.pop("threshold"))
+            layers.append(lt)
+        return pd.concat(layers, ignore_index=True), pd.concat(neurons, ignore_index=True)
 
 
 def keyword_mask(texts: Sequence[str], keywords: Sequence[str]) -> np.ndarray:
     """Whether each text contains any keyword as a whole word or phrase.
 
-    Case-insensitive; a multi-word keyword matches with any whitespace
-    between its words; word edges are "not a word character", so
-    "physics" does not match "astrophysics" and "c++" works.
+    Matched on the lower-cased text; a multi-word keyword matches with any
+    whitespace between its words; a word edge is anything but a letter,
+    digit, underscore or hyphen, so "physics" does not match
+    "astrophysics", "science" does not match "science-fiction" (a hyphen
+    joins words), "computer's" matches "computer" and "c++" works.
     """
     pattern = _keyword_pattern(keywords)
     if pattern is None:
         return np.zeros(len(texts), dtype=bool)
-    return np.array([pattern.search(t) is not None for t in texts], dtype=bool)
+    return np.array([pattern.search(t.lower()) is not None for t in texts], dtype=bool)
 
 
 def top_keyword_neurons(neurons_df: pd.DataFrame, k: int, *,
                         min_fire_sentences: int = 5) -> pd.DataFrame:
-    """Top-``k`` neurons per layer by keyword score.
+    """Top-``k`` neurons per (threshold, layer) by significance of their keyword score.
 
-    Ties go to the higher sentence fire rate, then the lower neuron index.
-    Neurons fired by fewer than ``min_fire_sentences`` sentences are left
-    out: a neuron fired by one keyword sentence scores 1.0 by luck.
+    Ranked by the one-sided hypergeometric p-value (smallest first), ties to
+    the higher lift, then the lower neuron index. Neurons fired by fewer than
+    ``min_fire_sentences`` sentences are left out.
     """
     eligible = neurons_df[(neurons_df["n_fire_sentences"] >= min_fire_sentences)
-                          & neurons_df["keyword_score"].notna()]
+                          & neurons_df["keyword_p_value"].notna()]
+    groups = [c for c in ("threshold", "layer") if c in eligible]
     ranked = eligible.sort_values(
-        ["layer", "keyword_score", "sentence_fire_rate", "neuron"],
-        ascending=[True, False, False, True], kind="mergesort")
-    return ranked.groupby("layer", sort=True).head(k).reset_index(drop=True)
+        [*groups, "keyword_p_value", "keyword_lift", "neuron"],
+        ascending=[True] * len(groups) + [True, False, True], kind="mergesort")
+    return ranked.groupby(groups, sort=True).head(k).reset_index(drop=True)
 
 
 def _as_dask(a) -> da.Array:
@@ -160,11 +190,13 @@ def _label_index(labels, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     return yidx, np.bincount(yidx)
 
 
-def _check_shapes(fire_count, n_tokens, ffn_max, kw) -> None:
+def _check_shapes(fire_count, n_tokens, ffn_max, kw, n_thresholds: int) -> None:
     """Fail early on inputs that cannot belong to the same split."""
-    if fire_count.ndim != 3 or ffn_max.ndim != 3:
-        raise ValueError("fire_count and ffn_max must be 3-D")
-    if fire_count.shape[1:] != ffn_max.shape[1:]:
+    if fire_count.ndim != 4 or ffn_max.ndim != 3:
+        raise ValueError("fire_count must be 4-D (shards, thresholds, layers, ffn) and ffn_max 3-D")
+    if fire_count.shape[1] != n_thresholds:
+        raise ValueError(f"fire_count has {fire_count.shape[1]} thresholds, {n_thresholds} given")
+    if fire_count.shape[2:] != ffn_max.shape[1:]:
         raise ValueError(f"fire_count {fire_count.shape} and ffn_max "
                          f"{ffn_max.shape} disagree on (n_layers, ffn)")
     if n_tokens.shape != (fire_count.shape[0],):
@@ -174,7 +206,7 @@ def _check_shapes(fire_count, n_tokens, ffn_max, kw) -> None:
 
 
 def _shard_sum(block: np.ndarray) -> np.ndarray:
-    """Per-shard firing counts summed over the shards of one chunk, (1, L, F)."""
+    """Per-shard firing counts summed over the shards of one chunk, (1, T, L, F)."""
     return block.sum(axis=0, keepdims=True, dtype=np.int64)
 
 
@@ -216,6 +248,12 @@ def _count_block(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
     return out
 
 
+def _count_block_multi(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
+                       n_classes: int, thresholds: Sequence[float]) -> np.ndarray:
+    """``_count_block`` for each threshold: (1, T, K+1, L, F)."""
+    return np.stack([_count_block(x, yb, kwb, n_classes, t)[0] for t in thresholds])[None]
+
+
 def _fp16_fire_bounds(threshold: float) -> tuple[int, int] | None:
     """(lo, hi) such that float16 ``x > threshold`` iff ``lo < bits <= hi``
     for the int16 view of x; None where that shortcut does not apply.
@@ -235,15 +273,30 @@ def _fp16_fire_bounds(threshold: float) -> tuple[int, int] | None:
     return int(np.array(h, dtype=np.float16).view(np.int16)), 0x7C00
 
 
+def keyword_p_values(k: np.ndarray, n: np.ndarray, n_keyword: int, n_total: int) -> np.ndarray:
+    """One-sided hypergeometric P(X >= k): X keyword sentences among ``n`` drawn from ``n_total``, ``n_keyword`` of them
+    with a keyword. NaN where n == 0."""
+    from scipy.stats import hypergeom
+
+    k, n = np.asarray(k, dtype=np.int64), np.asarray(n, dtype=np.int64)
+    p = hypergeom.sf(k - 1, n_total, n_keyword, n)
+    return np.where(n > 0, np.clip(p, 0.0, 1.0), np.nan)
+
+
 def _neuron_table(token_fires: np.ndarray, per_class: np.ndarray,
                   kw_fires: np.ndarray, n_tok: int,
-                  class_sizes: np.ndarray) -> pd.DataFrame:
+                  class_sizes: np.ndarray, kw: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
     """One row per (layer, neuron)."""
     n_layers, n_ffn = token_fires.shape
     fired = per_class.sum(axis=0)
+    n_rows, n_kw = int(class_sizes.sum()), int(kw.sum())
+    base = n_kw / n_rows if n_rows else np.nan
     with np.errstate(divide="ignore", invalid="ignore"):
         token_rate = token_fires / n_tok if n_tok else np.full(fired.shape, np.nan)
         keyword = np.where(fired > 0, kw_fires / np.maximum(fired, 1), np.nan)
+        lift = keyword / base if base > 0 else np.full(fired.shape, np.nan)
+    rates = per_class / class_sizes[:, None, None]
+    top_class = classes[rates.argmax(axis=0)]
     import pandas as pd
 
     return pd.DataFrame({
@@ -252,8 +305,13 @@ def _neuron_table(token_fires: np.ndarray, per_class: np.ndarray,
         "token_fire_rate": np.asarray(token_rate, dtype=np.float64).ravel(),
         "sentence_fire_rate": (fired / class_sizes.sum()).ravel(),
         "n_fire_sentences": fired.ravel().astype(np.int64),
+        "n_keyword_fire_sentences": kw_fires.ravel().astype(np.int64),
         "keyword_score": keyword.ravel(),
+        "keyword_base_rate": np.full(fired.size, base),
+        "keyword_lift": np.asarray(lift, dtype=np.float64).ravel(),
+        "keyword_p_value": keyword_p_values(kw_fires.ravel(), fired.ravel(), n_kw, n_rows),
         "selectivity": _selectivity(per_class, class_sizes).ravel(),
+        "top_class": np.where(fired.ravel() > 0, top_class.ravel(), -1) if np.issubdtype(classes.dtype, np.integer) else top_class.ravel(),
     })
 
 
@@ -289,10 +347,10 @@ def _layer_table(token_fires: np.ndarray, per_class: np.ndarray, n_tok: int,
 
 
 def _keyword_pattern(keywords: Sequence[str]) -> re.Pattern | None:
-    """One alternation, longest first, with non-word-character edges."""
+    """One alternation, longest first, with edges that are neither word characters nor hyphens."""
     words = sorted({" ".join(k.split()).lower() for k in keywords if k.strip()},
                    key=lambda w: (-len(w), w))
     if not words:
         return None
     parts = [r"\s+".join(re.escape(p) for p in w.split(" ")) for w in words]
-    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
+    return re.compile(r"(?<![\w-])(?:" + "|".join(parts) + r")(?![\w-])")

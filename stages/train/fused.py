@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipeline.blocks import Block
+
 log = logging.getLogger(__name__)
 
 FUSED_HEADS = ("concat", "concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu", "llmembed")
@@ -41,8 +43,6 @@ class FusedPlan:
 
 
 def _top(model: str, n_layers: int, pooling: str, k: int = 1):
-    from stages.train.runner import Block
-
     return [Block(model, n_layers - i, pooling) for i in range(min(k, n_layers + 1))]
 
 
@@ -53,8 +53,6 @@ def base_blocks(cfg, requests, entries, train_split: str):
     mean-pooled (averaged, as LLMEmbed does), any other model its top layer mean-pooled (the pooling
     sentence encoders such as MiniLM and MPNet were trained with). Random-weight models are left out.
     """
-    from stages.train.runner import Block
-
     def n_layers(model: str) -> int:
         return int(entries[(model, train_split)].description["n_layers"])
 
@@ -78,8 +76,6 @@ def base_blocks(cfg, requests, entries, train_split: str):
 
 def plan_heads(cfg, requests, entries, train_split: str, nu_table: pd.DataFrame | None) -> list[FusedPlan]:
     """Every fused head this config can fit, with its resolved blocks; empty when nothing can be fused."""
-    from stages.train.runner import Block
-
     blocks, avg = base_blocks(cfg, requests, entries, train_split)
     if not blocks:
         log.info("train: no real-weight model to fuse (and no train.fusion.inputs): fused heads skipped")
@@ -111,8 +107,6 @@ def plan_heads(cfg, requests, entries, train_split: str, nu_table: pd.DataFrame 
 def llmembed_blocks(cfg, requests, entries, train_split, models, averaged) -> FusedPlan | None:
     """The reference head's inputs: the llama's last layers (mean), then each other fused model's
     pooler output where it was stored (a trained pooler), else its top-layer first token."""
-    from stages.train.runner import Block
-
     fams = {r.model.name: r.family.name for r in requests if r.split.name == train_split}
     llama = next((m for m in models if m in averaged and fams.get(m) == "llama"), None)
     llama = llama or next((m for m in models if fams.get(m) == "llama"), None)
@@ -188,12 +182,13 @@ def fit_fused(cfg, cache, plans: list[FusedPlan], y: dict, split_names, add_rows
     return out
 
 
-def ablation(train_df: pd.DataFrame) -> tuple[pd.DataFrame, dict | None]:
+def ablation(train_df: pd.DataFrame, *, include_embeddings: bool = False) -> tuple[pd.DataFrame, dict | None]:
     """The ablation table (one row per fused head, dev and test side by side) and the dev-only verdict.
 
     The verdict compares the fused variant with the best dev accuracy (among ``SELECTABLE``) with the
-    single-layer probe with the best dev accuracy (any model, layer, pooling); ties keep the first
-    in table order. None when no fused head was fitted.
+    single-layer probe with the best dev accuracy (any model, pooling and candidate layer: block
+    outputs, plus the embedding output with ``include_embeddings``); ties keep the first in table
+    order. None when no fused head was fitted.
     """
     wide = train_df.pivot_table(index=["head", "models", "layers", "pooling", "n_params", "fit_seconds"], columns="split",
                                 values="accuracy", aggfunc="first").reset_index()
@@ -206,6 +201,8 @@ def ablation(train_df: pd.DataFrame) -> tuple[pd.DataFrame, dict | None]:
     table.insert(1, "blocks", fused["layers"].str.count(",") + 1)
     pick = fused[fused["head"].isin(SELECTABLE)]
     probes = wide[wide["head"] == "probe"]
+    if not include_embeddings:
+        probes = probes[probes["layers"].astype(int) > 0]
     if pick.empty or probes.empty:
         return table.reset_index(drop=True), None
     best_fused = pick.loc[pick["dev"].idxmax()]
@@ -217,18 +214,18 @@ def ablation(train_df: pd.DataFrame) -> tuple[pd.DataFrame, dict | None]:
     return table.reset_index(drop=True), verdict
 
 
-def ablation_section(train_df: pd.DataFrame) -> list[str]:
+def ablation_section(train_df: pd.DataFrame, *, include_embeddings: bool = False) -> list[str]:
     """Markdown lines for report.md: the ablation table and the plain verdict."""
-    from stages.score.runner import _md_table
+    from stages.report import md_table
 
-    table, verdict = ablation(train_df)
+    table, verdict = ablation(train_df, include_embeddings=include_embeddings)
     if table.empty:
         return []
     lines = ["### Fusion ablation: what each part adds", "",
              "concat: standardised blocks, logistic regression; concat_mlp: the fusion MLP on the concatenated blocks; "
              "fusion_no_cooc: fusion without the co-occurrence term; fusion: ours; fusion_nu: fusion over each model's "
              "lowest-nu layers (train split); llmembed: the reference head (logits into the loss, early stopping on dev).", "",
-             _md_table(table), ""]
+             md_table(table), ""]
     if verdict is not None:
         v = verdict
         said = (f"**Fusion helps:** the dev-chosen fused head `{v['fused_head']}` beats the dev-chosen single probe by "

@@ -7,8 +7,6 @@ canvas so that no pyplot global state is touched (safe in workers and tests).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from os import PathLike
 from pathlib import Path
 
@@ -16,12 +14,16 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["plot_layers"]
+from pipeline.outputs import save_figure
+
+__all__ = ["plot_layers", "layers_figure"]
 
 
-def plot_layers(df: pd.DataFrame, path: str | PathLike, *, title: str | None = None) -> Path:
-    """Plot test accuracy (left axis) and ``nu`` (right axis, log scale) against layer.
+def plot_layers(df: pd.DataFrame, path: str | PathLike, *, title: str | None = None, chance: float | None = None,
+                marks: dict | None = None) -> Path:
+    """Plot dev and test accuracy (left axis) and ``nu`` (right axis, log scale) against layer.
 
     Parameters
     ----------
@@ -33,13 +35,22 @@ def plot_layers(df: pd.DataFrame, path: str | PathLike, *, title: str | None = N
     path : str or path-like
         Output file; the format follows its suffix (``.png``, ``.pdf``, ``.svg``).
     title : str, optional
-        Figure title.
+        Figure title (say dataset and splits).
+    chance : float, optional
+        Accuracy of always predicting the majority class, drawn as a grey line.
+    marks : dict, optional
+        model -> {label: layer}: chosen layers (e.g. lowest nu, best on dev) drawn as vertical lines.
 
     Returns
     -------
     pathlib.Path
         ``path``, written atomically.
     """
+    return save_figure(layers_figure(df, title=title, chance=chance, marks=marks), path)
+
+
+def layers_figure(df: pd.DataFrame, *, title: str | None = None, chance: float | None = None, marks: dict | None = None) -> Figure:
+    """The figure ``plot_layers`` writes."""
     missing = [c for c in ("layer", "test_accuracy") if c not in df.columns]
     if missing:
         raise ValueError(f"plot_layers: df lacks column(s) {missing}; has {list(df.columns)}")
@@ -53,10 +64,19 @@ def plot_layers(df: pd.DataFrame, path: str | PathLike, *, title: str | None = N
     for ax, (model, part) in zip(axes, groups):
         part = part.sort_values("layer")
         layers = part["layer"].to_numpy()
-        ax.plot(layers, part["test_accuracy"].to_numpy(), "o-", color="C0", label="probe test accuracy")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("test accuracy", color="C0")
+        ax.plot(layers, part["test_accuracy"].to_numpy(), "o-", color="C0", label="test accuracy")
+        if "dev_accuracy" in part.columns:
+            ax.plot(layers, part["dev_accuracy"].to_numpy(), "o:", color="C0", alpha=0.6, markersize=3, label="dev accuracy")
+        if chance is not None and np.isfinite(chance):
+            ax.axhline(chance, color="0.5", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+        for i, (label, layer) in enumerate(((marks or {}).get(model) or {}).items()):
+            if layer is not None and layer >= 0:
+                ax.axvline(layer, color=f"C{2 + i}", linestyle="-." if i else "-", linewidth=1.2, alpha=0.8, label=f"{label}: {layer}")
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_ylabel("accuracy", color="C0")
         ax.tick_params(axis="y", labelcolor="C0")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="x-small", loc="lower right")
         ax.set_title(str(model) if model is not None else "probe per layer")
         if "nu" in part.columns:
             nu = part["nu"].to_numpy(dtype=float)
@@ -73,15 +93,4 @@ def plot_layers(df: pd.DataFrame, path: str | PathLike, *, title: str | None = N
             ax2.tick_params(axis="y", labelcolor="C3")
     if title:
         fig.suptitle(title)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return fig

@@ -5,6 +5,11 @@ regularisation ``C`` is chosen on the dev split. It is the yardstick the
 train stage uses to ask "how linearly readable is the task at layer l?",
 which is what the variability score ``nu`` claims to predict without
 training anything; :func:`spearman_nu_accuracy` checks that claim.
+
+Probes are fitted by a batched torch solver (:mod:`stages.train._logistic`) that fits
+every layer of a model and every ``C`` in one pass over the features, on CPU or CUDA.
+scikit-learn's lbfgs (``solver="sklearn"``) solves the same objective one fit at a time
+and stays as the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "DEFAULT_CS",
     "ProbeResult",
     "fit_probe",
+    "fit_probes",
     "evaluate",
     "probe_layers",
     "spearman_nu_accuracy",
@@ -48,6 +54,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+SOLVERS = ("torch", "sklearn")
+DEFAULT_BATCH_BYTES = 1 << 30
+"""Cap on the float32 train features :func:`probe_layers` stacks into one batched fit."""
 PROBE_FORMAT = "linear-probe"
 PROBE_FORMAT_VERSION = 1
 
@@ -68,7 +77,8 @@ class ProbeResult:
     dev_accuracy : float
         Dev accuracy of ``model``.
     fit_seconds : float
-        Wall time of the whole ``C`` sweep, since that is what choosing the probe cost.
+        Wall time of the whole ``C`` sweep, since that is what choosing the probe cost
+        (for a batched fit, this probe's equal share of the batch's time).
     n_params : int
         Learned weights of the classifier: ``coef_.size + intercept_.size``.
     """
@@ -107,6 +117,8 @@ def fit_probe(
     Cs: Sequence[float] = DEFAULT_CS,
     seed: int = 0,
     max_iter: int = 1000,
+    solver: str = "torch",
+    device=None,
 ) -> ProbeResult:
     """Fit one probe per ``C`` on train and keep the one with the best dev accuracy.
 
@@ -122,7 +134,12 @@ def fit_probe(
     seed : int
         Passed as ``random_state`` (lbfgs itself is deterministic).
     max_iter : int
-        lbfgs iteration cap; hitting it is logged as a warning, not raised.
+        Iteration cap; hitting it is logged as a warning, not raised.
+    solver : {"torch", "sklearn"}
+        ``"torch"``: the batched solver (:func:`fit_probes` with one feature set);
+        ``"sklearn"``: scikit-learn's lbfgs, warm-started along ``Cs``, the reference.
+    device : str or torch.device, optional
+        Where the torch solver runs (default CPU).
 
     Returns
     -------
@@ -137,8 +154,9 @@ def fit_probe(
     True
     """
     Cs = _check_Cs(Cs)
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    _check_solver(solver, max_iter)
+    if solver == "torch":
+        return fit_probes([X_train], y_train, [X_dev], y_dev, Cs=Cs, seed=seed, max_iter=max_iter, device=device)[0]
     best: tuple[float, float, Pipeline] | None = None
     t0 = time.perf_counter()
     # Standardise once and sweep C upwards from the previous solution (warm start): weaker
@@ -171,6 +189,115 @@ def fit_probe(
         fit_seconds=fit_seconds,
         n_params=int(lr.coef_.size + lr.intercept_.size),
     )
+
+
+def _check_solver(solver: str, max_iter: int) -> None:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+
+
+def fit_probes(
+    Xs_train: Sequence,
+    y_train,
+    Xs_dev: Sequence,
+    y_dev,
+    *,
+    Cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+    max_iter: int = 1000,
+    tol: float = 1e-4,
+    device=None,
+) -> list[ProbeResult]:
+    """Fit the ``C`` sweep of several same-shaped feature sets at once (all layers of a model).
+
+    Each feature set is standardised on its train rows, then every (feature set, ``C``)
+    logistic regression is solved together by :func:`stages.train._logistic.fit_batched`
+    (scikit-learn's objective and stopping rule, ``max |gradient| <= tol``). The ``C`` with
+    the best dev accuracy wins, ties to the smaller, exactly as in :func:`fit_probe`; dev
+    accuracy is scored by the returned scikit-learn pipeline itself.
+
+    Parameters
+    ----------
+    Xs_train, Xs_dev : sequence of array-like of shape (n_samples, n_features)
+        One train and one dev matrix per feature set; all train matrices share a shape.
+    y_train, y_dev, Cs, seed, max_iter
+        As in :func:`fit_probe`.
+    tol : float
+        Gradient tolerance, as scikit-learn's ``tol``.
+    device : str or torch.device, optional
+        Where to solve (default CPU); results come back as NumPy.
+
+    Returns
+    -------
+    list of ProbeResult
+        One per feature set, in order.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 5)); y = (X[:, 0] > 0).astype(int)
+    >>> [r.dev_accuracy > 0.9 for r in fit_probes([X[:100], X[:100, ::-1]], y[:100], [X[100:], X[100:, ::-1]], y[100:])]
+    [True, True]
+    """
+    import torch
+
+    if len(Xs_train) != len(Xs_dev) or not len(Xs_train):
+        raise ValueError(f"need one dev matrix per train matrix, got {len(Xs_train)} and {len(Xs_dev)}")
+    t0 = time.perf_counter()
+    first = np.asarray(Xs_train[0])
+    X = torch.empty((len(Xs_train), *first.shape), dtype=torch.float32)
+    for i, x in enumerate(Xs_train):
+        x = np.asarray(x)
+        if x.shape != first.shape:
+            raise ValueError(f"all train matrices must share one shape, got {first.shape} and {x.shape}")
+        X[i] = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    return _fit_stacked(X, y_train, list(Xs_dev), y_dev, _check_Cs(Cs), seed, max_iter, tol, device, t0)
+
+
+def _fit_stacked(X, y_train, Xs_dev, y_dev, Cs, seed, max_iter, tol, device, t0) -> list[ProbeResult]:
+    """:func:`fit_probes` on float32 train features already stacked as ``(L, n, d)``."""
+    import torch
+
+    from stages.train._logistic import fit_batched, standardise
+
+    y_train = np.asarray(y_train)
+    if y_train.shape != (X.shape[1],):
+        raise ValueError(f"y_train has shape {y_train.shape}, expected ({X.shape[1]},)")
+    classes, y_idx = np.unique(y_train, return_inverse=True)
+    if classes.size < 2:
+        raise ValueError(f"a probe needs at least 2 classes in y_train, got only {classes.tolist()}")
+    device = torch.device(device if device is not None else "cpu")
+    Z, mean, var = standardise(X.to(device))
+    fit = fit_batched(Z, torch.from_numpy(y_idx).long(), int(classes.size), Cs, max_iter=max_iter, tol=tol)
+    del Z
+    coef, intercept = fit.coef.double().cpu().numpy(), fit.intercept.double().cpu().numpy()
+    n_iter, converged = fit.n_iter.cpu().numpy(), fit.converged.cpu().numpy()
+    mean, var = mean.double().cpu().numpy(), var.double().cpu().numpy()
+    for layer, j in zip(*np.nonzero(~converged)):
+        logger.warning("probe %d with C=%g did not converge in max_iter=%d", layer, Cs[j], max_iter)
+    seconds = (time.perf_counter() - t0) / X.shape[0]
+    results = []
+    for i, X_dev in enumerate(Xs_dev):
+        scaler = StandardScaler()
+        scaler.mean_, scaler.var_ = mean[i], var[i]
+        scaler.scale_ = np.where(var[i] > 0, np.sqrt(var[i]), 1.0)
+        scaler.n_samples_seen_, scaler.n_features_in_ = X.shape[1], X.shape[2]
+        Z_dev = scaler.transform(X_dev)
+        best: tuple[float, float, LogisticRegression] | None = None
+        for j, C in enumerate(Cs):
+            lr = _make_probe(C, seed, max_iter)[-1]
+            lr.coef_, lr.intercept_ = coef[i, j], intercept[i, j]
+            lr.classes_, lr.n_features_in_ = classes, X.shape[2]
+            lr.n_iter_ = np.array([n_iter[i, j]], dtype=np.int32)
+            acc = accuracy_score(y_dev, lr.predict(Z_dev))
+            if best is None or acc > best[1]:
+                best = (C, acc, lr)
+        C, acc, lr = best
+        results.append(ProbeResult(model=Pipeline([("scaler", scaler), ("logreg", lr)]), C=C, dev_accuracy=float(acc),
+                                   fit_seconds=seconds, n_params=int(lr.coef_.size + lr.intercept_.size)))
+    return results
 
 
 def evaluate(model, X, y) -> dict[str, float]:
@@ -225,8 +352,11 @@ def probe_layers(
     seed: int = 0,
     max_iter: int = 1000,
     on_result: Callable[[int, ProbeResult], None] | None = None,
+    solver: str = "torch",
+    device=None,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> pd.DataFrame:
-    """Fit and score one probe per layer, holding one layer's features at a time.
+    """Fit and score one probe per layer, fitting as many layers at once as ``batch_bytes`` allows.
 
     Parameters
     ----------
@@ -237,11 +367,14 @@ def probe_layers(
     y_train, y_dev, y_test : array-like of shape (n_samples,)
     layers : sequence of int, optional
         Layers to probe, in order; defaults to the sorted keys of ``features``.
-    Cs, seed, max_iter
+    Cs, seed, max_iter, solver, device
         As in :func:`fit_probe`.
     on_result : callable, optional
         Called as ``on_result(layer, result)`` after each layer, e.g. to save the probe,
         so that the fitted models need not all be kept.
+    batch_bytes : int
+        The torch solver stacks consecutive layers' float32 train features up to this size
+        (at least one layer) and fits them together; the sklearn solver holds one layer.
 
     Returns
     -------
@@ -249,37 +382,73 @@ def probe_layers(
         One row per layer with columns ``layer, C, dev_accuracy, dev_macro_f1,
         test_accuracy, test_macro_f1, n_params, fit_seconds``.
     """
+    Cs = _check_Cs(Cs)
+    _check_solver(solver, max_iter)
     layers, load = _layer_loader(features, layers)
     rows = []
-    for i, layer in enumerate(layers):
-        X_train, X_dev, X_test = load(layer)
-        res = fit_probe(X_train, y_train, X_dev, y_dev, Cs=Cs, seed=seed, max_iter=max_iter)
-        dev = evaluate(res.model, X_dev, y_dev)
-        test = evaluate(res.model, X_test, y_test)
-        rows.append(
-            {
-                "layer": layer,
-                "C": res.C,
-                "dev_accuracy": dev["accuracy"],
-                "dev_macro_f1": dev["macro_f1"],
-                "test_accuracy": test["accuracy"],
-                "test_macro_f1": test["macro_f1"],
-                "n_params": res.n_params,
-                "fit_seconds": res.fit_seconds,
-            }
-        )
-        logger.debug(
-            "layer %s (%d/%d): C=%g dev acc %.4f test acc %.4f (%.2fs)",
-            layer, i + 1, len(layers), res.C, dev["accuracy"], test["accuracy"], res.fit_seconds,
-        )
-        if on_result is not None:
-            on_result(layer, res)
-        del X_train, X_dev, X_test, res
+    done = 0
+    while done < len(layers):
+        group, fitted = _fit_group(layers[done:], load, y_train, y_dev, Cs=Cs, seed=seed, max_iter=max_iter,
+                                   solver=solver, device=device, batch_bytes=batch_bytes)
+        for layer, (res, X_dev, X_test) in zip(group, fitted):
+            dev = evaluate(res.model, X_dev, y_dev)
+            test = evaluate(res.model, X_test, y_test)
+            rows.append(
+                {
+                    "layer": layer,
+                    "C": res.C,
+                    "dev_accuracy": dev["accuracy"],
+                    "dev_macro_f1": dev["macro_f1"],
+                    "test_accuracy": test["accuracy"],
+                    "test_macro_f1": test["macro_f1"],
+                    "n_params": res.n_params,
+                    "fit_seconds": res.fit_seconds,
+                }
+            )
+            done += 1
+            logger.debug(
+                "layer %s (%d/%d): C=%g dev acc %.4f test acc %.4f (%.2fs)",
+                layer, done, len(layers), res.C, dev["accuracy"], test["accuracy"], res.fit_seconds,
+            )
+            if on_result is not None:
+                on_result(layer, res)
+        del fitted
     columns = [
         "layer", "C", "dev_accuracy", "dev_macro_f1",
         "test_accuracy", "test_macro_f1", "n_params", "fit_seconds",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _fit_group(layers, load, y_train, y_dev, *, Cs, seed, max_iter, solver, device, batch_bytes):
+    """Load layers from the front of ``layers`` while they fit in ``batch_bytes`` and fit them.
+
+    Returns the layers taken and ``(result, X_dev, X_test)`` for each; the train matrices
+    are copied into one stacked float32 tensor as they load, so they are held once.
+    """
+    import torch
+
+    t0 = time.perf_counter()
+    X_train, X_dev, X_test = load(layers[0])
+    if solver == "sklearn":
+        res = fit_probe(X_train, y_train, X_dev, y_dev, Cs=Cs, seed=seed, max_iter=max_iter, solver="sklearn")
+        return layers[:1], [(res, X_dev, X_test)]
+    shape = np.shape(X_train)
+    per_layer = 4 * int(np.prod(shape))
+    take = max(1, min(len(layers), batch_bytes // max(per_layer, 1)))
+    stacked = torch.empty((take, *shape), dtype=torch.float32)
+    devs, tests = [], []
+    for i, layer in enumerate(layers[:take]):
+        if i:
+            X_train, X_dev, X_test = load(layer)
+            if np.shape(X_train) != shape:
+                raise ValueError(f"layer {layer} has train features of shape {np.shape(X_train)}, layer {layers[0]} {shape}")
+        stacked[i] = torch.from_numpy(np.asarray(X_train, dtype=np.float32))
+        devs.append(X_dev)
+        tests.append(X_test)
+        del X_train
+    results = _fit_stacked(stacked, y_train, devs, y_dev, Cs, seed, max_iter, 1e-4, device, t0)
+    return layers[:take], list(zip(results, devs, tests))
 
 
 def spearman_nu_accuracy(nu: Sequence[float], acc: Sequence[float]) -> float:

@@ -11,48 +11,26 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ExperimentConfig, to_dict
+from tqdm.auto import tqdm
+
+from pipeline.blocks import Block, candidate_layers
+from pipeline.config import ExperimentConfig
 from pipeline.errors import ConfigError, PipelineError
+from stages.entries import config_scores_key, head_file, heads_key, load_scores, make_lineage, open_features, train_requests
+from stages.report import md_table, write_section
+from stages.train.fused import FUSED_HEADS, ablation_section, fit_fused, plan_heads
+from stages.train.plots import plot_layers
+from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
 
 log = logging.getLogger(__name__)
 
-TRAIN_VERSION = 1
 TRAIN_COLUMNS = ["dataset", "head", "models", "layers", "pooling", "split", "accuracy", "macro_f1", "n_params", "fit_seconds"]
-
-
-@dataclass(frozen=True)
-class Block:
-    """A feature block ``model:layer:pooling``; negative layers count from the top."""
-
-    model: str
-    layer: int
-    pooling: str
-
-    @classmethod
-    def parse(cls, text: str) -> "Block":
-        """``model:layer:pooling``, or ``model:pooler`` for the stored pooler output (its one "layer" is 0)."""
-        from pipeline.config import parse_block
-
-        model, layer, pooling = parse_block(text, "train.fusion.inputs")
-        return cls(model, 0 if pooling == "pooler" else layer, pooling)
-
-    def resolved(self, n_layers: int) -> "Block":
-        if self.pooling == "pooler":
-            return self
-        layer = self.layer if self.layer >= 0 else n_layers + 1 + self.layer
-        if not 0 <= layer <= n_layers:
-            raise ConfigError(f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})")
-        return Block(self.model, layer, self.pooling)
-
-    def __str__(self) -> str:
-        return f"{self.model}:pooler" if self.pooling == "pooler" else f"{self.model}:{self.layer}:{self.pooling}"
 
 
 @dataclass
@@ -82,25 +60,13 @@ def _labels(entry) -> np.ndarray:
     return entry.table()["label"].to_numpy()
 
 
-def head_file(name: str) -> str:
-    """A store-safe file stem for a head name like 'probe:bert:3:mean'."""
-    return name.replace(":", "-")
-
-
 def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True) -> pd.DataFrame:
-    from tqdm.auto import tqdm
-
-    from stages.score.runner import load_scores, open_features
-    from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
-
     train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
     requests = train_requests(cfg)
     entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
-    from stages.train.fused import ablation_section, fit_fused, plan_heads
-
     _fusion_blocks(cfg, entries, train_split)  # named fusion inputs: a config error before any fitting
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
-    skey = _scores_key(cfg, requests)
+    skey = config_scores_key(cfg, requests)
     if not store.exists(skey):
         raise PipelineError(f"no scores for this config in {store.url}; run `make score CONFIG={cfg.source or '...'}` first")
     nu_table = load_scores(store, skey)
@@ -140,9 +106,7 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
         layer_rows.append(df)
         for r in df.itertuples(index=False):
             add_rows("probe", model, str(r.layer), pooling, r._asdict(), int(r.n_params), float(r.fit_seconds))
-        finite = df[np.isfinite(df["nu"])]
-        top = df.iloc[-1]
-        sel = finite.loc[finite["nu"].idxmin()] if len(finite) else None
+        sel, top, best = select_layers(df, include_embeddings=cfg.train.include_embeddings)
         for head, r in (("selected", sel), ("top", top)):
             if r is not None:
                 add_rows(head, model, str(int(r["layer"])), pooling, r.to_dict(), int(r["n_params"]), float(r["fit_seconds"]))
@@ -152,10 +116,12 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
                     blobs[f"{dst}.{suffix}"] = blobs[f"{src}.{suffix}"]
         selection.append({"model": model, "pooling": pooling, "n_layers": n_layers,
                           "selected_layer": int(sel["layer"]) if sel is not None else -1,
+                          "selected_dev_accuracy": float(sel["dev_accuracy"]) if sel is not None else float("nan"),
                           "selected_test_accuracy": float(sel["test_accuracy"]) if sel is not None else float("nan"),
-                          "top_layer": int(top["layer"]), "top_test_accuracy": float(top["test_accuracy"]),
-                          "best_layer": int(df.loc[df["dev_accuracy"].idxmax(), "layer"]),
-                          "best_test_accuracy": float(df.loc[df["dev_accuracy"].idxmax(), "test_accuracy"]),
+                          "top_layer": int(top["layer"]), "top_dev_accuracy": float(top["dev_accuracy"]),
+                          "top_test_accuracy": float(top["test_accuracy"]),
+                          "best_layer": int(best["layer"]), "best_dev_accuracy": float(best["dev_accuracy"]),
+                          "best_test_accuracy": float(best["test_accuracy"]),
                           "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy())})
 
     plans = plan_heads(cfg, requests, entries, train_split, nu_table)
@@ -166,36 +132,28 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     selection_df = pd.DataFrame(selection)
     lineage = make_lineage(cfg, requests, skey)
     key = _save_heads(store, cfg, blobs, train_df, lineage)
-    _write_outputs(cfg, out, train_df, layers_df, selection_df, random_models, key)
+    chance = float(np.mean(y[test_split] == _majority(y[train_split])))
+    _write_outputs(cfg, out, train_df, layers_df, selection_df, random_models, key, chance=chance)
     return train_df
 
 
-def train_requests(cfg: ExperimentConfig):
-    """Feature requests for the train, dev and test splits of every configured model."""
-    from pipeline.data import load_splits
-    from pipeline.orchestrate import feature_requests
-
-    names = dict.fromkeys((cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split))
-    splits = load_splits(cfg.data, cfg.seed)
-    return feature_requests(cfg, splits={s: splits[s] for s in names})
+def _majority(y: np.ndarray):
+    values, counts = np.unique(y, return_counts=True)
+    return values[np.argmax(counts)]
 
 
-def make_lineage(cfg: ExperimentConfig, requests, scores: str) -> dict:
-    return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores}
+def select_layers(df: pd.DataFrame, *, include_embeddings: bool = False):
+    """(nu-selected row, top-layer row, dev-best row) of one model/pooling's per-layer probe table.
 
-
-def _scores_key(cfg: ExperimentConfig, requests) -> str:
-    """Key of the scores entry `make score` wrote for these features and keywords."""
-    from stages.score.runner import load_keywords, scores_key
-
-    return scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords))
-
-
-def expected_heads_key(cfg: ExperimentConfig) -> str:
-    """The heads entry `make train` writes for this config and these exact features."""
-    requests = train_requests(cfg)
-    skey = _scores_key(cfg, requests)
-    return heads_key(make_lineage(cfg, requests, skey))
+    Both choices look only at candidate layers (block outputs 1..L unless ``include_embeddings``)
+    and never at test: the nu-selected layer has the lowest finite nu (computed on the training
+    split), the dev-best the highest dev accuracy (the first on ties). None where no candidate has a finite nu.
+    """
+    cands = df[df["layer"].isin(list(candidate_layers(int(df["layer"].max()) + 1, include_embeddings)))]
+    finite = cands[np.isfinite(cands["nu"])]
+    sel = finite.loc[finite["nu"].idxmin()] if len(finite) else None
+    best = cands.loc[cands["dev_accuracy"].idxmax()]
+    return sel, df.loc[df["layer"].idxmax()], best
 
 
 def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Block]:
@@ -210,11 +168,6 @@ def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Blo
     return blocks
 
 
-def heads_key(lineage: dict) -> str:
-    from store import fingerprint
-
-    return fingerprint({"kind": "heads", "version": TRAIN_VERSION, "features": lineage["features"], "scores": lineage["scores"],
-                        "train": lineage["config"]["train"], "seed": lineage["config"]["seed"]})
 
 
 def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df: pd.DataFrame, lineage: dict) -> str:
@@ -231,8 +184,6 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
     train_df.to_parquet(buf, index=False)
     writer.write_file("train.parquet", buf.getvalue())
     writer.write_file("lineage.json", json.dumps(lineage, indent=2, sort_keys=True).encode())
-    from stages.train.fused import FUSED_HEADS
-
     names = sorted({f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in FUSED_HEADS else f"{h}:{m}:{p}")
                     for h, m, lay, p in train_df[["head", "models", "layers", "pooling"]].itertuples(index=False)})
     writer.write_file("heads.json", json.dumps({n: head_file(n) for n in names}, indent=2, sort_keys=True).encode())
@@ -240,33 +191,48 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
     return key
 
 
-def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str) -> None:
-    from stages.score.runner import _md_table
-    from stages.train.fused import ablation_section
-    from stages.train.plots import plot_layers
+def best_probes(probes: pd.DataFrame, *, include_embeddings: bool = False) -> pd.DataFrame:
+    """Per model, the probe (any pooling) with the highest dev accuracy among candidate layers; ties to the first row."""
+    layer = probes["layers"].astype(int)
+    cands = probes if include_embeddings else probes[layer > 0]
+    order = cands.sort_values("dev_accuracy", ascending=False, kind="mergesort")
+    return order.groupby("models", sort=False).head(1)
 
+
+def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str,
+                   *, chance: float = float("nan")) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_df.to_parquet(out / "train.parquet", index=False)
     layers_df.to_parquet(out / "layers.parquet", index=False)
     selection_df.to_parquet(out / "selection.parquet", index=False)
+    where = f"{cfg.data.name}, probes fitted on {cfg.data.splits[0]}, chosen on {cfg.train.dev_split}"
     for pooling, part in layers_df.groupby("pooling", sort=False):
+        sel = selection_df[selection_df["pooling"] == pooling].set_index("model")
+        marks = {m: {"lowest nu": int(r.selected_layer), "best on dev": int(r.best_layer)} for m, r in sel.iterrows()}
         plot_layers(part, out / ("layers.png" if pooling == cfg.train.poolings[0] else f"layers_{pooling}.png"),
-                    title=f"{cfg.data.name}: probe test accuracy and nu per layer ({pooling} pooling)")
-    test = train_df[train_df["split"] == "test"]
-    summary = test[test["head"].isin(["selected", "top", "fusion", "concat"])][["head", "models", "layers", "pooling", "accuracy", "macro_f1", "n_params", "fit_seconds"]]
-    best = test[test["head"] == "probe"].sort_values("accuracy", ascending=False).groupby("models", sort=False).head(1)
+                    title=f"{where}: probe accuracy and nu per layer ({pooling} pooling)", chance=chance, marks=marks)
+    wide = train_df.pivot_table(index=["head", "models", "layers", "pooling"], columns="split", values="accuracy", sort=False).reset_index()
+    wide = wide.rename(columns={"dev": "dev_accuracy", "test": "test_accuracy"})
+    meta = train_df[train_df["split"] == "test"][["head", "models", "layers", "pooling", "macro_f1", "n_params", "fit_seconds"]]
+    wide = wide.merge(meta.rename(columns={"macro_f1": "test_macro_f1"}), on=["head", "models", "layers", "pooling"], how="left")
+    summary = wide[wide["head"].isin(["selected", "top", "fusion", "concat"])][
+        ["head", "models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1", "n_params", "fit_seconds"]]
+    best = best_probes(wide[wide["head"] == "probe"], include_embeddings=cfg.train.include_embeddings)
+    among = "all hidden states 0..L" if cfg.train.include_embeddings else "block outputs 1..L"
     section = [f"## Train: heads on cached features (store entry {key[:12]})", ""]
     if random_models:
         section += [f"> **Random weights:** {', '.join(random_models)}; their heads show the pipeline works, not what a trained model does.", ""]
-    section += ["Test-split results; the probe for each layer is chosen on dev. Full tables: train.parquet, layers.parquet, selection.parquet.", "",
-                _md_table(summary), "", "### Variability-selected layer vs top layer", "",
-                _md_table(selection_df[["model", "pooling", "selected_layer", "selected_test_accuracy", "top_layer", "top_test_accuracy",
-                                        "best_layer", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
-                "### Best probe per model (by test accuracy)", "",
-                _md_table(best[["models", "layers", "pooling", "accuracy", "macro_f1"]]), "", *ablation_section(train_df),
-                "![layers](layers.png)", ""]
-    report = out / "report.md"
-    text = report.read_text(encoding="utf-8") if report.exists() else f"# {cfg.name}\n\n"
-    text = text.split("## Train: heads on cached features")[0].rstrip() + "\n\n"
-    report.write_text(text + "\n".join(section), encoding="utf-8")
+    section += [f"Selection protocol: every choice is made without the {cfg.train.test_split} split. A probe's C is chosen on "
+                f"{cfg.train.dev_split}; the variability-selected layer is the lowest nu (on {cfg.score.split}) and the best layer "
+                f"the highest {cfg.train.dev_split} accuracy, both among {among} (`train.include_embeddings`); "
+                f"{cfg.train.test_split} accuracy is only reported. Chance (the {cfg.data.splits[0]} majority class on "
+                f"{cfg.train.test_split}): {chance:.3f}. Full tables: train.parquet, layers.parquet, selection.parquet.", "",
+                md_table(summary), "", "### Variability-selected layer vs top layer", "",
+                md_table(selection_df[["model", "pooling", "selected_layer", "selected_dev_accuracy", "selected_test_accuracy",
+                                        "top_layer", "top_dev_accuracy", "top_test_accuracy",
+                                        "best_layer", "best_dev_accuracy", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
+                f"### Best probe per model (chosen on {cfg.train.dev_split})", "",
+                md_table(best[["models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1"]]), "",
+                *ablation_section(train_df, include_embeddings=cfg.train.include_embeddings), "![layers](layers.png)", ""]
+    write_section(out / "report.md", cfg.name, "## Train: heads on cached features", "\n".join(section))
     log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)

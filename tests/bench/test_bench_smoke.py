@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from bench.__main__ import main
 
-KEYS = ("extract_overhead", "extract_overhead/bert", "bucketing_speedup", "store_overhead", "scaling_extract",
+KEYS = ("extract_overhead", "extract_overhead/bert", "bucketing_speedup", "store_overhead", "scaling_extract", "scaling_extract_workers",
         "score_read_fraction", "score_peak_rss", "scaling_score", "cached_rerun_seconds", "train_seconds", "head_params")
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_result(tmp_path):
     out = tmp_path / "results.json"
     assert main(["--smoke", "--out", str(out)]) == 0

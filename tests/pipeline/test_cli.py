@@ -32,7 +32,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 
 HELP_COMMANDS = [
     [], ["extract"], ["score"], ["train"], ["run"], ["predict"],
-    ["store"], ["store", "ls"], ["store", "verify"], ["store", "gc"], ["store", "push"], ["store", "pull"],
+    ["store"], ["store", "ls"], ["store", "verify"], ["store", "gc"], ["store", "rm"], ["store", "push"], ["store", "pull"],
 ]
 
 
@@ -141,3 +141,57 @@ def test_store_ls_and_verify_on_empty_store(tmp_path):
     assert run_cli("store", "ls", "--store", store).returncode == 0
     assert run_cli("store", "verify", "--store", store).returncode == 0
     assert run_cli("store", "gc", "--dry-run", "--store", store).returncode == 0
+
+
+def _store_with_entries(path, n=2):
+    from store import Store, fingerprint
+
+    store = Store(path)
+    keys = []
+    for i in range(n):
+        desc = {"kind": "features", "dataset": {"name": "sst2", "split": "train"}, "model": {"name": f"m{i}"}}
+        w = store.writer(fingerprint(desc), desc, n_shards=0)
+        w.write_file("table.json", b"{}")
+        keys.append(w.commit().key)
+    return keys
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("layerstore 0.1.0"), proc
+
+
+def test_console_script_is_the_cli():
+    """pyproject's `layerstore` script is `pipeline.cli:main`, which `python -m pipeline` runs too."""
+    import tomllib
+
+    from pipeline import cli
+
+    scripts = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["layerstore"].partition(":")
+    assert (module, attr) == ("pipeline.cli", "main") and getattr(cli, attr) is cli.main
+    assert "from pipeline.cli import main" in (PROJECT_ROOT / "pipeline" / "__main__.py").read_text()
+
+
+def test_store_ls_into_a_closed_pipe_exits_quietly(tmp_path):
+    _store_with_entries(tmp_path / "s", 3)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "store", "ls", "--store", str(tmp_path / "s")], cwd=PROJECT_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` that has already exited
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_store_key_prefix_errors_are_one_line(tmp_path):
+    a, b = _store_with_entries(tmp_path / "s")
+    store = str(tmp_path / "s")
+    assert_one_line_error(run_cli("store", "verify", a[:5], "--store", store), "invalid store key", "8+")
+    assert_one_line_error(run_cli("store", "verify", "0" * 8 if not a.startswith("0" * 8) else "f" * 8, "--store", store), "no entry")
+    ok = run_cli("store", "verify", a[:8], "--store", store)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: 1 entry verified"), ok
+    listed = run_cli("store", "ls", "--model", "m1", "--store", store)
+    assert b[:12] in listed.stdout and a[:12] not in listed.stdout and "total: 1 entry" in listed.stdout
+    removed = run_cli("store", "rm", b[:8], "--store", store)
+    assert removed.returncode == 0 and "removed 1 entry" in removed.stdout
+    assert_one_line_error(run_cli("store", "rm", b[:8], "--store", store), "no entry")

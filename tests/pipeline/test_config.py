@@ -35,6 +35,29 @@ def test_shipped_configs_load(name):
     assert {b.split(":")[0] for b in cfg.train.fusion.inputs} <= {m.name for m in cfg.models}
 
 
+def test_agnews_config_loads_a_topical_set_with_real_models():
+    """AG News: 4 topics in a stratified 4,000/1,000/1,900 subset, where STEM keywords are common (mostly Sci/Tech)."""
+    import numpy as np
+
+    from pipeline.data import load_splits
+    from pipeline.models import EMBEDDED
+    from stages.score.sparsity import keyword_mask
+
+    cfg = load_config(PROJECT_ROOT / "configs" / "agnews.toml")
+    assert [m.name for m in cfg.models] == ["llama", "bert"] and all(m.source in EMBEDDED for m in cfg.models)
+    assert {b.split(":")[0] for b in cfg.train.fusion.inputs} <= {"llama", "bert"}
+    splits = load_splits(dataclasses.replace(cfg.data, path=str(PROJECT_ROOT / cfg.data.path)))
+    assert {s: len(v) for s, v in splits.items()} == {"train": 4000, "dev": 1000, "test": 1900}
+    for split in splits.values():
+        counts = np.bincount(split.labels)
+        assert len(counts) == 4 and counts.max() - counts.min() <= 1  # stratified
+    train = splits["train"]
+    words = [w.strip() for w in (PROJECT_ROOT / cfg.score.keywords).read_text().splitlines() if w.strip()]
+    kw = keyword_mask(list(train.texts), words)
+    rate = [kw[train.labels == c].mean() for c in range(4)]
+    assert kw.mean() > 0.05 and int(np.argmax(rate)) == 3  # Sci/Tech carries the keywords
+
+
 def test_default_config_uses_embedded_models_and_tiny_uses_tiny_models():
     from pipeline.models import EMBEDDED
 
@@ -61,10 +84,10 @@ def test_config_is_frozen(make_config):
 
 
 def test_int_is_accepted_for_float_fields(make_config):
-    cfg = load_config(make_config(**{"train.Cs": [1, 2.5], "models.0.threshold": 0}))
+    cfg = load_config(make_config(**{"train.Cs": [1, 2.5], "models.0.thresholds": [0, 1]}))
     assert cfg.train.Cs == (1.0, 2.5)
     assert all(type(c) is float for c in cfg.train.Cs)
-    assert type(cfg.model("bert").threshold) is float
+    assert all(type(t) is float for t in cfg.model("bert").thresholds)
 
 
 def test_load_config_overrides(make_config):
@@ -93,7 +116,7 @@ def test_field_help_covers_every_field():
     [
         ("sed", "sed", ["seed", "models", "extract"]),
         ("extract.max_lenght", "extract.max_lenght", ["max_length", "storage_dtype", "device"]),
-        ("models.0.sourse", "models[0].sourse", ["source", "revision", "threshold"]),
+        ("models.0.sourse", "models[0].sourse", ["source", "revision", "thresholds", "sink"]),
         ("train.fusion.widht", "train.fusion.widht", ["width", "sigma"]),
     ],
 )
@@ -110,8 +133,10 @@ def test_typo_key_is_named_with_allowed_keys(make_config, key, where, some_allow
     assert "\n" not in msg
 
 
-def test_config_error_is_a_pipeline_error():
-    assert issubclass(ConfigError, PipelineError)
+def test_config_error_is_caught_as_a_pipeline_error(make_config):
+    """The CLI turns every PipelineError into one `error:` line; a bad config must be one of them."""
+    with pytest.raises(PipelineError, match=r"extract\.max_length"):
+        load_config(make_config(**{"extract.max_length": -1}))
 
 
 # --- types, ranges, choices ---------------------------------------------------------------------
@@ -150,7 +175,10 @@ def test_wrong_type_names_field_and_value(make_config, key, value, expected):
         ("train.fusion.lr", -0.1, ["train.fusion.lr", "-0.1", "minimum 0.0"]),
         ("train.Cs", [1.0, -1.0], ["train.Cs", "-1.0", "minimum 0.0"]),
         ("train.fusion.sigma", float("inf"), ["train.fusion.sigma", "inf", "finite"]),
-        ("models.0.threshold", float("nan"), ["models[0].threshold", "nan", "finite"]),
+        ("models.0.thresholds", [0.1, float("nan")], ["models[0].thresholds", "nan", "finite"]),
+        ("extract.thresholds", [0.1, 0.1], ["extract.thresholds", "duplicates"]),
+        ("extract.thresholds", [0.1 * i for i in range(9)], ["extract.thresholds", "9 values", "at most 8"]),
+        ("models.0.sink", " ", ["models[0].sink", "must not be empty"]),
         ("train.fusion.dropout", float("nan"), ["train.fusion.dropout", "nan"]),
         ("score.min_fires", 0, ["score.min_fires", "0", "minimum 1"]),
     ],
@@ -270,10 +298,10 @@ def test_fusion_average_not_in_inputs(make_config):
 
 
 def test_from_dict_without_a_file_reports_keys():
-    with pytest.raises(ConfigError, match=r"unknown key models\.sorce; allowed in \[models\]: name, revision, source"):
+    with pytest.raises(ConfigError, match=r"unknown key models\.sorce; allowed in \[models\]: name, revision, sink, source, thresholds"):
         from_dict(ModelConfig, {"name": "a", "sorce": "x"}, "models")
     m = from_dict(ModelConfig, {"name": "a", "source": "x"})
-    assert m.threshold == 0.0 and m.trust_remote_code is False
+    assert m.thresholds == () and m.sink == "auto" and m.trust_remote_code is False
 
 
 @pytest.mark.parametrize(

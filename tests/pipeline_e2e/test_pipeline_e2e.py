@@ -38,9 +38,9 @@ def test_report_has_score_and_train_sections(trained):
 
 
 def test_heads_entry_lineage_points_at_features_and_scores(trained):
-    from pipeline.orchestrate import feature_requests
-    from stages.train.predict import heads_entry
-    from stages.train.runner import heads_key
+    from stages.entries import feature_requests
+    from stages.predict import heads_entry
+    from stages.entries import heads_key
 
     cfg, store_dir, out = trained
     store = Store(str(store_dir))

@@ -184,7 +184,7 @@ def test_long_texts_truncated_and_counted(noisy_run):
 def test_nonfinite_activations_commit_nothing(reference, tmp_path, monkeypatch):
     import torch
 
-    import stages.extract as extract_pkg
+    import pipeline.orchestrate as extract_pkg
     from pipeline import orchestrate
     from pipeline.config import load_config
     from stages.extract.runner import NonFiniteError

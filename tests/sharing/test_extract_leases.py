@@ -15,7 +15,7 @@ from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
 from pipeline.models import resolve
 from stages.extract import runner
-from stages.extract.key import FeatureRequest
+from stages.entries import FeatureRequest
 from stages.extract.runner import extract_entry, load_for_extract
 from store import Store
 
@@ -64,9 +64,10 @@ def test_skips_and_waits_for_a_shard_held_by_another_writer(tmp_path, request_an
 
     def slow_other_writer():  # the "other process" finishes shard 1 a little later
         time.sleep(1.0)
-        arrays, table, attrs, _, _ = real(loaded, request, list(TEXTS[4:8]), 4, LABELS[4:8])
-        other.write_shard(1, arrays, table, row_start=4, attrs=attrs)
+        shard = real(loaded, request, list(TEXTS[4:8]), 4, LABELS[4:8])
+        other.write_shard(1, shard.arrays, shard.table, row_start=shard.row_start, attrs=shard.attrs)
         held.release()
+        other.close()  # the other process is done with the entry
 
     t = threading.Thread(target=slow_other_writer)
     t.start()

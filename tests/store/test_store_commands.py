@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
-from store import Store, commands, fingerprint
+import pytest
+
+from store import Store, StoreError, commands, fingerprint
 
 
 def test_ls_json_and_table(tmp_path, write_entry, description):
@@ -44,3 +47,68 @@ def test_find_by_dotted_fields(tmp_path, write_entry, description):
     assert [e.key for e in found] == [bert]
     assert {e.key for e in store.find(kind="features")} == {bert, roberta}
     assert store.find(**{"dataset.nope": 1}) == []
+
+
+def test_key_prefixes_resolve_like_git(tmp_path, write_entry, description):
+    store = Store(tmp_path / "fs")
+    a, _, _ = write_entry(store)
+    b, _, _ = write_entry(store, description=description(**{"model.name": "roberta"}))
+    assert store.resolve(a) == a and store.resolve(a[:8]) == a and store.resolve(b[:20]) == b
+    assert store.open(b[:9]).key == b
+    with pytest.raises(StoreError, match=r"unique prefix of 8\+ lowercase hex"):
+        store.resolve(a[:7])
+    with pytest.raises(StoreError, match=r"no entry 00000000 in .*; `store ls` lists the entries"):
+        store.resolve("00000000")
+    text, code = commands.verify(store, [a[:12]])
+    assert code == 0 and text.startswith("ok: 1 entry verified")
+
+
+def test_ambiguous_prefix_lists_the_matches(tmp_path, write_entry, description, monkeypatch):
+    store = Store(tmp_path / "fs")
+    a, _, _ = write_entry(store)
+    b, _, _ = write_entry(store, description=description(**{"model.name": "roberta"}))
+    fake = [a, a[:8] + b[8:]]  # two keys with one 8-character prefix, as the store would list them
+    monkeypatch.setattr(Store, "_keys", lambda self: sorted(fake))
+    with pytest.raises(StoreError) as err:
+        store.resolve(a[:8])
+    msg = str(err.value)
+    assert "\n" not in msg and "ambiguous" in msg and "2 entries match" in msg
+    assert a[:16] in msg and fake[1][:16] in msg and "sst2/train/bert" in msg
+
+
+def test_ls_filters_and_total(tmp_path, write_entry, description):
+    store = Store(tmp_path / "fs")
+    bert, _, _ = write_entry(store)
+    roberta, _, _ = write_entry(store, description=description(**{"model.name": "roberta"}))
+    dev, _, _ = write_entry(store, description=description(**{"dataset.split": "dev"}))
+    rows = lambda **f: {r["key"] for r in json.loads(commands.ls(store, as_json=True, **f))}  # noqa: E731
+    assert rows() == {bert, roberta, dev}
+    assert rows(model="roberta") == {roberta}
+    assert rows(split="dev") == {dev}
+    assert rows(dataset="sst2", split="train") == {bert, roberta}
+    assert rows(kind="scores") == set()
+    text = commands.ls(store, split="train")
+    sizes = sum(i.bytes for i in store.list() if i.key in (bert, roberta))
+    assert text.splitlines()[-1] == f"total: 2 entries, {commands.human_bytes(sizes)}"
+    assert "no entries matching --model t5" in commands.ls(store, model="t5")
+
+
+def test_rm_removes_and_refuses_a_live_writer(tmp_path, write_entry, description):
+    store = Store(tmp_path / "fs")
+    done, _, _ = write_entry(store)
+    busy, _, w = write_entry(store, description=description(**{"model.name": "roberta"}), commit=False)
+    text = commands.rm(store, [done[:10]])
+    assert f"removed {done[:12]} sst2/train/bert" in text and text.endswith(f"removed 1 entry from {store.url}")
+    assert not (tmp_path / "fs" / "entries" / done).exists() and not store.exists(done)
+    with pytest.raises(StoreError, match=r"being written \(live lease\).*--force"):
+        store.rm([busy])
+    assert (tmp_path / "fs" / "entries" / busy).exists()
+    assert store.rm([busy], force=True) == [busy]
+    assert not (tmp_path / "fs" / "entries" / busy).exists()
+    w.close()
+    with pytest.raises(StoreError, match="no entry"):
+        store.rm([busy])
+
+
+def test_human_bytes_is_iec():
+    assert [commands.human_bytes(n) for n in (0, 1023, 1536, 5 * 2**20, 3 * 2**30)] == ["0 B", "1023 B", "1.5 KiB", "5.0 MiB", "3.0 GiB"]

@@ -53,14 +53,18 @@ def test_gc_grace_and_dry_run(tmp_path, write_entry, description):
 
 def test_fresh_unfinished_entry_is_kept(tmp_path, write_entry):
     store = Store(tmp_path / "fs")
-    key, _, _ = write_entry(store, commit=False)
+    key, _, w = write_entry(store, commit=False)
     assert store.gc() == []
-    assert store.gc(grace_seconds=0)  # only an explicit zero grace removes in-progress work
+    assert store.gc(grace_seconds=0) == []  # its writer is still open: even a zero grace keeps it
+    w.close()
+    assert store.gc(grace_seconds=0)  # abandoned: an explicit zero grace removes it
+    assert not (tmp_path / "fs" / "entries" / key).exists()
 
 
 def test_live_lease_protects_and_expired_lease_is_removed(tmp_path, description, write_entry):
     store = Store(tmp_path / "fs")
     key, _, w = write_entry(store, commit=False)
+    w.close()
     _age(tmp_path / "fs" / "entries" / key, 2 * DAY)
     with w.lease(ttl=60):
         assert store.gc() == []

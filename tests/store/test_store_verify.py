@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from store import CorruptEntryError, Store, commands
+from store import CorruptEntryError, Store, StoreError, commands
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def _writable(path):
 def test_clean_store_verifies(entry_dir):
     store, key, _ = entry_dir
     assert store.verify() == []
-    assert commands.verify(store, []) == (f"ok: 1 entries verified in {store.url}", 0)
+    assert commands.verify(store, []) == (f"ok: 1 entry verified in {store.url}", 0)
 
 
 def test_flipped_byte(entry_dir):
@@ -114,5 +114,37 @@ def test_verify_uncommitted_key(tmp_path, write_entry):
 
 
 def test_verify_command_rejects_bad_key(tmp_path):
-    text, code = commands.verify(Store(tmp_path / "fs"), ["not-a-key"])
-    assert code == 2 and "invalid store key 'not-a-key'" in text
+    with pytest.raises(StoreError, match="invalid store key 'not-a-key': expected a key or a unique prefix of 8"):
+        commands.verify(Store(tmp_path / "fs"), ["not-a-key"])
+
+
+@pytest.mark.parametrize("edit, where, reason", [
+    (lambda m: m["shards"][1].update(n_rows=4), "shard_00001.h5", "the file says n_rows 5, the manifest 4"),
+    (lambda m: m.update(n_rows=14), "manifest.json", "n_rows 14 but the shards hold 15"),
+    (lambda m: m["shards"][2].update(row_start=11), "shard_00002.h5", "the file says row_start 10, the manifest 11"),
+], ids=["shard-n_rows", "total-n_rows", "row_start"])
+def test_edited_row_counts_fail_verify(entry_dir, edit, where, reason):
+    """Hashes do not cover the manifest itself: its row counts are checked against the files."""
+    store, key, d = entry_dir
+    _edit_manifest(d, edit)
+    problems = store.verify([key])
+    assert any(p.path == str(d / where) and p.reason == f"row count mismatch: {reason}" for p in problems), problems
+    with pytest.raises(CorruptEntryError, match="row count mismatch"):
+        store.open(key, verify=True)
+
+
+def test_row_dataset_shorter_than_its_table_fails_verify(tmp_path, description, make_shard):
+    store = Store(tmp_path / "fs")
+    desc = description(max_length=7)
+    from store import fingerprint
+
+    key = fingerprint(desc)
+    w = store.writer(key, desc, n_shards=2)
+    for i in range(2):
+        arrays, table, row_start, attrs = make_shard(i)
+        if i == 1:
+            arrays["hidden/mean"] = arrays["hidden/mean"][:3]
+        w.write_shard(i, arrays, table, row_start=row_start, attrs=attrs)
+    w.commit()
+    path = str(tmp_path / "fs" / "entries" / key / "shard_00001.h5")
+    assert [(p.path, p.reason) for p in store.verify([key])] == [(path, "row count mismatch: dataset hidden/mean has 3 rows, expected 5")]

@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
 from pipeline.models import resolve
-from stages.extract.key import FeatureRequest
+from stages.entries import FeatureRequest
 from stages.extract.runner import LoadedModel, load_for_extract
 
 FAMILIES = ("llama", "bert", "roberta", "t5")
@@ -56,9 +56,9 @@ def make_split(texts=TEXTS, labels=None, name: str = "train", dataset: str = "to
     return Split(dataset, name, tuple(texts), labels, "<memory>")
 
 
-def make_request(family: str = "bert", *, split: Split | None = None, threshold: float = 0.0, spec=None,
-                 name: str | None = None, **overrides) -> FeatureRequest:
-    model = ModelConfig(name=name or family, source=f"tiny-random-{family}", threshold=threshold)
+def make_request(family: str = "bert", *, split: Split | None = None, thresholds: tuple[float, ...] = (0.0,), spec=None,
+                 name: str | None = None, sink: str = "auto", **overrides) -> FeatureRequest:
+    model = ModelConfig(name=name or family, source=f"tiny-random-{family}", thresholds=tuple(thresholds), sink=sink)
     return FeatureRequest(split or make_split(), model, spec or resolve(model.source), _cfg(**overrides))
 
 

@@ -42,8 +42,15 @@ def test_key_changes_with_what_changes_bytes(overrides):
     assert replace_cfg(BASE, **overrides).key != BASE.key
 
 
-def test_key_changes_with_threshold_and_model_identity():
-    assert make_request("bert", threshold=0.1).key != BASE.key
+def test_key_changes_with_thresholds_sink_and_model_identity():
+    assert make_request("bert", thresholds=(0.1,)).key != BASE.key
+    assert make_request("bert", thresholds=(0.0, 0.1)).key != BASE.key
+    assert replace_cfg(make_request("bert", thresholds=()), thresholds=(0.0, 0.3)).key != make_request("bert", thresholds=()).key
+    llama = make_request("llama")
+    assert make_request("llama", sink="none").key != llama.key
+    assert make_request("llama", sink="<unk>").key != llama.key
+    # 'auto' means nothing for an encoder: the same key as 'none'
+    assert make_request("bert", sink="none").key == BASE.key
     keys = {make_request(f).key for f in ("bert", "roberta", "t5", "llama")}
     assert len(keys) == 4
     spec = resolve("tiny-random-bert")
@@ -120,3 +127,26 @@ def test_local_folder_extracts_same_values_as_tiny_model(tmp_path, local_models)
     for name in ("hidden/mean", "hidden/last", "ffn/max"):
         np.testing.assert_allclose(a.array(name).compute(), b.array(name).compute(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(a.per_shard("ffn/fire_count").compute(), b.per_shard("ffn/fire_count").compute())
+
+
+@pytest.mark.parametrize("family, rule, thresholds", [
+    ("llama", "abs_gt", (0.1, 0.5)), ("bert", "gt", (0.0, 0.1)), ("roberta", "gt", (0.0, 0.1)), ("t5", "gt", (0.0,)),
+])
+def test_firing_rule_and_default_thresholds_per_family(family, rule, thresholds):
+    """Gated FFNs (Llama) fire on magnitude; empty threshold lists fall back to the family default."""
+    req = make_request(family, thresholds=())
+    assert req.fire_rule == rule and req.thresholds == thresholds
+    assert req.key_material()["firing"] == {"rule": rule, "thresholds": list(thresholds)}
+    # extract.thresholds applies to every model; a model's own list wins over it
+    assert replace_cfg(req, thresholds=(0.2,)).thresholds == (0.2,)
+    assert replace_cfg(make_request(family, thresholds=(0.3,)), thresholds=(0.2,)).thresholds == (0.3,)
+
+
+def test_gated_t5_uses_the_magnitude_rule(tmp_path):
+    from pipeline.models.families import FAMILIES, ffn_kind
+
+    t5 = next(f for f in FAMILIES if f.name == "t5")
+    assert ffn_kind(t5, {"feed_forward_proj": "gated-gelu"}) == "gated"
+    assert ffn_kind(t5, {"feed_forward_proj": "relu"}) == "relu"
+    bert = next(f for f in FAMILIES if f.name == "bert")
+    assert ffn_kind(bert, {"hidden_act": "relu"}) == "relu" and ffn_kind(bert, {"hidden_act": "gelu"}) == "gelu"

@@ -73,15 +73,16 @@ def test_first_last_index_match_loop(padding):
 
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("include_special", [False, True])
-def test_masked_mean_max_fire_match_loop(padding, include_special):
+@pytest.mark.parametrize("magnitude", [False, True])
+def test_masked_mean_max_fire_match_loop(padding, include_special, magnitude):
     x, attention, special, _ = _batch(padding)
     mask = pooling.token_masks(attention, special, include_special)
     mean = pooling.masked_mean(x, mask)
     mx = pooling.masked_max(x, mask)
-    threshold = 0.25
-    fired = pooling.fire_counts(x, mask, threshold)
-    assert fired.dtype == torch.int64 and fired.shape == (x.shape[2],)
-    want_fire = np.zeros(x.shape[2], dtype=np.int64)
+    thresholds = (0.25, 0.0, 1.0)
+    fired = pooling.fire_counts(x, mask, thresholds, magnitude=magnitude)
+    assert fired.dtype == torch.int64 and fired.shape == (len(thresholds), x.shape[2])
+    want_fire = np.zeros((len(thresholds), x.shape[2]), dtype=np.int64)
     for r in range(x.shape[0]):
         tokens = [t for t in range(x.shape[1]) if mask[r, t] > 0]
         vals = x[r, tokens].double().numpy()
@@ -90,24 +91,44 @@ def test_masked_mean_max_fire_match_loop(padding, include_special):
         for v in vals:
             total += v
             biggest = np.maximum(biggest, v)
-            want_fire += v > threshold
+            for i, t in enumerate(thresholds):
+                want_fire[i] += (np.abs(v) if magnitude else v) > t
         np.testing.assert_allclose(mean[r].double().numpy(), total / len(tokens), rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(mx[r].double().numpy(), biggest)
     np.testing.assert_array_equal(fired.numpy(), want_fire)
+    if magnitude:  # the magnitude rule really differs from the signed one on data with negatives
+        assert not torch.equal(fired, pooling.fire_counts(x, mask, thresholds))
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("threshold", [-0.5, 0.0, 0.25])
-def test_fused_max_and_fire_counts_equal_separate(padding, threshold):
-    """The capture hook's one-pass max + firing counts must equal the two separate reductions."""
-    fused = getattr(pooling, "masked_max_and_fire_counts", None)
-    if fused is None:
-        pytest.skip("no fused max/fire reduction in this version")
+@pytest.mark.parametrize("thresholds", [(-0.5,), (0.0,), (0.25,), (0.0, 0.25, 1.0)])
+@pytest.mark.parametrize("magnitude", [False, True])
+@pytest.mark.parametrize("counted", [False, True])
+def test_fused_max_and_fire_counts_equal_separate(padding, thresholds, magnitude, counted):
+    """The capture hook's one-pass max (+ max |a|) + firing counts must equal the separate reductions."""
     x, attention, special, _ = _batch(padding)
     mask = pooling.token_masks(attention, special, False)
-    mx, fired = fused(x, mask, threshold)
+    extra = {"counted": pooling.CountedTokens(mask)} if counted else {}
+    mx, absmx, fired = pooling.masked_max_and_fire_counts(x, mask, thresholds, magnitude=magnitude, **extra)
     assert torch.equal(mx, pooling.masked_max(x, mask))
-    assert torch.equal(fired, pooling.fire_counts(x, mask, threshold)) and fired.dtype == torch.int64
+    if magnitude:
+        assert torch.equal(absmx, pooling.masked_max(x.abs(), mask))
+    else:
+        assert absmx is None
+    assert torch.equal(fired, pooling.fire_counts(x, mask, thresholds, magnitude=magnitude)) and fired.dtype == torch.int64
+
+
+def test_norm_ratio_is_max_over_median_of_counted_token_norms():
+    x, attention, special, _ = _batch("right")
+    mask = pooling.token_masks(attention, special, False)
+    x[0, 1] *= 1000.0  # a sink-like token in row 0
+    got = pooling.norm_ratio([x, 2 * x], mask)
+    assert got.shape == (x.shape[0], 2)
+    for r in range(x.shape[0]):
+        norms = np.sort([float(x[r, t].double().norm()) for t in range(x.shape[1]) if mask[r, t] > 0])
+        want = norms[-1] / norms[(len(norms) - 1) // 2]  # lower median
+        np.testing.assert_allclose(got[r].numpy(), [want, want], rtol=1e-5)
+    assert got[0, 0] > 100
 
 
 def test_masked_mean_accumulates_in_float32():

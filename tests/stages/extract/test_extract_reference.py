@@ -28,9 +28,13 @@ FFN_OUT = {
 # A neuron's activation this close to the threshold may legitimately flip between a padded,
 # batched forward and the unpadded reference (float32 rounding); anything else must match exactly.
 NEAR = 1e-5
-# Thresholds with no activation of the toy data within NEAR of them (checked in the test): there the
-# stored fire counts must equal the unpadded float32 reference exactly, with no slack at all.
-CLEAR_THRESHOLD = {"llama": 0.012, "bert": 0.05, "roberta": 0.05, "t5": 0.05}
+# Candidate thresholds; the test keeps those with no activation of the toy data within NEAR of them
+# (at least two per family): there the stored fire counts must equal the unpadded float32
+# reference exactly, with no slack at all, for every threshold of one extract pass.
+CANDIDATE_THRESHOLDS = (0.012, 0.03, 0.05, 0.08, 0.1, 0.2, 0.3)
+# The firing rule each family must get: a > t, except |a| > t for gated FFNs (Llama's silu(gate) * up).
+MAGNITUDE = {"llama": True, "bert": False, "roberta": False, "t5": False}
+DEFAULT_THRESHOLDS = (0.0, 0.05)
 N_LAYERS, HIDDEN, FFN = TINY.layers, TINY.hidden, TINY.ffn
 
 
@@ -84,7 +88,7 @@ def _per_text_tokens(model, family, toks, mode, pad_id):
     return [(np.stack([h[r, a:b] for h in hs]), np.stack([f[r, a:b] for f in ffn])) for r, (a, b) in enumerate(spans)]
 
 
-def _pool(hidden, ffn, special, *, include_special, threshold):
+def _pool(hidden, ffn, special, *, include_special, thresholds, magnitude):
     """Pool one text token by token. hidden (L+1, n, H), ffn (L, n, F), special: list of 0/1 per token."""
     n = hidden.shape[1]
     counted = [t for t in range(n) if include_special or not special[t]]
@@ -93,20 +97,25 @@ def _pool(hidden, ffn, special, *, include_special, threshold):
     h_sum = np.zeros(hidden[:, 0].shape)
     f_sum = np.zeros(ffn[:, 0].shape)
     f_max = np.full(ffn[:, 0].shape, -np.inf)
-    fired = np.zeros(ffn[:, 0].shape, dtype=np.int64)
-    near = np.zeros(ffn[:, 0].shape, dtype=np.int64)
+    f_absmax = np.full(ffn[:, 0].shape, -np.inf)
+    fired = np.zeros((len(thresholds), *ffn[:, 0].shape), dtype=np.int64)
+    near = np.zeros_like(fired)
     for t in counted:
         h_sum += hidden[:, t]
         f_sum += ffn[:, t]
         f_max = np.maximum(f_max, ffn[:, t])
-        fired += ffn[:, t] > threshold
-        near += (np.abs(ffn[:, t] - threshold) <= NEAR) & (ffn[:, t] != threshold)  # exact zeros (ReLU) cannot flip
+        f_absmax = np.maximum(f_absmax, np.abs(ffn[:, t]))
+        stat = np.abs(ffn[:, t]) if magnitude else ffn[:, t]
+        for i, thr in enumerate(thresholds):
+            fired[i] += stat > thr
+            near[i] += (np.abs(stat - thr) <= NEAR) & (stat != thr)  # exact zeros (ReLU) cannot flip
     return {
         "hidden/mean": h_sum / len(counted),
         "hidden/first": hidden[:, 0],
         "hidden/last": hidden[:, n - 1],
         "ffn/mean": f_sum / len(counted),
         "ffn/max": f_max,
+        "ffn/absmax": f_absmax,
         "fire": fired,
         "near": near,
         "n_counted": len(counted),
@@ -116,16 +125,18 @@ def _pool(hidden, ffn, special, *, include_special, threshold):
 _REF: dict = {}
 
 
-def reference(family: str, mode: str, *, max_length: int = 24, include_special: bool = False, threshold: float = 0.0):
+def reference(family: str, mode: str, *, max_length: int = 24, include_special: bool = False, thresholds=DEFAULT_THRESHOLDS):
     """Per-text pooled references, stacked over rows; cached per (family, mode, options)."""
-    key = (family, mode, max_length, include_special, threshold)
+    thresholds = tuple(thresholds)
+    key = (family, mode, max_length, include_special, thresholds)
     if key not in _REF:
         if (family, "model") not in _REF:
             _REF[(family, "model")] = random_model(family)
         model, tokenizer = _REF[(family, "model")]
         toks = [_tokens(tokenizer, t, max_length)[:2] for t in TEXTS]
         per_text = _per_text_tokens(model, family, toks, mode, tokenizer.pad_token_id)
-        pooled = [_pool(h, f, s, include_special=include_special, threshold=threshold) for (h, f), (_, s) in zip(per_text, toks)]
+        pooled = [_pool(h, f, s, include_special=include_special, thresholds=thresholds, magnitude=MAGNITUDE[family])
+                  for (h, f), (_, s) in zip(per_text, toks)]
         ref = {k: np.stack([p[k] for p in pooled]) for k in pooled[0]}
         ref["n_tokens"] = np.array([len(ids) for ids, _ in toks])
         ref["truncated"] = np.array([_tokens(tokenizer, t, max_length)[2] for t in TEXTS])
@@ -169,8 +180,13 @@ def test_stored_features_match_reference(tmp_path, family, variant):
     overrides = {"storage_dtype": "float32"} if variant == "float32" else {}
     if variant == "special":
         overrides["special_tokens_in_mean"] = True
-    threshold = CLEAR_THRESHOLD[family] if variant == "threshold" else 0.0
-    request = make_request(family, threshold=threshold, **overrides)
+    thresholds = DEFAULT_THRESHOLDS
+    if variant == "threshold":
+        probe = reference(family, "single", thresholds=CANDIDATE_THRESHOLDS)
+        thresholds = tuple(t for t, n in zip(CANDIDATE_THRESHOLDS, probe["near"].sum(axis=(0, 2, 3))) if n == 0)[:3]
+        assert len(thresholds) >= 2, "need two thresholds no activation is near"
+    request = make_request(family, thresholds=thresholds, **overrides)
+    assert request.fire_rule == ("abs_gt" if MAGNITUDE[family] else "gt")
     cfg = request.extract
     store = Store(tmp_path / "store")
     loader = CountingLoader(family)
@@ -181,10 +197,11 @@ def test_stored_features_match_reference(tmp_path, family, variant):
     entry = store.open(request.key)
     shards = _shards(len(TEXTS), cfg.shard_rows)
     assert entry.n_rows == len(TEXTS) and entry.n_shards == len(shards) >= 2
-    ref = reference(family, "single", include_special=cfg.special_tokens_in_mean, threshold=threshold)
+    ref = reference(family, "single", include_special=cfg.special_tokens_in_mean, thresholds=thresholds)
     if variant == "threshold":
-        assert ref["near"].sum() == 0, "pick a threshold no activation is near: fire counts are then compared exactly"
-        assert 0 < ref["fire"].sum() < ref["n_counted"].sum() * N_LAYERS * FFN
+        assert ref["near"].sum() == 0, "pick thresholds no activation is near: fire counts are then compared exactly"
+        for i in range(len(thresholds)):
+            assert 0 < ref["fire"][:, i].sum() < ref["n_counted"].sum() * N_LAYERS * FFN
 
     # The setup really exercises length-grouped batching: several batches, some of mixed lengths.
     for lo, hi in shards[:2]:
@@ -195,6 +212,10 @@ def test_stored_features_match_reference(tmp_path, family, variant):
     rel = 1e-2 if cfg.storage_dtype == "float16" else 1e-5
     expected_shapes = {"hidden/mean": (N_LAYERS + 1, HIDDEN), "hidden/first": (N_LAYERS + 1, HIDDEN), "hidden/last": (N_LAYERS + 1, HIDDEN),
                        "ffn/mean": (N_LAYERS, FFN), "ffn/max": (N_LAYERS, FFN)}
+    if MAGNITUDE[family]:
+        expected_shapes["ffn/absmax"] = (N_LAYERS, FFN)
+    else:
+        assert "ffn/absmax" not in entry.datasets()
     for name, shape in expected_shapes.items():
         stored = entry.array(name).compute()
         assert stored.shape == (len(TEXTS), *shape), name
@@ -212,11 +233,11 @@ def test_stored_features_match_reference(tmp_path, family, variant):
 
     # Firing counts: per shard, summed over the shard's rows and counted tokens only.
     fire = entry.per_shard("ffn/fire_count").compute()
-    assert fire.shape == (len(shards), N_LAYERS, FFN) and fire.dtype == np.int64
+    assert fire.shape == (len(shards), len(thresholds), N_LAYERS, FFN) and fire.dtype == np.int64
     attrs = entry.shard_attrs("ffn/fire_count")
     for s, (lo, hi) in enumerate(shards):
         assert_fire_counts(fire[s], ref["fire"][lo:hi].sum(axis=0), ref["near"][lo:hi].sum(axis=0), f"{family} {variant} shard {s}")
-        assert attrs[s]["threshold"] == threshold
+        assert list(attrs[s]["thresholds"]) == list(thresholds) and attrs[s]["rule"] == request.fire_rule
         assert attrs[s]["n_tokens"] == int(ref["n_counted"][lo:hi].sum())
         assert bool(attrs[s]["special_tokens_counted"]) == cfg.special_tokens_in_mean
     if family == "t5":  # ReLU: exactly sparse, activations never negative

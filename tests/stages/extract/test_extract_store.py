@@ -198,6 +198,7 @@ def test_orchestrate_extract_second_run_loads_nothing(tmp_path, monkeypatch):
     """Through pipeline.orchestrate.extract (the CLI path): a rerun neither loads a model nor writes."""
     import pipeline.models
     from pipeline import orchestrate
+    from stages.entries import feature_requests
 
     data = tmp_path / "data"
     data.mkdir()
@@ -211,7 +212,7 @@ def test_orchestrate_extract_second_run_loads_nothing(tmp_path, monkeypatch):
     )
     url = str(tmp_path / "store")
     assert orchestrate.extract(cfg, url, progress=False) == 0
-    keys = [r.key for r in orchestrate.feature_requests(cfg)]
+    keys = [r.key for r in feature_requests(cfg)]
     assert len(set(keys)) == 2 and all(Store(url).exists(k) for k in keys)
     before = {k: entry_files(Path(url), k) for k in keys}
 

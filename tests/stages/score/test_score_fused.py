@@ -53,7 +53,6 @@ def test_blocks_smaller_than_chunk_give_the_same_numbers(monkeypatch):
     arrays, y = _poolings(2, n=300, K=6)
     whole = variability_many(arrays, y)
     monkeypatch.setattr(variability_mod, "BLOCK_BYTES", 1)  # one row per inner block
-    monkeypatch.setattr(sparsity_mod, "BLOCK_BYTES", 1)
     for p in arrays:
         _same(variability_many(arrays, y)[p], whole[p])
 

@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
 from pipeline.models import resolve
-from stages.extract import FeatureRequest
+from stages.entries import FeatureRequest
 from stages.score.runner import score_entry
 from store import Store
 

@@ -22,8 +22,10 @@ import tiny_pipeline as tp  # noqa: E402
 from store import Store  # noqa: E402
 
 VARIABILITY_COLUMNS = ["dataset", "split", "model", "pooling", "layer", "variability", "n_rows", "n_classes"]
-SPARSITY_COLUMNS = ["dataset", "split", "model", "layer", "n_neurons", "threshold", "token_fire_fraction", "dead_fraction"]
-NEURON_COLUMNS = ["dataset", "split", "model", "layer", "neuron", "token_fire_rate", "sentence_fire_rate", "keyword_score", "selectivity"]
+SPARSITY_COLUMNS = ["dataset", "split", "model", "threshold", "rule", "layer", "n_neurons", "token_fire_fraction", "dead_fraction"]
+NEURON_COLUMNS = ["dataset", "split", "model", "threshold", "layer", "neuron", "token_fire_rate", "sentence_fire_rate", "keyword_score",
+                  "keyword_base_rate", "keyword_lift", "keyword_p_value", "selectivity", "top_class"]
+N_THRESHOLDS = {"llama": 2, "t5": 1}  # family defaults: gated |a| > 0.1, 0.5; ReLU a > 0
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def brute_force_nu(X: np.ndarray, y: np.ndarray) -> float:
 
 def _request(cfg, model: str):
     from pipeline.data import load_split
-    from pipeline.orchestrate import feature_requests
+    from stages.entries import feature_requests
 
     split = load_split(cfg.data, cfg.score.split)
     return next(r for r in feature_requests(cfg, splits={split.name: split}) if r.model.name == model)
@@ -108,8 +110,11 @@ def test_score_writes_every_output_with_documented_columns(scored):
     assert set(var["model"]) == {"llama", "t5"} and set(var["pooling"]) == {"mean", "first", "last"}
     assert (var["n_rows"] == 80).all() and (var["n_classes"] == 2).all()
     assert (var[["dataset", "split"]] == ["sst2", "train"]).all().all()
-    assert len(spa) == 2 * n_layers and (spa["n_neurons"] == 64).all()
-    assert len(neu) == 2 * n_layers * 64
+    assert len(spa) == 3 * n_layers and (spa["n_neurons"] == 64).all()
+    assert len(neu) == 3 * n_layers * 64
+    assert set(zip(spa["model"], spa["rule"], spa["threshold"])) == {("llama", "abs_gt", 0.1), ("llama", "abs_gt", 0.5), ("t5", "gt", 0.0)}
+    assert not var[var["lowest"]]["layer"].eq(0).any()  # selection among block outputs by default
+    assert var["norm_ratio_median"].ge(1).all()
     assert neu["token_fire_rate"].between(0, 1).all() and neu["sentence_fire_rate"].between(0, 1).all()
     pd.testing.assert_frame_equal(var, result.variability)
     for name in ("variability.png", "sparsity.png"):
@@ -117,10 +122,12 @@ def test_score_writes_every_output_with_documented_columns(scored):
     report = (out / "report.md").read_text()
     assert "Random weights" in report and "llama (tiny-random-llama)" in report and "t5 (tiny-random-t5)" in report
     assert "![variability](variability.png)" in report and "![sparsity](sparsity.png)" in report
+    for text in ("|a| > t", "keyword_lift", "keyword_p_value", "Base rate", "Attention sinks", "block outputs 1..L"):
+        assert text in report, text
 
 
 def test_score_is_recorded_in_store(scored):
-    from stages.score.runner import load_scores
+    from stages.entries import load_scores
 
     cfg, store, out, result, store_dir = scored
     assert store.exists(result.key)
@@ -157,14 +164,17 @@ def test_sparsity_equals_sums_of_stored_fire_counts(scored, model):
     cfg, store, out, result, store_dir = scored
     req = _request(cfg, model)
     counts, attrs, _ = _entry_arrays(store_dir, req.key, "ffn/fire_count")
-    total = np.sum(counts, axis=0)  # (n_layers, ffn)
+    totals = np.sum(counts, axis=0)  # (n_thresholds, n_layers, ffn)
+    assert totals.shape[0] == N_THRESHOLDS[model] and list(attrs[0]["thresholds"]) == list(req.thresholds)
     n_tokens = sum(int(a["n_tokens"]) for a in attrs)
-    spa = result.sparsity[result.sparsity["model"] == model].sort_values("layer")
-    np.testing.assert_allclose(spa["token_fire_fraction"], total.sum(axis=1) / (n_tokens * total.shape[1]), rtol=1e-12)
-    np.testing.assert_allclose(spa["dead_fraction"], (total == 0).mean(axis=1), rtol=0, atol=0)
-    assert (spa["threshold"] == req.model.threshold).all()
-    neu = result.neurons[result.neurons["model"] == model].sort_values(["layer", "neuron"])
-    np.testing.assert_allclose(neu["token_fire_rate"], (total / n_tokens).ravel(), rtol=1e-12)
+    for t, total in zip(req.thresholds, totals):
+        spa = result.sparsity[(result.sparsity["model"] == model) & (result.sparsity["threshold"] == t)].sort_values("layer")
+        np.testing.assert_allclose(spa["token_fire_fraction"], total.sum(axis=1) / (n_tokens * total.shape[1]), rtol=1e-12)
+        np.testing.assert_allclose(spa["dead_fraction"], (total == 0).mean(axis=1), rtol=0, atol=0)
+        neu = result.neurons[(result.neurons["model"] == model) & (result.neurons["threshold"] == t)].sort_values(["layer", "neuron"])
+        np.testing.assert_allclose(neu["token_fire_rate"], (total / n_tokens).ravel(), rtol=1e-12)
+    if model == "llama":  # a higher magnitude threshold never fires more
+        assert (totals[1] <= totals[0]).all()
 
 
 def test_synchronous_scheduler_gives_identical_tables(scored, tmp_path):

@@ -30,8 +30,11 @@ SPLIT_ROWS = {"train": 240, "dev": 160, "test": 240}
 SHARD_ROWS = 64
 # signal amplitude per hidden-state layer: class means at +-a along one direction, unit noise
 ALPHA_AMPLITUDE = [0.3, 1.2, 5.0, 0.6, 0.0]
+# delta: the best layer on test (2) is not the best on dev (1), and the embedding output (0) separates best of all
+DELTA_AMPLITUDE = {"train": [6.0, 3.0, 1.0, 0.0], "dev": [6.0, 3.0, 1.0, 0.0], "test": [6.0, 0.0, 3.0, 0.0]}
 MODELS = {"alpha": dict(source="tiny-random-bert", n_layers=4, hidden=16, ffn=8, amplitude=ALPHA_AMPLITUDE),
-          "beta": dict(source="tiny-random-roberta", n_layers=3, hidden=12, ffn=8, amplitude=[0.0] * 4)}
+          "beta": dict(source="tiny-random-roberta", n_layers=3, hidden=12, ffn=8, amplitude=[0.0] * 4),
+          "delta": dict(source="tiny-random-llama", n_layers=3, hidden=16, ffn=8, amplitude=DELTA_AMPLITUDE)}
 
 CONFIG = """\
 name = "synthetic"
@@ -92,14 +95,15 @@ def synthetic_features(model: str, split: str, labels: np.ndarray) -> dict[str, 
     direction /= np.linalg.norm(direction)
     rng = np.random.default_rng([ord(c) for c in model + split])
     sign = (2.0 * labels - 1.0)[:, None]
-    hidden = np.stack([rng.normal(size=(n, d)) + a * sign * direction for a in m["amplitude"]], axis=1)
+    amplitude = m["amplitude"][split] if isinstance(m["amplitude"], dict) else m["amplitude"]
+    hidden = np.stack([rng.normal(size=(n, d)) + a * sign * direction for a in amplitude], axis=1)
     ffn = np.maximum(rng.normal(size=(n, L, f)), 0.0)
     return {"hidden/mean": hidden.astype(np.float16), "ffn/mean": (ffn / 2).astype(np.float16), "ffn/max": ffn.astype(np.float16)}
 
 
 def write_synthetic_store(cfg, store: Store) -> None:
     """One committed entry per (model, split), keyed exactly as extract would key it."""
-    from pipeline.orchestrate import feature_requests
+    from stages.entries import feature_requests
 
     for r in feature_requests(cfg):
         m = MODELS[r.model.name]
@@ -131,7 +135,7 @@ class Captured:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Synthetic store -> run_score -> run_train, with the in-memory heads captured on the way."""
-    import stages.train.probes as probes
+    import stages.train.runner as train_runner
     from stages.score.runner import run_score
     from stages.train.concat import ConcatHead
     from stages.train.fusion import FusionHead
@@ -144,7 +148,7 @@ def trained(tmp_path_factory):
     out = base / "out"
     run_score(cfg, store, out, progress=False)
     captured = Captured()
-    real_probe_to_bytes = probes.probe_to_bytes
+    real_probe_to_bytes = train_runner.probe_to_bytes
 
     def spy_probe(pipeline):
         captured.probes.append(pipeline)
@@ -161,7 +165,7 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         previous = torch.get_num_threads()
         torch.set_num_threads(1)  # as the autouse fixture does for the tests that re-train
-        mp.setattr(probes, "probe_to_bytes", spy_probe)
+        mp.setattr(train_runner, "probe_to_bytes", spy_probe)
         mp.setattr(FusionHead, "to_bytes", spy_method(FusionHead, "fusion"))
         mp.setattr(ConcatHead, "to_bytes", spy_method(ConcatHead, "concat"))
         try:
@@ -251,8 +255,8 @@ def test_ablation_verdict_compares_dev_chosen_heads(trained):
 
 
 def _stored_inputs(cfg, store, blocks, split: str) -> dict[str, np.ndarray]:
-    from pipeline.orchestrate import feature_requests
-    from stages.score.runner import open_features
+    from stages.entries import feature_requests
+    from stages.entries import open_features
 
     reqs = {r.model.name: r for r in feature_requests(cfg) if r.split.name == split}
     return {str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[:, b.layer, :], dtype=np.float32)
@@ -260,9 +264,9 @@ def _stored_inputs(cfg, store, blocks, split: str) -> dict[str, np.ndarray]:
 
 
 def test_saved_heads_reload_and_predict_identically(trained):
-    from pipeline.orchestrate import feature_requests
-    from stages.train.predict import _head_blocks, heads_entry
-    from stages.train.runner import Block
+    from stages.entries import feature_requests
+    from stages.predict import _head_blocks, heads_entry
+    from pipeline.blocks import Block
 
     cfg, store, out, train_df, captured = trained
     entry = heads_entry(cfg, store)
@@ -334,3 +338,64 @@ def test_model_in_config_but_not_in_store_says_run_extract(trained, tmp_path):
     bad = load_config(write_config(tmp_path, extra_models={"gamma": "tiny-random-t5"}))
     with pytest.raises(PipelineError, match=r"no features for synth/train/gamma .*make extract CONFIG=.*synthetic\.toml"):
         run_train(bad, store, tmp_path / "out", progress=False)
+
+
+def _md_tables(text: str) -> list[pd.DataFrame]:
+    """Every markdown table of a report, as strings."""
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif rows:
+            tables.append(pd.DataFrame(rows[2:], columns=rows[0]))
+            rows = []
+    return tables
+
+
+def test_no_report_table_is_selected_on_test(tmp_path):
+    """delta's best layer on test (2) differs from its best on dev (1); no table may show a test-chosen layer,
+    and the embedding output (0, best of all) is not a candidate by default."""
+    from stages.score.runner import run_score
+    from stages.train.runner import run_train
+
+    cfg = load_config(write_config(tmp_path, models=("delta",), fusion_inputs=("delta:-1:mean",)))
+    store = Store(str(tmp_path / "store"))
+    write_synthetic_store(cfg, store)
+    out = tmp_path / "out"
+    run_score(cfg, store, out, progress=False)
+    run_train(cfg, store, out, progress=False)
+    layers = pd.read_parquet(out / "layers.parquet").set_index("layer")
+    cands = layers.loc[1:]
+    assert cands["dev_accuracy"].idxmax() == 1 and cands["test_accuracy"].idxmax() == 2  # the setup holds
+    assert layers["test_accuracy"].idxmax() in (0, 2)
+    tables = _md_tables((out / "report.md").read_text())
+    checked = 0
+    for t in tables:
+        model_col = "model" if "model" in t else ("models" if "models" in t else None)
+        if model_col is None:
+            continue
+        for _, row in t[t[model_col] == "delta"].iterrows():
+            for col in ("lowest_nu_layer", "selected_layer", "best_layer"):
+                if col in row:
+                    assert row[col] == "1", (col, dict(row))
+                    checked += 1
+            if "layers" in row and row.get("head", "probe") in ("probe", "selected"):
+                assert row["layers"] == "1", dict(row)
+                checked += 1
+    assert checked >= 5
+    sel = pd.read_parquet(out / "selection.parquet").iloc[0]
+    assert sel["selected_layer"] == 1 and sel["best_layer"] == 1
+
+
+def test_include_embeddings_lets_selection_pick_layer_0(tmp_path):
+    from stages.score.runner import run_score
+    from stages.train.runner import run_train
+
+    path = write_config(tmp_path, models=("delta",), fusion_inputs=("delta:-1:mean",))
+    cfg = load_config(path, overrides={"train.include_embeddings": True})
+    store = Store(str(tmp_path / "store"))
+    write_synthetic_store(cfg, store)
+    run_score(cfg, store, tmp_path / "out", progress=False)
+    run_train(cfg, store, tmp_path / "out", progress=False)
+    sel = pd.read_parquet(tmp_path / "out" / "selection.parquet").iloc[0]
+    assert sel["selected_layer"] == 0

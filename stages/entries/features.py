@@ -1,9 +1,9 @@
-"""What a feature entry is: the description whose fingerprint is its store key.
+"""Feature entries: what one is (the description whose fingerprint is its store key), and how to find and open them.
 
 Everything that changes the stored bytes is in it (model identity, tokenizer via the
-model files, max length, poolings, dtypes, hook points, threshold, the data fingerprint,
-the shard layout and the format version); device, batch size, token budget and worker
-count are not, so a teammate computing the same thing elsewhere gets a cache hit.
+model files, max length, poolings, dtypes, hook points, firing rule and thresholds, the
+attention-sink setting, the data fingerprint, the shard layout and the format version); device,
+batch size, token budget and worker count are not, so a teammate computing the same thing elsewhere gets a cache hit.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from pipeline.config import ExtractConfig, ModelConfig
-from pipeline.data import Split
+from pipeline.config import ExperimentConfig, ExtractConfig, ModelConfig
+from pipeline.data import Split, load_splits
 from pipeline.device import compute_dtype_name
-from pipeline.models import ModelSpec
-from pipeline.models.families import FAMILIES, Family
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.models import ModelSpec, resolve
+from pipeline.models.families import FAMILIES, RULE_ABS, SINK_AUTO, SINK_NONE, Family, default_thresholds, ffn_kind, firing_rule
 from pipeline.models.registry import EMBEDDED
-from store import fingerprint
+from store import CorruptEntryError, fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fire counts per threshold, firing rule, attention sink, token-norm ratios
 
 
 def spec_family(spec: ModelSpec) -> Family:
@@ -53,6 +54,34 @@ class FeatureRequest:
     def family(self) -> Family:
         return spec_family(self.spec)
 
+    @cached_property
+    def ffn_kind(self) -> str:
+        """'relu', 'gelu' or 'gated' (from config.json; tiny models use their family's default)."""
+        return ffn_kind(self.family, _config_json(self.spec))
+
+    @property
+    def fire_rule(self) -> str:
+        return firing_rule(self.ffn_kind)
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """The model's own list, else extract.thresholds, else the default of its FFN kind."""
+        chosen = self.model.thresholds or self.extract.thresholds or default_thresholds(self.ffn_kind)
+        return tuple(float(t) for t in chosen)
+
+    @property
+    def sink(self) -> str:
+        """The sink setting that takes effect: 'auto' does nothing for encoders."""
+        s = self.model.sink
+        return SINK_NONE if s == SINK_AUTO and not self.family.decoder else s
+
+    @property
+    def ffn_arrays(self) -> tuple[str, ...]:
+        """FFN poolings stored: the configured ones, plus 'absmax' for the magnitude rule
+        (the per-sentence statistic its sentence-level firing needs, as 'max' is for a > t)."""
+        extra = ("absmax",) if self.fire_rule == RULE_ABS else ()
+        return tuple(self.extract.ffn_poolings) + extra
+
     def key_material(self) -> dict:
         cfg = self.extract
         return {
@@ -64,11 +93,12 @@ class FeatureRequest:
             "hooks": {"hidden": "output_hidden_states", "ffn": f"{self.family.blocks}.*.{self.family.ffn_out}:input"},
             "max_length": cfg.max_length,
             "poolings": sorted(cfg.poolings),
-            "ffn_poolings": sorted(cfg.ffn_poolings),
+            "ffn_poolings": sorted(self.ffn_arrays),
             "special_tokens_in_mean": cfg.special_tokens_in_mean,
             "storage_dtype": cfg.storage_dtype,
             "compute_dtype": compute_dtype_name(cfg.compute_dtype, cfg.device),
-            "threshold": float(self.model.threshold),
+            "firing": {"rule": self.fire_rule, "thresholds": list(self.thresholds)},
+            "sink": self.sink,
             "shard_rows": cfg.shard_rows,
             "padding": "right",
             **({"pooler": "pooler_output"} if self.pooler else {}),
@@ -96,9 +126,15 @@ class FeatureRequest:
 
     def estimated_bytes(self) -> int:
         layers, hidden, ffn = model_dims(self.spec)
-        per_row = (layers + 1) * hidden * len(self.extract.poolings) + layers * ffn * len(self.extract.ffn_poolings) + hidden * self.pooler
+        per_row = (layers + 1) * hidden * len(self.extract.poolings) + layers * ffn * len(self.ffn_arrays) + hidden * self.pooler
         itemsize = 2 if self.extract.storage_dtype == "float16" else 4
         return len(self.split) * per_row * itemsize
+
+
+def _config_json(spec: ModelSpec) -> dict:
+    if spec.kind == "tiny":
+        return {}
+    return json.loads((Path(spec.path) / "config.json").read_text())
 
 
 POOLER_FAMILIES = ("bert", "roberta", "mpnet")
@@ -135,3 +171,34 @@ def model_dims(spec: ModelSpec) -> tuple[int, int, int]:
         return int(next(cfg[n] for n in names if n in cfg))
 
     return first("num_hidden_layers", "num_layers"), first("hidden_size", "d_model"), first("intermediate_size", "d_ff")
+
+
+def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, splits: dict[str, Split] | None = None) -> list[FeatureRequest]:
+    """One FeatureRequest per (model, split); resolving models reads no weights."""
+    chosen = list(cfg.models)
+    if models:
+        unknown = sorted(set(models) - {m.name for m in cfg.models})
+        if unknown:
+            raise ConfigError(f"--models: {unknown} not in the config; configured: {[m.name for m in cfg.models]}")
+        chosen = [m for m in cfg.models if m.name in models]
+    splits = splits if splits is not None else load_splits(cfg.data, cfg.seed)
+    out = []
+    for m in chosen:
+        spec = resolve(m.source, m.revision)
+        out.extend(FeatureRequest(s, m, spec, cfg.extract) for s in splits.values())
+    return out
+
+
+def open_features(store, request: FeatureRequest, *, verify: bool = True, config: str = ""):
+    """The committed entry for a request, verified; a missing or corrupt one is a clear error.
+
+    ``config`` (the config file's path) is named in the error, so the user knows which
+    ``make extract`` run provides the entry.
+    """
+    name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
+    if not store.exists(request.key):
+        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `make extract CONFIG={config or '...'}` with this config first")
+    try:
+        return store.open(request.key, verify=verify)
+    except CorruptEntryError as e:
+        raise PipelineError(f"features for {name} are corrupt: {e}; delete the entry and re-run `make extract` to rebuild it") from None

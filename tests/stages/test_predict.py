@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pipeline_e2e"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline_e2e"))
 import tiny_pipeline as tp  # noqa: E402
 
 from pipeline.errors import ConfigError, PipelineError  # noqa: E402
@@ -32,8 +32,8 @@ def trained(tmp_path_factory):
 
 def _stored(cfg, store, blocks, rows) -> dict[str, np.ndarray]:
     """Features of ``rows`` of the dev split for ``blocks``, as the store holds them."""
-    from pipeline.orchestrate import feature_requests
-    from stages.score.runner import open_features
+    from stages.entries import feature_requests
+    from stages.entries import open_features
 
     reqs = {r.model.name: r for r in feature_requests(cfg) if r.split.name == cfg.train.dev_split}
     return {str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[rows, b.layer, :], dtype=np.float32)
@@ -55,7 +55,7 @@ def _dev_texts(cfg) -> list[str]:
     "fusion",  # blocks of two models, llama at two depths
 ])
 def test_predict_texts_matches_head_on_stored_features(trained, head_name):
-    from stages.train.predict import _head_blocks, heads_entry, predict_texts
+    from stages.predict import _head_blocks, heads_entry, predict_texts
 
     cfg, store, _ = trained
     head, blocks = _head_blocks(head_name, heads_entry(cfg, store))
@@ -72,8 +72,8 @@ def test_predict_texts_matches_head_on_stored_features(trained, head_name):
 
 def test_predict_block_features_equal_stored_bytes(trained):
     """The features themselves, not just the probabilities: predict rounds like extract stores."""
-    from stages.train.predict import block_features
-    from stages.train.runner import Block
+    from stages.predict import block_features
+    from pipeline.blocks import Block
 
     cfg, store, _ = trained
     blocks = [Block(m, layer, p) for m in ("llama", "t5") for layer in (0, 1, 2) for p in ("mean", "first", "last")]
@@ -113,7 +113,7 @@ def test_changed_config_never_uses_stale_heads(trained):
     from the config must not silently serve heads trained with it."""
     import dataclasses
 
-    from stages.train.predict import predict_texts
+    from stages.predict import predict_texts
 
     cfg, store, _ = trained
     llama_fusion = dataclasses.replace(cfg.train.fusion, inputs=("llama:-1:mean",), average=())
@@ -124,7 +124,7 @@ def test_changed_config_never_uses_stale_heads(trained):
 
 
 def test_predict_before_train_says_run_train(tmp_path_factory):
-    from stages.train.predict import predict_texts
+    from stages.predict import predict_texts
 
     cfg_path, store_dir = tp.extracted_store(tmp_path_factory)
     with pytest.raises(PipelineError, match=r"no trained heads for 'e2e-tiny'.*make train CONFIG=.*tiny\.toml"):

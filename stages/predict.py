@@ -17,16 +17,18 @@ import torch
 from pipeline.config import ExperimentConfig
 from pipeline.data import Split
 from pipeline.errors import PipelineError
-from stages.train.fused import FUSED_HEADS
-from stages.train.runner import Block, head_file
+from pipeline.blocks import Block
+from pipeline.models import resolve
+from stages.entries import FeatureRequest, expected_heads_key
+from stages.extract import extract_shard, load_for_extract
+from stages.train.fused import FUSED_HEADS, head_class
+from stages.train.probes import probe_from_bytes
 
 log = logging.getLogger(__name__)
 
 
 def heads_entry(cfg: ExperimentConfig, store):
     """The heads entry `make train` wrote for this config and its current features (never a stale one)."""
-    from stages.train.runner import expected_heads_key
-
     key = expected_heads_key(cfg)
     if not store.exists(key):
         raise PipelineError(f"no trained heads for {cfg.name!r} with its current features in {store.url}; "
@@ -35,9 +37,6 @@ def heads_entry(cfg: ExperimentConfig, store):
 
 
 def _head_blocks(name: str, entry) -> tuple[object, list[Block]]:
-    from stages.train.fused import head_class
-    from stages.train.probes import probe_from_bytes
-
     index = json.loads(entry.read_file("heads.json"))
     if name not in index:
         raise PipelineError(f"--head {name!r} not found; available: {', '.join(sorted(index))}")
@@ -68,10 +67,6 @@ def _truncate(model: torch.nn.Module, family, keep: int) -> None:
 
 def block_features(cfg: ExperimentConfig, blocks: list[Block], texts: list[str]) -> dict[str, np.ndarray]:
     """Pooled hidden states for ``blocks`` on ``texts``, computed like extract computes them."""
-    from pipeline.models import resolve
-    from stages.extract import FeatureRequest, load_for_extract
-    from stages.extract.runner import extract_shard
-
     out: dict[str, np.ndarray] = {}
     split = Split(cfg.data.name, "predict", tuple(texts), np.zeros(len(texts), dtype=np.int64), "<predict>")
     for model_name in dict.fromkeys(b.model for b in blocks):
@@ -83,7 +78,7 @@ def block_features(cfg: ExperimentConfig, blocks: list[Block], texts: list[str])
         if deepest < n_layers:
             _truncate(loaded.model, loaded.family, deepest + 1)
         request = FeatureRequest(split, mcfg, spec, cfg.extract)
-        arrays, *_ = extract_shard(loaded, request, list(texts), 0, split.labels)
+        arrays = extract_shard(loaded, request, list(texts), 0, split.labels).arrays
         for b in blocks:
             if b.model == model_name:
                 out[str(b)] = np.asarray(arrays[f"hidden/{b.pooling}"][:, b.layer, :], dtype=np.float32)
