@@ -1,10 +1,10 @@
-"""Feature blocks named ``model:layer:pooling``: how configs and heads name their inputs."""
+"""Feature blocks named ``model:layer:pooling`` (or ``model:pooler``): how configs and heads name their inputs."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from pipeline.config import parse_block
 from pipeline.errors import ConfigError
 
 
@@ -18,19 +18,20 @@ class Block:
 
     @classmethod
     def parse(cls, text: str) -> "Block":
-        m = re.fullmatch(r"([A-Za-z0-9._-]+):(-?\d+):(mean|first|last)", text)
-        if not m:
-            raise ConfigError(f"train.fusion.inputs: {text!r} is not model:layer:pooling (e.g. 'llama:-1:mean')")
-        return cls(m[1], int(m[2]), m[3])
+        """``model:layer:pooling``, or ``model:pooler`` for the stored pooler output (its one "layer" is 0)."""
+        model, layer, pooling = parse_block(text, "train.fusion.inputs")
+        return cls(model, 0 if pooling == "pooler" else layer, pooling)
 
     def resolved(self, n_layers: int) -> "Block":
+        if self.pooling == "pooler":
+            return self
         layer = self.layer if self.layer >= 0 else n_layers + 1 + self.layer
         if not 0 <= layer <= n_layers:
             raise ConfigError(f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})")
         return Block(self.model, layer, self.pooling)
 
     def __str__(self) -> str:
-        return f"{self.model}:{self.layer}:{self.pooling}"
+        return f"{self.model}:pooler" if self.pooling == "pooler" else f"{self.model}:{self.layer}:{self.pooling}"
 
 
 def candidate_layers(n_hidden: int, include_embeddings: bool = False) -> range:

@@ -51,6 +51,7 @@ class DataConfig:
     text_column: str = _field("text", help="Column holding the text.")
     label_column: str = _field("label", help="Column holding the integer class label.")
     limit: int = _field(0, help="Keep only the first N rows of each split (0 = all); for quick runs.", min=0)
+    dev_fraction: float = _field(0.0, help="Carve a 'dev' split of this fraction from the training split (stratified, experiment seed), for corpora without one; recorded in the store key.", min=0.0, max=0.5)
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,11 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """LLMEmbed-style fused head (Liu et al., ACL 2024)."""
+    """LLMEmbed-style fused head (Liu et al., ACL 2024) and its ablations."""
 
-    inputs: tuple[str, ...] = _field(("llama:-1:mean", "llama:-2:mean", "llama:-3:mean", "llama:-4:mean", "bert:-1:first", "roberta:-1:first"), help="Feature blocks as model:layer:pooling; negative layers count from the top.")
-    average: tuple[str, ...] = _field(("llama:-1:mean", "llama:-2:mean", "llama:-3:mean", "llama:-4:mean"), help="Blocks (among inputs) whose raw average is concatenated before the MLP.")
+    inputs: tuple[str, ...] = _field((), help="Feature blocks as model:layer:pooling (negative layers count from the top; 'model:pooler' is a trained pooler output). Empty = derived from the real-weight models: a llama's last 4 layers (mean), every other model's top layer (mean).")
+    average: tuple[str, ...] = _field((), help="Blocks (among inputs) whose average is concatenated before the MLP; with derived inputs, the llama layers.")
+    nu_layers: int = _field(4, help="fusion_nu: fuse each model's this many lowest-nu layers (score stage, train split).", min=1)
     width: int = _field(256, help="Common projection width.", min=1)
     sigma: float = _field(0.01, help="Scale of the co-occurrence term 2*sigmoid(sigma*P) - 1; about 1/width keeps it from saturating.", min=0.0, finite=True)
     hidden: int = _field(256, help="MLP hidden width.", min=1)
@@ -110,6 +112,21 @@ class FusionConfig:
     patience: int = _field(5, help="Epochs without dev improvement before stopping.", min=1)
     lr: float = _field(1e-3, help="Adam learning rate.", min=0.0, finite=True)
     batch_size: int = _field(64, help="Mini-batch size.", min=1)
+
+
+@dataclass(frozen=True)
+class LLMEmbedConfig:
+    """The reference LLMEmbed head (ChunLiu-cs/LLMEmbed-ACL2024), with logits into the loss and early stopping on dev."""
+
+    layers: int = _field(5, help="Last llama layers, mean-pooled, compressed and averaged (the reference uses 5).", min=1)
+    width: int = _field(0, help="Common width; 0 = the widest non-llama block (the reference: 1024, bert/roberta-large's own width).", min=0)
+    sigma: float = _field(0.01, help="SIGMA in 2*sigmoid(SIGMA*P) - 1 (a command-line argument of the reference, no published default).", min=0.0, finite=True)
+    hidden: tuple[int, ...] = _field((1024, 256), help="MLP hidden widths (the reference: 1024, 256).", nonempty=True, min=1)
+    dropout: float = _field(0.5, help="Dropout after each compression and MLP layer (the reference: 0.5).", min=0.0, max=0.95)
+    epochs: int = _field(300, help="Max epochs; early stopping on dev accuracy (the reference has no dev split).", min=1)
+    patience: int = _field(30, help="Epochs without dev improvement before stopping.", min=1)
+    lr: float = _field(1e-4, help="Adam learning rate (the reference: 1e-4).", min=0.0, finite=True)
+    batch_size: int = _field(1024, help="Mini-batch size (the reference: 1024).", min=1)
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,7 @@ class TrainConfig:
     dev_split: str = _field("dev", help="Split used for model choice and early stopping.")
     test_split: str = _field("test", help="Split reported as test.")
     fusion: FusionConfig = field(default_factory=FusionConfig, metadata={"help": "Fused multi-model head."})
+    llmembed: LLMEmbedConfig = field(default_factory=LLMEmbedConfig, metadata={"help": "The reference LLMEmbed head."})
 
 
 @dataclass(frozen=True)
@@ -148,13 +166,59 @@ class ExperimentConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"models: duplicate model name(s) {dupes}; each [[models]] needs a unique name")
+        splits = self.data.splits + (("dev",) if self.data.dev_fraction else ())
+        if self.data.dev_fraction and "dev" in self.data.splits:
+            raise ConfigError(f"data.dev_fraction: {self.data.dev_fraction} carves a 'dev' split, but data.splits already has one; remove one of them")
         for s in (self.score.split, self.train.dev_split, self.train.test_split):
-            if s not in self.data.splits:
-                raise ConfigError(f"split {s!r} is used by score/train but data.splits is {list(self.data.splits)}")
+            if s not in splits:
+                raise ConfigError(f"split {s!r} is used by score/train but data.splits is {list(splits)}")
+        for where, texts in (("train.fusion.inputs", self.train.fusion.inputs), ("train.fusion.average", self.train.fusion.average)):
+            for text in texts:
+                check_block(text, where, self.models)
+        if self.train.fusion.average and not self.train.fusion.inputs:
+            raise ConfigError("train.fusion.average: set only together with train.fusion.inputs (empty inputs are derived, with their own average)")
         blocks = set(self.train.fusion.inputs)
         missing = [b for b in self.train.fusion.average if b not in blocks]
         if missing:
             raise ConfigError(f"train.fusion.average: {missing} not among train.fusion.inputs")
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """The configured splits plus the carved 'dev' split when ``data.dev_fraction`` is set."""
+        return self.data.splits + (("dev",) if self.data.dev_fraction else ())
+
+
+BLOCK_POOLINGS = POOLINGS + ("pooler",)
+
+
+def parse_block(text: str, where: str) -> tuple[str, int, str]:
+    """``model:layer:pooling`` (or ``model:pooler``) -> (model, layer, pooling); pooler blocks get layer -1."""
+    import re
+
+    m = re.fullmatch(r"([A-Za-z0-9._-]+):(?:(-?\d+):)?([a-z]+)", text)
+    if not m or (m[2] is None) != (m[3] == "pooler"):
+        raise ConfigError(f"{where}: {text!r} is not model:layer:pooling (e.g. 'llama:-1:mean') or model:pooler")
+    if m[3] not in BLOCK_POOLINGS:
+        raise ConfigError(f"{where}: {text!r}: unknown pooling {m[3]!r}; choose from {list(BLOCK_POOLINGS)}")
+    return m[1], int(m[2]) if m[2] is not None else -1, m[3]
+
+
+def check_block(text: str, where: str, models: tuple[ModelConfig, ...]) -> None:
+    """A named block must name a configured model, a known pooling and a layer within the model's depth.
+
+    The depth comes from the model's config.json (no weights are read); a model whose config is not
+    available yet (an unprepared embedded model, a hub id) is checked when train opens its features.
+    """
+    from pipeline.models.registry import source_depth
+
+    name, layer, _ = parse_block(text, where)
+    by_name = {m.name: m for m in models}
+    if name not in by_name:
+        raise ConfigError(f"{where}: model {name!r} of {text!r} is not in [[models]]; configured: {sorted(by_name)}; "
+                          f"add it and run `make extract`")
+    depth = source_depth(by_name[name].source)
+    if depth is not None and not -(depth + 1) <= layer <= depth:
+        raise ConfigError(f"{where}: layer {layer} of {text!r} is out of range 0..{depth} (or -1..-{depth + 1}) for {name} ({depth} layers)")
 
 
 _PATTERNS = {

@@ -30,6 +30,7 @@ class Split:
     labels: np.ndarray
     path: str
     label_names: tuple[str, ...] | None = None
+    carved: dict | None = None  # {"dev_fraction", "seed", "from"} for splits cut out of the training split
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -205,10 +206,38 @@ def _warn_duplicates(path: Path, texts: list[str], labels: np.ndarray) -> None:
                     path, len(conflicting), conflicting.index[0][:60])
 
 
-def load_splits(cfg: DataConfig) -> dict[str, Split]:
-    """All configured splits, with labels checked for consistency against the training split."""
+def carve_dev(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Split ``train`` into (rest, dev): ``fraction`` of each class, drawn with ``seed``, both in file order.
+
+    Stratified so every class is in dev (TREC has a class with under 100 examples); at least one
+    row per class goes to dev and at least one stays. Both splits record how they were cut, and
+    that record enters their store keys.
+    """
+    rng = np.random.default_rng(seed)
+    dev_mask = np.zeros(len(train), dtype=bool)
+    for label in np.unique(train.labels):
+        rows = np.flatnonzero(train.labels == label)
+        k = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        dev_mask[rng.permutation(rows)[:k]] = True
+    carved = {"dev_fraction": float(fraction), "seed": int(seed), "from": train.name}
+
+    def part(name: str, keep: np.ndarray) -> Split:
+        idx = np.flatnonzero(keep)
+        return Split(train.dataset, name, tuple(train.texts[i] for i in idx), train.labels[idx], train.path,
+                     label_names=train.label_names, carved=carved)
+
+    return part(train.name, ~dev_mask), part("dev", dev_mask)
+
+
+def load_splits(cfg: DataConfig, seed: int = 0) -> dict[str, Split]:
+    """All configured splits, with labels checked for consistency against the training split.
+
+    With ``cfg.dev_fraction``, a ``dev`` split is carved out of the training split with ``seed``.
+    """
     names = train_label_names(cfg)
     splits = {s: load_split(cfg, s, names) for s in cfg.splits}
+    if cfg.dev_fraction:
+        splits[cfg.splits[0]], splits["dev"] = carve_dev(splits[cfg.splits[0]], cfg.dev_fraction, seed)
     train = splits[cfg.splits[0]]
     classes = np.unique(train.labels)
     if len(classes) < 2:

@@ -22,8 +22,7 @@ from pipeline.blocks import Block
 from pipeline.models import resolve
 from stages.entries import FeatureRequest, expected_heads_key
 from stages.extract import extract_shard, load_for_extract
-from stages.train.concat import ConcatHead
-from stages.train.fusion import FusionHead
+from stages.train.fused import FUSED_HEADS, head_class
 from stages.train.probes import probe_from_bytes
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def default_head(entry) -> str:
     train = pd.read_parquet(io.BytesIO(entry.read_file("train.parquet")))
     dev = train[train["split"] == "dev"]
     row = dev.loc[dev["accuracy"].idxmax()]
-    if row["head"] in ("fusion", "concat"):
+    if row["head"] in FUSED_HEADS:
         return row["head"]
     if row["head"] == "probe":
         return f"probe:{row['models']}:{row['layers']}:{row['pooling']}"
@@ -103,8 +102,8 @@ def _head_blocks(name: str, entry) -> tuple[object, list[Block]]:
         raise PipelineError(f"--head {name!r} not found; available: {', '.join(sorted(index))}")
     stem = index[name]
     blobs = {"head.safetensors": entry.read_file(f"{stem}.safetensors"), "head.json": entry.read_file(f"{stem}.json")}
-    if name in ("fusion", "concat"):
-        head = (FusionHead if name == "fusion" else ConcatHead).from_bytes(blobs)
+    if name in FUSED_HEADS:
+        head = head_class(name).from_bytes(blobs)
         return head, [Block.parse(b) for b in head.block_names_]
     parts = name.split(":")
     train = pd.read_parquet(io.BytesIO(entry.read_file("train.parquet")))
@@ -135,7 +134,7 @@ def block_features(cfg: ExperimentConfig, blocks: list[Block], texts: list[str])
         spec = resolve(mcfg.source, mcfg.revision)
         loaded = load_for_extract(mcfg, spec, cfg.extract)()
         n_layers = len(loaded.family.block_list(loaded.model))
-        deepest = max(b.layer for b in blocks if b.model == model_name)
+        deepest = max(n_layers if b.pooling == "pooler" else b.layer for b in blocks if b.model == model_name)
         if deepest < n_layers:
             _truncate(loaded.model, loaded.family, deepest + 1)
         request = FeatureRequest(split, mcfg, spec, cfg.extract)
@@ -162,7 +161,7 @@ def predict_table(cfg: ExperimentConfig | None, store, head_name: str, texts: li
     tcfg = trained_config(entry, cfg)
     head, blocks = _head_blocks(name, entry)
     feats = block_features(tcfg, blocks, texts)
-    inputs = feats if name in ("fusion", "concat") else feats[str(blocks[0])]
+    inputs = feats if name in FUSED_HEADS else feats[str(blocks[0])]
     proba = head.predict_proba(inputs)
     classes = class_names(head, label_names(entry))
     return classes, [(t, classes[int(np.argmax(p))], p) for t, p in zip(texts, proba)]

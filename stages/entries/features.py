@@ -101,7 +101,14 @@ class FeatureRequest:
             "sink": self.sink,
             "shard_rows": cfg.shard_rows,
             "padding": "right",
+            **({"pooler": "pooler_output"} if self.pooler else {}),
+            **({"carved": self.split.carved} if self.split.carved else {}),
         }
+
+    @cached_property
+    def pooler(self) -> bool:
+        """Whether the pooler output is stored: only where the checkpoint has trained pooler weights."""
+        return has_trained_pooler(self.spec, self.family)
 
     @cached_property
     def key(self) -> str:
@@ -120,7 +127,7 @@ class FeatureRequest:
 
     def estimated_bytes(self) -> int:
         layers, hidden, ffn = model_dims(self.spec)
-        per_row = (layers + 1) * hidden * len(self.extract.poolings) + layers * ffn * len(self.ffn_arrays)
+        per_row = (layers + 1) * hidden * len(self.extract.poolings) + layers * ffn * len(self.ffn_arrays) + hidden * self.pooler
         itemsize = 2 if self.extract.storage_dtype == "float16" else 4
         return len(self.split) * per_row * itemsize
 
@@ -129,6 +136,28 @@ def _config_json(spec: ModelSpec) -> dict:
     if spec.kind == "tiny":
         return {}
     return json.loads((Path(spec.path) / "config.json").read_text())
+
+
+POOLER_FAMILIES = ("bert", "roberta", "mpnet")
+POOLER_WEIGHT = "pooler.dense.weight"
+
+
+def has_trained_pooler(spec: ModelSpec, family: Family) -> bool:
+    """True if the model has a pooler and its checkpoint holds trained weights for it.
+
+    Random-weight models never qualify (their pooler is as random as the rest), and neither does a
+    checkpoint without pooler weights (transformers would initialise them at random). Only the
+    safetensors headers are read; a checkpoint in another format is treated as having none.
+    """
+    if spec.random_init or family.name not in POOLER_FAMILIES or not spec.path:
+        return False
+    for f in sorted(Path(spec.path).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            names = json.loads(fh.read(n))
+        if any(k == POOLER_WEIGHT or k.endswith("." + POOLER_WEIGHT) for k in names):
+            return True
+    return False
 
 
 def model_dims(spec: ModelSpec) -> tuple[int, int, int]:
@@ -153,7 +182,7 @@ def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, spl
         if unknown:
             raise ConfigError(f"--models: {unknown} not in the config; configured: {[m.name for m in cfg.models]}")
         chosen = [m for m in cfg.models if m.name in models]
-    splits = splits if splits is not None else load_splits(cfg.data)
+    splits = splits if splits is not None else load_splits(cfg.data, cfg.seed)
     out = []
     for m in chosen:
         spec = resolve(m.source, m.revision)

@@ -19,7 +19,7 @@ def head_file(name: str) -> str:
 def train_requests(cfg: ExperimentConfig):
     """Feature requests for the train, dev and test splits of every configured model."""
     names = dict.fromkeys((cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split))
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, cfg.seed)
     return feature_requests(cfg, splits={s: splits[s] for s in names})
 
 

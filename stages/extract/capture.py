@@ -117,8 +117,13 @@ def forward_features(
     *,
     poolings: tuple[str, ...],
     include_special: bool,
+    pooler: bool = False,
 ) -> BatchFeatures:
-    """Run one batch and reduce everything the store keeps, all on the model's device."""
+    """Run one batch and reduce everything the store keeps, all on the model's device.
+
+    With ``pooler``, the model's own pooler output (BERT's tanh(W [CLS]), which LLMEmbed uses)
+    is kept as ``hidden/pooler`` of shape (B, 1, H): one "layer", so it reads like any other block.
+    """
     attention = inputs["attention_mask"]
     mask = pooling.token_masks(attention, special_tokens_mask, include_special)
     capture.begin(mask)
@@ -134,6 +139,8 @@ def forward_features(
             arrays["hidden/first"] = torch.stack([h[rows, first] for h in hidden], dim=1)
         if "last" in poolings:
             arrays["hidden/last"] = torch.stack([h[rows, last] for h in hidden], dim=1)
+        if pooler:
+            arrays["hidden/pooler"] = out.pooler_output.unsqueeze(1)
         for name in capture.poolings:
             arrays[f"ffn/{name}"] = torch.stack([p[name] for p in capture.pooled], dim=1)
         arrays["stats/norm_ratio"] = pooling.norm_ratio(hidden, mask)

@@ -165,7 +165,8 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
                                                     magnitude=request.fire_rule == RULE_ABS) as capture:
         for batch in plan_batches(lengths, cfg.token_budget, cfg.max_batch_size):
             inputs, special_t = _pad(loaded.tokenizer, [ids[i] for i in batch], [special[i] for i in batch], loaded.family.name, loaded.device)
-            feats = forward_features(loaded.model, capture, inputs, special_t, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean)
+            feats = forward_features(loaded.model, capture, inputs, special_t, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean,
+                                     pooler=request.pooler)
             with _pooling_threads(torch.device(loaded.device)):  # small passes: few threads
                 for name, t in feats.arrays.items():
                     check = not cfg.allow_nonfinite and not _surely_finite(t, storage)

@@ -19,8 +19,12 @@ Differences from the reference code, on purpose:
   pair's interaction and each block's squared norm once (the reference
   flattens all ``m * m`` entries, each off-diagonal pair twice).
 
-See also :class:`stages.train.concat.ConcatHead`, the linear baseline, which
-is re-exported here.
+Two switches give the ablations the train stage reports: ``cooccurrence=False``
+drops the co-occurrence term (``fusion_no_cooc``), and ``projection=False`` as
+well feeds the standardised blocks straight to the MLP (``concat_mlp``: the same
+MLP on the concatenation). See also :class:`stages.train.concat.ConcatHead`, the
+linear baseline, which is re-exported here, and
+:class:`stages.train.llmembed.LLMEmbedHead`, the reference head.
 """
 
 from __future__ import annotations
@@ -86,29 +90,36 @@ class _FusionNet(nn.Module):
         hidden: int,
         dropout: float,
         sigma: float,
+        cooccurrence: bool = True,
+        projection: bool = True,
     ):
         super().__init__()
         m = len(dims)
         self.sigma = float(sigma)
         self.avg_idx = list(avg_idx)
+        self.cooccurrence = cooccurrence
         self.norm = nn.ModuleList(_Standardize(d) for d in dims)
         self.proj = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Dropout(dropout)) for d in dims
+            nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Dropout(dropout)) if projection else nn.Identity() for d in dims
         )
         # Upper triangle incl. diagonal of the symmetric m x m co-occurrence matrix.
         self.register_buffer("pairs", torch.triu_indices(m, m, offset=0), persistent=False)
-        n_in = self.pairs.shape[1] + m * width + (dims[self.avg_idx[0]] if self.avg_idx else 0)
+        n_in = (self.pairs.shape[1] if cooccurrence else 0) + (m * width if projection else sum(dims))
+        n_in += dims[self.avg_idx[0]] if self.avg_idx else 0
         self.mlp = nn.Sequential(
             nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
         )
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         zs = [norm(x) for norm, x in zip(self.norm, xs)]
-        P = torch.stack([proj(z) for proj, z in zip(self.proj, zs)], dim=1)  # (n, m, width)
-        C = P @ P.transpose(1, 2)  # (n, m, m)
-        co = C[:, self.pairs[0], self.pairs[1]]
-        co = 2.0 * torch.sigmoid(self.sigma * co) - 1.0
-        parts = [co, P.flatten(1)]
+        projected = [proj(z) for proj, z in zip(self.proj, zs)]
+        parts = []
+        if self.cooccurrence:
+            P = torch.stack(projected, dim=1)  # (n, m, width)
+            C = P @ P.transpose(1, 2)  # (n, m, m)
+            co = C[:, self.pairs[0], self.pairs[1]]
+            parts.append(2.0 * torch.sigmoid(self.sigma * co) - 1.0)
+        parts.append(torch.cat(projected, dim=1))
         if self.avg_idx:
             parts.append(torch.stack([zs[i] for i in self.avg_idx], dim=0).mean(dim=0))
         return self.mlp(torch.cat(parts, dim=1))
@@ -174,6 +185,11 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         Epochs without a strict dev-accuracy improvement before stopping.
     seed : int, default=0
         Seeds initialisation, dropout and shuffling; the caller's torch RNG state is restored.
+    cooccurrence : bool, default=True
+        Feed the co-occurrence term to the MLP (False: the ``fusion_no_cooc`` ablation).
+    projection : bool, default=True
+        Project each block to ``width``; False feeds the standardised blocks themselves
+        (with ``cooccurrence=False``: the ``concat_mlp`` ablation). Co-occurrence needs projection.
     device : str, default="cpu"
         Torch device to train and predict on. Not part of the result: saved heads load on CPU
         unless told otherwise.
@@ -220,8 +236,11 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         "batch_size": integer(1),
         "patience": integer(1),
         "seed": integer(0),
+        "cooccurrence": Constraint(lambda v: isinstance(v, bool), "True or False"),
+        "projection": Constraint(lambda v: isinstance(v, bool), "True or False"),
         "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
     }
+    _format = FUSION_FORMAT
 
     def __init__(
         self,
@@ -236,6 +255,8 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         batch_size: int = 64,
         patience: int = 5,
         seed: int = 0,
+        cooccurrence: bool = True,
+        projection: bool = True,
         device: str = "cpu",
     ):
         self.width = width
@@ -248,6 +269,8 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.patience = patience
         self.seed = seed
+        self.cooccurrence = cooccurrence
+        self.projection = projection
         self.device = device
 
     # --- fitting -------------------------------------------------------------------------
@@ -261,7 +284,24 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
             hidden=self.hidden,
             dropout=self.dropout,
             sigma=self.sigma,
+            cooccurrence=self.cooccurrence,
+            projection=self.projection,
         )
+
+    def _validate(self, owner: str) -> None:
+        validate_params(owner, self.get_params(), self._parameter_constraints)
+        if self.cooccurrence and not self.projection:
+            raise ValueError(f"{owner}: cooccurrence=True needs projection=True (blocks of different widths have no dot product)")
+
+    @staticmethod
+    def _init_norm(net: nn.Module, train: Mapping[str, np.ndarray], names: Sequence[str]) -> None:
+        """Standardise each block with its train mean and std (constant features keep scale 1)."""
+        with torch.no_grad():
+            for norm, name in zip(net.norm, names):
+                block = train[name].astype(np.float64)
+                std = block.std(axis=0)
+                norm.mean.copy_(torch.from_numpy(block.mean(axis=0)))
+                norm.scale.copy_(torch.from_numpy(np.where(std > 0, std, 1.0)))
 
     def fit(
         self,
@@ -289,7 +329,7 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         self
         """
         owner = type(self).__name__
-        validate_params(owner, self.get_params(), self._parameter_constraints)
+        self._validate(owner)
         train = check_blocks(inputs_train, owner=owner, what="inputs_train")
         dev = check_blocks(inputs_dev, owner=owner, what="inputs_dev")
         dims = {name: block.shape[1] for name, block in train.items()}
@@ -315,12 +355,7 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         t0 = time.perf_counter()
         with _seeded(self.seed, device):
             net = self._build_net([dims[n] for n in names], [names.index(k) for k in avg], classes.size)
-            with torch.no_grad():
-                for norm, name in zip(net.norm, names):
-                    block = train[name].astype(np.float64)
-                    std = block.std(axis=0)
-                    norm.mean.copy_(torch.from_numpy(block.mean(axis=0)))
-                    norm.scale.copy_(torch.from_numpy(np.where(std > 0, std, 1.0)))
+            self._init_norm(net, train, names)
             net.to(device)
             history, best_epoch, best_acc = self._train(net, train, codes_train, dev, codes_dev, names, device)
         self.fit_seconds_ = time.perf_counter() - t0
@@ -416,7 +451,7 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in self.net_.state_dict().items()}
         meta = {
-            "format": FUSION_FORMAT,
+            "format": self._format,
             "version": FUSION_FORMAT_VERSION,
             "params": self.get_params(),
             "classes": _serial.labels_to_json(self.classes_),
@@ -436,9 +471,9 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     def from_bytes(cls, blobs: Mapping[str, bytes], *, device: str | None = None) -> "FusionHead":
         """Rebuild a head from :meth:`to_bytes` output; ``device`` overrides the saved one."""
         arrays, meta = _serial.unpack(blobs)
-        if meta.get("format") != FUSION_FORMAT or meta.get("version") != FUSION_FORMAT_VERSION:
+        if meta.get("format") != cls._format or meta.get("version") != FUSION_FORMAT_VERSION:
             raise ValueError(
-                f"not a {FUSION_FORMAT} v{FUSION_FORMAT_VERSION} head: format={meta.get('format')!r} "
+                f"not a {cls._format} v{FUSION_FORMAT_VERSION} head: format={meta.get('format')!r} "
                 f"version={meta.get('version')!r}"
             )
         params = dict(meta["params"])

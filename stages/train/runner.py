@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from pipeline.errors import ConfigError, PipelineError, rerun_hint
 from pipeline.progress import tqdm
 from stages.entries import config_scores_key, head_file, heads_key, load_scores, make_lineage, open_features, train_requests
 from stages.report import md_table, write_section
-from stages.train.concat import ConcatHead
-from stages.train.fusion import FusionHead
+from stages.train.fused import FUSED_HEADS, ablation_section, fit_fused, plan_heads
 from stages.train.plots import plot_layers
-from stages.train.probes import evaluate, probe_layers, probe_to_bytes, spearman_nu_accuracy
+from stages.train.probes import probe_layers, probe_to_bytes, spearman_nu_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +45,9 @@ class FeatureCache:
         if key not in self.arrays:
             entry = self.entries[(model, split)]
             if f"hidden/{pooling}" not in entry.datasets():
+                if pooling == "pooler":
+                    raise PipelineError(f"{model}/{split}: no pooler output was stored (random weights, or no trained pooler "
+                                        f"in the checkpoint); use {model}:-1:first instead")
                 raise PipelineError(f"{model}/{split}: pooling {pooling!r} was not extracted; add it to extract.poolings and re-run `make extract`")
             self.arrays[key] = entry.array(f"hidden/{pooling}").compute()
         return self.arrays[key]
@@ -63,7 +64,7 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     train_split, dev_split, test_split = cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split
     requests = train_requests(cfg)
     entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
-    fusion_blocks = _fusion_blocks(cfg, entries, train_split)  # a config error before any fitting
+    _fusion_blocks(cfg, entries, train_split)  # named fusion inputs: a config error before any fitting
     by_model = {r.model.name: r for r in requests if r.split.name == train_split}
     skey = config_scores_key(cfg, requests)
     if not store.exists(skey):
@@ -124,8 +125,8 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
                           "best_test_accuracy": float(best["test_accuracy"]),
                           "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy())})
 
-    if fusion_blocks:
-        blobs.update(_fit_fused_heads(cfg, cache, fusion_blocks, y, (train_split, dev_split, test_split), add_rows))
+    plans = plan_heads(cfg, requests, entries, train_split, nu_table)
+    blobs.update(fit_fused(cfg, cache, plans, y, (train_split, dev_split, test_split), add_rows))
 
     train_df = pd.DataFrame(rows, columns=TRAIN_COLUMNS)
     layers_df = pd.concat(layer_rows, ignore_index=True)
@@ -157,6 +158,7 @@ def select_layers(df: pd.DataFrame, *, include_embeddings: bool = False):
 
 
 def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Block]:
+    """The named fusion inputs, resolved; raises a ConfigError before any fitting if one cannot be."""
     blocks = []
     for text in cfg.train.fusion.inputs:
         b = Block.parse(text)
@@ -167,30 +169,6 @@ def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Blo
     return blocks
 
 
-def _fit_fused_heads(cfg, cache: FeatureCache, blocks: list[Block], y: dict, split_names, add_rows) -> dict[str, bytes]:
-    train_split, dev_split, test_split = split_names
-    fc = cfg.train.fusion
-    raw_avg = [Block.parse(t) for t in fc.average]
-    avg = [str(b.resolved(int(cache.entries[(b.model, train_split)].description["n_layers"]))) for b in raw_avg]
-    inputs = {s: {str(b): cache.layer(b, s) for b in blocks} for s in (train_split, dev_split, test_split)}
-    models = "+".join(dict.fromkeys(b.model for b in blocks))
-    layers = ",".join(f"{b.model}:{b.layer}" for b in blocks)
-    pools = ",".join(sorted({b.pooling for b in blocks}))
-    out: dict[str, bytes] = {}
-    t0 = time.perf_counter()
-    fusion = FusionHead(width=fc.width, sigma=fc.sigma, dropout=fc.dropout, hidden=fc.hidden, epochs=fc.epochs, lr=fc.lr,
-                        batch_size=fc.batch_size, patience=fc.patience, seed=cfg.seed)
-    fusion.fit(inputs[train_split], y[train_split], inputs[dev_split], y[dev_split], avg_keys=avg)
-    seconds = time.perf_counter() - t0
-    concat = ConcatHead(Cs=cfg.train.Cs, seed=cfg.seed).fit(inputs[train_split], y[train_split], inputs[dev_split], y[dev_split])
-    for name, head, secs in (("fusion", fusion, seconds), ("concat", concat, concat.fit_seconds_)):
-        metrics = {f"{split}_{k}": v for split, s in (("dev", dev_split), ("test", test_split))
-                   for k, v in evaluate(head, inputs[s], y[s]).items()}
-        add_rows(name, models, layers, pools, metrics, int(head.n_params_), float(secs))
-        for fname, data in head.to_bytes().items():
-            out[f"{name}.{fname.split('.', 1)[1]}"] = data
-        log.info("%s head: dev %.4f test %.4f (%d params, %.1f s)", name, metrics["dev_accuracy"], metrics["test_accuracy"], head.n_params_, secs)
-    return out
 
 
 def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df: pd.DataFrame, lineage: dict) -> str:
@@ -207,7 +185,7 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
     train_df.to_parquet(buf, index=False)
     writer.write_file("train.parquet", buf.getvalue())
     writer.write_file("lineage.json", json.dumps(lineage, indent=2, sort_keys=True).encode())
-    names = sorted({f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in ("fusion", "concat") else f"{h}:{m}:{p}")
+    names = sorted({f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in FUSED_HEADS else f"{h}:{m}:{p}")
                     for h, m, lay, p in train_df[["head", "models", "layers", "pooling"]].itertuples(index=False)})
     writer.write_file("heads.json", json.dumps({n: head_file(n) for n in names}, indent=2, sort_keys=True).encode())
     writer.commit()
@@ -258,6 +236,6 @@ def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFra
                                         "best_layer", "best_dev_accuracy", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
                 f"### Best probe per model (chosen on {cfg.train.dev_split})", "",
                 md_table(best[["models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1"]]), "",
-                "![layers](layers.png)", ""]
+                *ablation_section(train_df, include_embeddings=cfg.train.include_embeddings), "![layers](layers.png)", ""]
     write_section(out / "report.md", cfg.name, "## Train: heads on cached features", "\n".join(section))
     log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)

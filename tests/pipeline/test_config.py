@@ -28,7 +28,8 @@ from pipeline_helpers import DELETE, PROJECT_ROOT
 def test_shipped_configs_load(name):
     cfg = load_config(PROJECT_ROOT / "configs" / name)
     assert isinstance(cfg, ExperimentConfig)
-    assert [m.name for m in cfg.models] == ["llama", "bert", "roberta", "t5"]
+    assert [m.name for m in cfg.models] == (["llama", "bert", "mpnet", "roberta", "t5"] if name == "default.toml"
+                                            else ["llama", "bert", "roberta", "t5"])
     assert cfg.data.splits[0] == "train"
     assert cfg.source.endswith(name)
     # every fusion block names a configured model
@@ -328,3 +329,54 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch,
     shipped = load_config(PROJECT_ROOT / "configs" / "tiny.toml")
     assert Path(shipped.data.path) == (PROJECT_ROOT / "data" / "sst2").resolve()
     assert Path(shipped.score.keywords).is_file()
+
+
+@pytest.mark.parametrize(
+    ("block", "words"),
+    [
+        ("gamma:-1:mean", ["train.fusion.inputs", "'gamma'", "not in [[models]]", "configured"]),
+        ("bert:7:mean", ["train.fusion.inputs", "layer 7", "out of range 0..2"]),
+        ("bert:-4:mean", ["layer -4", "out of range"]),
+        ("bert:-1:median", ["unknown pooling 'median'", "mean", "pooler"]),
+        ("bert-1-mean", ["not model:layer:pooling"]),
+        ("bert:1:pooler", ["not model:layer:pooling", "model:pooler"]),
+    ],
+)
+def test_named_fusion_blocks_are_checked_at_load(make_config, block, words):
+    """Depth comes from the model config (tiny models: 2 layers) without loading weights."""
+    with pytest.raises(ConfigError) as e:
+        load_config(make_config(**{"train.fusion.inputs": [block], "train.fusion.average": []}))
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_edge_layers_and_pooler_blocks_load(make_config):
+    cfg = load_config(make_config(**{"train.fusion.inputs": ["bert:2:mean", "bert:-3:first", "bert:pooler"], "train.fusion.average": []}))
+    assert cfg.train.fusion.inputs == ("bert:2:mean", "bert:-3:first", "bert:pooler")
+
+
+def test_no_fusion_section_means_derived_inputs(make_config):
+    cfg = load_config(make_config(**{"train": DELETE}))
+    assert cfg.train.fusion.inputs == () and cfg.train.fusion.average == ()
+    with pytest.raises(ConfigError, match="train.fusion.average: set only together with train.fusion.inputs"):
+        load_config(make_config(**{"train.fusion.inputs": DELETE}))
+
+
+def test_embedded_depth_is_read_from_the_prepared_config(make_config, tmp_path, monkeypatch):
+    folder = tmp_path / "models" / "all-minilm-l6-v2"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "bert", "num_hidden_layers": 6}')
+    monkeypatch.setenv("LAYERSTORE_MODELS", str(tmp_path / "models"))
+    over = {"models.0.source": "all-minilm-l6-v2", "train.fusion.average": []}
+    assert load_config(make_config(**over, **{"train.fusion.inputs": ["bert:6:mean"]})).train.fusion.inputs == ("bert:6:mean",)
+    with pytest.raises(ConfigError, match=r"layer 7 .*out of range 0\.\.6"):
+        load_config(make_config(**over, **{"train.fusion.inputs": ["bert:7:mean"]}))
+
+
+def test_dev_fraction_carves_dev_and_must_not_clash(make_config):
+    cfg = load_config(make_config(**{"data.splits": ["train", "test"], "data.dev_fraction": 0.25}))
+    assert cfg.split_names == ("train", "test", "dev")
+    with pytest.raises(ConfigError, match=r"data.dev_fraction.*already has one"):
+        load_config(make_config(**{"data.dev_fraction": 0.25}))
+    with pytest.raises(ConfigError, match=r"data.dev_fraction: 0.9 is above the maximum 0.5"):
+        load_config(make_config(**{"data.splits": ["train", "test"], "data.dev_fraction": 0.9}))

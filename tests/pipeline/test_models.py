@@ -16,7 +16,7 @@ from pipeline.models.random_init import SMALL, TINY, random_model
 from pipeline.models.registry import IDENTITY_FILE, models_dir
 
 CPU = torch.device("cpu")
-FAMILY_NAMES = ["llama", "bert", "roberta", "t5"]
+FAMILY_NAMES = ["llama", "bert", "roberta", "mpnet", "t5"]
 
 
 @pytest.fixture
@@ -203,7 +203,7 @@ def test_local_folder_with_unsupported_architecture(tmp_path):
     folder = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
     spec = resolve(str(folder))  # resolution only needs a config.json
-    with pytest.raises(ModelError, match=r"model_type='gpt2'.*llama, bert, roberta, t5"):
+    with pytest.raises(ModelError, match=r"model_type='gpt2'.*llama, bert, roberta, mpnet, t5"):
         load(spec, device=CPU, dtype=torch.float32)
 
 

@@ -182,7 +182,9 @@ def test_changed_config_never_uses_stale_heads(trained):
     from stages.predict import predict_texts
 
     cfg, store, _ = trained
-    only_llama = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m.name == "llama"))
+    llama_fusion = dataclasses.replace(cfg.train.fusion, inputs=("llama:-1:mean",), average=())
+    only_llama = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m.name == "llama"),
+                                     train=dataclasses.replace(cfg.train, fusion=llama_fusion))
     with pytest.raises(PipelineError, match=r"no trained heads for 'e2e-tiny' with its current features.*make train"):
         predict_texts(only_llama, store, "probe:t5:1:mean", ["text"])
 

@@ -61,6 +61,7 @@ Cs = [0.1, 1.0]
 [train.fusion]
 inputs = {fusion_inputs}
 average = []
+nu_layers = 2
 width = 8
 hidden = 8
 epochs = 8
@@ -128,6 +129,7 @@ class Captured:
     def __init__(self):
         self.probes: list = []
         self.fused: dict[str, object] = {}
+        self.by_class: dict[str, list] = {}
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +158,7 @@ def trained(tmp_path_factory):
         real = cls.to_bytes
 
         def to_bytes(self):
-            captured.fused[name] = self
+            captured.by_class.setdefault(name, []).append(self)
             return real(self)
         return to_bytes
 
@@ -170,6 +172,9 @@ def trained(tmp_path_factory):
             train_df = run_train(cfg, store, out, progress=False)
         finally:
             torch.set_num_threads(previous)
+    # FusionHead serialises the MLP ablations and both fusions, in plan order
+    captured.fused = dict(zip(("concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu"), captured.by_class["fusion"]))
+    captured.fused["concat"] = captured.by_class["concat"][0]
     return cfg, store, out, train_df, captured
 
 
@@ -202,16 +207,51 @@ def test_train_outputs_and_fusion_rows(trained):
     on_disk = pd.read_parquet(out / "train.parquet")
     assert list(on_disk.columns) == TRAIN_COLUMNS
     pd.testing.assert_frame_equal(on_disk, train_df)
-    assert set(on_disk["head"]) == {"probe", "selected", "top", "fusion", "concat"}
+    # no llama among the models: no llmembed head
+    assert set(on_disk["head"]) == {"probe", "selected", "top", "concat", "concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu"}
     assert set(on_disk["split"]) == {"dev", "test"}
-    fused = on_disk[on_disk["head"].isin(["fusion", "concat"])]
-    assert len(fused) == 4 and (fused["n_params"] > 0).all()
+    fused = on_disk[on_disk["head"].isin(["fusion", "concat", "concat_mlp", "fusion_no_cooc"])]
+    assert len(fused) == 8 and (fused["n_params"] > 0).all()
     assert (fused["models"] == "alpha+beta").all() and (fused["layers"] == "alpha:4,beta:3").all()
     assert on_disk["accuracy"].between(0, 1).all()
     report = (out / "report.md").read_text()
     assert report.count("## Train: heads on cached features") == 1
     assert "## Hidden-state variability" in report  # the score section is kept
     assert "Random weights" in report.split("## Train")[1]  # the sources are tiny random models
+    assert "### Fusion ablation" in report and "Chosen on dev only" in report
+
+
+def test_fusion_nu_fuses_each_models_lowest_nu_layers(trained):
+    cfg, store, out, train_df, captured = trained
+    var = pd.read_parquet(out / "variability.parquet")
+    expected = []
+    for model in ("alpha", "beta"):
+        rows = var[(var["model"] == model) & (var["pooling"] == "mean") & np.isfinite(var["variability"])]
+        lowest = sorted(rows.sort_values("variability")["layer"].head(cfg.train.fusion.nu_layers))
+        expected += [f"{model}:{layer}" for layer in lowest]
+    row = train_df[(train_df["head"] == "fusion_nu") & (train_df["split"] == "test")].iloc[0]
+    assert row["layers"] == ",".join(expected)
+    assert "alpha:2" in expected  # the separable layer is among alpha's lowest-nu layers
+    assert captured.fused["fusion_nu"].block_names_ == sorted(f"{e}:mean" for e in expected)
+    # the ablation heads differ from fusion only in the parts they drop
+    assert captured.fused["fusion_no_cooc"].net_.mlp[0].in_features == 2 * cfg.train.fusion.width
+    assert captured.fused["concat_mlp"].net_.mlp[0].in_features == MODELS["alpha"]["hidden"] + MODELS["beta"]["hidden"]
+    assert captured.fused["fusion"].net_.mlp[0].in_features == 3 + 2 * cfg.train.fusion.width
+
+
+def test_ablation_verdict_compares_dev_chosen_heads(trained):
+    from stages.train.fused import ablation
+
+    cfg, store, out, train_df, _ = trained
+    table, verdict = ablation(train_df)
+    assert list(table["head"]) == ["concat", "concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu"]
+    wide = train_df.pivot_table(index=["head", "models", "layers", "pooling"], columns="split", values="accuracy").reset_index()
+    fused = wide[wide["head"].isin(["fusion", "fusion_nu", "llmembed"])]
+    probes = wide[wide["head"] == "probe"]
+    assert verdict["fused_dev"] == fused["dev"].max() and verdict["probe_dev"] == probes["dev"].max()
+    assert verdict["probe"] == "alpha:2:mean"  # the separable layer wins on dev
+    assert verdict["gain"] == pytest.approx(verdict["fused_test"] - verdict["probe_test"])
+    assert verdict["wins"] == (verdict["gain"] >= 0.01)
 
 
 def _stored_inputs(cfg, store, blocks, split: str) -> dict[str, np.ndarray]:
@@ -239,14 +279,13 @@ def test_saved_heads_reload_and_predict_identically(trained):
     for m in ("alpha", "beta"):
         names[f"selected:{m}:mean"] = in_memory[(m, int(sel.loc[m, "selected_layer"]))]
         names[f"top:{m}:mean"] = in_memory[(m, MODELS[m]["n_layers"])]
-    names["fusion"] = captured.fused["fusion"]
-    names["concat"] = captured.fused["concat"]
+    names.update(captured.fused)
     for name, original in names.items():
         head, blocks = _head_blocks(name, entry)
         if name.startswith("selected:alpha"):
             assert blocks == [Block("alpha", 2, "mean")]
         inputs = _stored_inputs(cfg, store, blocks, "test")
-        X = inputs if name in ("fusion", "concat") else inputs[str(blocks[0])]
+        X = inputs if name in captured.fused else inputs[str(blocks[0])]
         np.testing.assert_allclose(head.predict_proba(X), original.predict_proba(X), rtol=0, atol=1e-12, err_msg=name)
         # and the reloaded head reproduces the recorded test accuracy
         y = store.open(next(r.key for r in feature_requests(cfg) if r.split.name == "test" and r.model.name == "alpha")).table()["label"].to_numpy()
@@ -283,14 +322,12 @@ def test_train_before_score_says_run_score(tmp_path):
         run_train(cfg, store, tmp_path / "out", progress=False)
 
 
-def test_fusion_input_model_not_in_config_is_a_clear_error(trained, tmp_path):
-    from stages.train.runner import run_train
-
+def test_fusion_input_model_not_in_config_is_a_clear_error(trained):
     cfg, store, out, _, _ = trained
-    bad = dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, fusion=dataclasses.replace(cfg.train.fusion, inputs=("alpha:-1:mean", "gamma:-1:mean"))))
+    # caught when the config is built, before any store access
     with pytest.raises(ConfigError, match=r"'gamma'.*not in \[\[models\]\].*configured: \['alpha', 'beta'\].*make extract"):
-        run_train(bad, store, tmp_path, progress=False)
+        dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, fusion=dataclasses.replace(cfg.train.fusion, inputs=("alpha:-1:mean", "gamma:-1:mean"))))
 
 
 def test_model_in_config_but_not_in_store_says_run_extract(trained, tmp_path):
