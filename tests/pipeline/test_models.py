@@ -210,9 +210,10 @@ def test_local_folder_with_unsupported_architecture(tmp_path):
 # --- families ----------------------------------------------------------------------------------
 
 def _config(model_type: str):
-    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
+    from transformers import BertConfig, GPT2Config, LlamaConfig, MPNetConfig, RobertaConfig, T5Config
 
-    return {"llama": LlamaConfig, "bert": BertConfig, "roberta": RobertaConfig, "t5": T5Config, "gpt2": GPT2Config}[model_type]()
+    return {"llama": LlamaConfig, "bert": BertConfig, "roberta": RobertaConfig, "mpnet": MPNetConfig, "t5": T5Config,
+            "gpt2": GPT2Config}[model_type]()
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
