@@ -8,6 +8,8 @@ workers drop every model once its shards are in, as on a real cluster. The ratio
 
 from __future__ import annotations
 
+import re
+
 import os
 import shutil
 import tempfile
@@ -19,7 +21,7 @@ from bench.common import ROOT, Plan, Timer, median, paired_ratio, result
 def tiny_config(limit: int, tmp: Path) -> Path:
     """configs/tiny.toml (four families) with an absolute data path and ``limit`` rows per split."""
     text = (ROOT / "configs" / "tiny.toml").read_text(encoding="utf-8")
-    text = text.replace('path = "data/sst2"', f'path = "{ROOT / "data" / "sst2"}"').replace("limit = 200", f"limit = {limit}")
+    text = re.sub(r'path = "[./]*data/sst2"', f'path = "{ROOT / "data" / "sst2"}"', text).replace("limit = 200", f"limit = {limit}")
     out = tmp / f"workers-tiny-{limit}.toml"
     out.write_text(text, encoding="utf-8")
     return out

@@ -35,15 +35,28 @@ def default_head_vs_frozen() -> dict:
     from stages.entries import model_dims
     from stages.train.fusion import FusionHead
 
+    from stages.entries.features import spec_family
+    from stages.train.fused import DERIVED_LLAMA_LAYERS
+
     cfg = load_config(ROOT / "configs" / "default.toml")
     fc = cfg.train.fusion
     models = {m.name: m for m in cfg.models}
+    inputs, average = list(fc.inputs), list(fc.average)
+    if not inputs:  # derived as the train stage derives them: real-weight models only
+        for m in cfg.models:
+            spec = resolve(m.source)
+            if spec.random_init:
+                continue
+            k = DERIVED_LLAMA_LAYERS if spec_family(spec).name == "llama" else 1
+            blocks = [f"{m.name}:{-1 - i}:mean" for i in range(k)]
+            inputs += blocks
+            average += blocks if k > 1 else []
     dims, used = [], []
-    for text in fc.inputs:
+    for text in inputs:
         name = text.split(":")[0]
         dims.append(model_dims(resolve(models[name].source))[1])
         used.append(name)
-    avg_idx = [fc.inputs.index(a) for a in fc.average]
+    avg_idx = [inputs.index(a) for a in average]
     net = FusionHead(width=fc.width, hidden=fc.hidden, sigma=fc.sigma, dropout=fc.dropout)._build_net(dims, avg_idx, 2)
     head = int(sum(p.numel() for p in net.parameters()))
     frozen = {n: safetensors_params(Path(resolve(models[n].source).path) / "model.safetensors") for n in dict.fromkeys(used)}
