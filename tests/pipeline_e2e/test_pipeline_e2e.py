@@ -88,7 +88,8 @@ def test_cli_run_then_predict_from_a_clean_store(tmp_path):
     pd.testing.assert_frame_equal(a, b)
     pred = _cli("predict", "--config", str(cfg_path), "--store", str(store), "--head", "fusion", "-q", "a great movie", "a dull movie", cwd=tp.ROOT)
     assert pred.returncode == 0, pred.stderr
-    lines = pred.stdout.strip().splitlines()
-    assert [line.split("\t")[2] for line in lines] == ["a great movie", "a dull movie"]
+    header, *lines = pred.stdout.strip().splitlines()
+    assert header.split("\t")[-1] == "text" and header.split("\t")[0] == "label"
+    assert [line.split("\t")[-1] for line in lines] == ["a great movie", "a dull movie"]
     nope = _cli("predict", "--config", str(cfg_path), "--store", str(store), "--head", "nope", "-q", "x", cwd=tp.ROOT)
     assert nope.returncode == 1 and "available:" in nope.stderr and "fusion" in nope.stderr
