@@ -39,7 +39,7 @@ def scaling_extract_workers(plan: Plan, tmp: Path) -> dict:
     from distributed import Client, LocalCluster
 
     from pipeline.config import load_config
-    from pipeline.orchestrate import open_store
+    from pipeline.store_cli import open_store
     from stages.entries import feature_requests
     from stages.extract.cluster import extract_on_cluster
 

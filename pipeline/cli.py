@@ -137,10 +137,11 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline import orchestrate
-
     if args.command == "store":
-        return orchestrate.store_command(args)
+        from pipeline import store_cli
+
+        return store_cli.store_command(args)
+    from pipeline import orchestrate
     from pipeline.config import load_config
 
     if args.command == "predict":

@@ -78,7 +78,7 @@ def test_missing_key_and_empty_store(tmp_path):
 
 
 def test_ls_shows_who_when_and_code_version(tmp_path, capsys):
-    from pipeline.orchestrate import open_store
+    from pipeline.store_cli import open_store
     from pipeline.version import code_version
 
     store = open_store(str(tmp_path))
