@@ -14,11 +14,22 @@ import traceback
 from pathlib import Path
 
 from bench import common
-from bench.common import FULL, QUICK, SMOKE, ROOT
+from bench.common import FULL, QUICK, ROOT, SMOKE
 
-ORDER = ("extract_overhead", "bucketing_speedup", "store_overhead", "scaling_extract", "scaling_extract_workers", "score_read_fraction",
-         "score_peak_rss", "scaling_score", "cached_rerun_seconds", "train_seconds", "probe_speedup",
-         "train_stage_seconds")
+ORDER = (
+    "extract_overhead",
+    "bucketing_speedup",
+    "store_overhead",
+    "scaling_extract",
+    "scaling_extract_workers",
+    "score_read_fraction",
+    "score_peak_rss",
+    "scaling_score",
+    "cached_rerun_seconds",
+    "train_seconds",
+    "probe_speedup",
+    "train_stage_seconds",
+)
 
 
 def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> dict:
@@ -79,8 +90,10 @@ def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> d
                 if want("train_seconds"):
                     results.update(step("train_seconds", lambda: train_bench.train_seconds(got[1], got[2], fill)) or {})
                 if want("probe_speedup"):
-                    results.update(step("probe_speedup", lambda: train_bench.probe_speedup(
-                        plan, *train_bench.probe_config(plan, tmp, got[1], got[2]))) or {})
+                    results.update(
+                        step("probe_speedup", lambda: train_bench.probe_speedup(plan, *train_bench.probe_config(plan, tmp, got[1], got[2])))
+                        or {}
+                    )
                 if want("train_stage_seconds"):
                     results.update(step("train_stage_seconds", lambda: train_bench.train_stage_seconds(got[1], got[2], tmp)) or {})
     finally:
@@ -90,14 +103,19 @@ def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks of the layer-feature store (ratios against in-process references).")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description="Benchmarks of the layer-feature store (ratios against in-process references)."
+    )
     p.add_argument("--quick", action="store_true", help="MiniLM and tiny models on SST-2 subsets (< 3 minutes on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="tiny models, a few rows: checks the harness only (the test suite)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ORDER)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"), help="results JSON (default: bench/results.json)")
     p.add_argument("--readme", default=None, help="README to write the table into (default: README.md next to --out)")
-    p.add_argument("--cached-store", default=None,
-                   help="full mode: an existing store that already holds configs/default.toml's features (else one is built, slowly)")
+    p.add_argument(
+        "--cached-store",
+        default=None,
+        help="full mode: an existing store that already holds configs/default.toml's features (else one is built, slowly)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     for k, v in common.env().items():

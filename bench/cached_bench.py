@@ -88,10 +88,14 @@ def cached_rerun(plan: Plan, tmp: Path, store: str | None = None) -> tuple[dict,
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"], env=env(), cwd=ROOT, check=True)
     interpreter = time.perf_counter() - t0
-    details = {"config": str(cfg_path.relative_to(ROOT)) if cfg_path.is_relative_to(ROOT) else plan.cached_config,
-               "store": "temporary" if store.startswith(str(tmp)) else store, "first_run_seconds": round(fill_seconds, 1),
-               "seconds": [round(x, 3) for x in times], "bare_interpreter_seconds": round(interpreter, 3),
-               "goal": f"< {GOAL_SECONDS} s"}
+    details = {
+        "config": str(cfg_path.relative_to(ROOT)) if cfg_path.is_relative_to(ROOT) else plan.cached_config,
+        "store": "temporary" if store.startswith(str(tmp)) else store,
+        "first_run_seconds": round(fill_seconds, 1),
+        "seconds": [round(x, 3) for x in times],
+        "bare_interpreter_seconds": round(interpreter, 3),
+        "goal": f"< {GOAL_SECONDS} s",
+    }
     if plan.mode != "smoke":
         details["top_imports"] = top_imports(cfg_path, store)
     return {"cached_rerun_seconds": result(median(times), GOAL_SECONDS, "seconds (wall, subprocess)", details)}, cfg_path, store

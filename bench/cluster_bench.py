@@ -8,9 +8,8 @@ workers drop every model once its shards are in, as on a real cluster. The ratio
 
 from __future__ import annotations
 
-import re
-
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path

@@ -37,14 +37,63 @@ class Plan:
     workers_limit: int = 600  # rows per split of configs/tiny.toml for scaling_extract_workers (0 = all)
 
 
-QUICK = Plan("quick", ("all-minilm-l6-v2",), 96, 3, "all-minilm-l6-v2", 64, "all-minilm-l6-v2", 24,
-             32, 1024, 8, "configs/tiny.toml", 3, ("all-minilm-l6-v2",), 1500, 2)
-FULL = Plan("full", ("all-minilm-l6-v2", "smollm2-135m-instruct", "roberta-random-small", "t5-random-small"), 512, 5,
-            "all-minilm-l6-v2", 0, "all-minilm-l6-v2", 256, 256, 1024, 64, "configs/default.toml", 5,
-            ("all-minilm-l6-v2", "smollm2-135m-instruct"), 0, 2, workers_limit=0)
+QUICK = Plan(
+    "quick",
+    ("all-minilm-l6-v2",),
+    96,
+    3,
+    "all-minilm-l6-v2",
+    64,
+    "all-minilm-l6-v2",
+    24,
+    32,
+    1024,
+    8,
+    "configs/tiny.toml",
+    3,
+    ("all-minilm-l6-v2",),
+    1500,
+    2,
+)
+FULL = Plan(
+    "full",
+    ("all-minilm-l6-v2", "smollm2-135m-instruct", "roberta-random-small", "t5-random-small"),
+    512,
+    5,
+    "all-minilm-l6-v2",
+    0,
+    "all-minilm-l6-v2",
+    256,
+    256,
+    1024,
+    64,
+    "configs/default.toml",
+    5,
+    ("all-minilm-l6-v2", "smollm2-135m-instruct"),
+    0,
+    2,
+    workers_limit=0,
+)
 # The test suite's smoke run: tiny random models, a handful of rows; numbers are meaningless.
-SMOKE = Plan("smoke", ("tiny-random-bert",), 16, 1, "tiny-random-bert", 32, "tiny-random-bert", 8,
-             2, 256, 1, "tiny:16", 1, ("tiny-random-llama", "tiny-random-bert"), 0, 1, workers_limit=16)
+SMOKE = Plan(
+    "smoke",
+    ("tiny-random-bert",),
+    16,
+    1,
+    "tiny-random-bert",
+    32,
+    "tiny-random-bert",
+    8,
+    2,
+    256,
+    1,
+    "tiny:16",
+    1,
+    ("tiny-random-llama", "tiny-random-bert"),
+    0,
+    1,
+    workers_limit=16,
+)
 
 
 def result(value, reference, unit: str, details: dict | None = None, ratio=None) -> dict:
@@ -70,7 +119,7 @@ class Timer:
     cpu: float = 0.0
     _t: tuple = field(default=(0.0, 0.0), repr=False)
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self._t = (time.perf_counter(), time.process_time())
         return self
 
@@ -101,10 +150,16 @@ def machine(plan: Plan) -> dict:
     except (ValueError, OSError):
         ram = float("nan")
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram, 1), "torch": torch.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "mode": plan.mode, "load_average_start": _loadavg(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(ram, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "mode": plan.mode,
+        "load_average_start": _loadavg(),
     }
 
 

@@ -90,8 +90,14 @@ def fixed_batches(b: Bundle, texts: list[str]):
     L = b.loaded
     out = []
     for lo in range(0, len(texts), FIXED_BATCH):
-        enc = L.tokenizer(texts[lo:lo + FIXED_BATCH], padding="max_length", truncation=True, max_length=FIXED_LENGTH,
-                          return_special_tokens_mask=True, return_tensors="pt")
+        enc = L.tokenizer(
+            texts[lo : lo + FIXED_BATCH],
+            padding="max_length",
+            truncation=True,
+            max_length=FIXED_LENGTH,
+            return_special_tokens_mask=True,
+            return_tensors="pt",
+        )
         inputs = {"input_ids": enc["input_ids"].to(L.device), "attention_mask": enc["attention_mask"].to(L.device)}
         if L.family.name == "bert":
             inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
@@ -164,16 +170,29 @@ def extract_overhead(plan: Plan, tmp: Path) -> tuple[dict, Path | None]:
         ratio = paired_ratio(bare, full)
         fam = b.loaded.family.name
         out[f"extract_overhead/{fam}"] = result(
-            tokens / median(full), tokens / median(bare), "tokens/s (extract / bare forward)",
-            {"model": source, "rows": len(split), "tokens": tokens, "batches": len(batches),
-             "dtype": str(next(b.loaded.model.parameters()).dtype).removeprefix("torch."), "device": str(b.loaded.device),
-             "bare_seconds": [round(x, 3) for x in bare], "extract_seconds": [round(x, 3) for x in full],
-             "cpu_time_ratio": round(paired_ratio(bare_cpu, full_cpu), 4), "goal": ">= 0.95"},
-            ratio=ratio)
+            tokens / median(full),
+            tokens / median(bare),
+            "tokens/s (extract / bare forward)",
+            {
+                "model": source,
+                "rows": len(split),
+                "tokens": tokens,
+                "batches": len(batches),
+                "dtype": str(next(b.loaded.model.parameters()).dtype).removeprefix("torch."),
+                "device": str(b.loaded.device),
+                "bare_seconds": [round(x, 3) for x in bare],
+                "extract_seconds": [round(x, 3) for x in full],
+                "cpu_time_ratio": round(paired_ratio(bare_cpu, full_cpu), 4),
+                "goal": ">= 0.95",
+            },
+            ratio=ratio,
+        )
     per = {k.split("/", 1)[1]: v["ratio"] for k, v in out.items()}
     worst = min(per, key=per.get)
-    out["extract_overhead"] = {**out[f"extract_overhead/{worst}"],
-                               "details": {"per_model_ratio": per, "worst": worst, "goal": ">= 0.95 per model"}}
+    out["extract_overhead"] = {
+        **out[f"extract_overhead/{worst}"],
+        "details": {"per_model_ratio": per, "worst": worst, "goal": ">= 0.95 per model"},
+    }
     return out, keep
 
 
@@ -192,12 +211,23 @@ def store_overhead(path: Path) -> dict:
     all_bytes = sum(f.stat().st_size for f in files)
     table_bytes = sum(f.stat().st_size for f in files if f.suffix == ".parquet")
     other = all_bytes - h5_bytes - table_bytes
-    return result(all_bytes / raw - 1 if raw else float("nan"), 0.05, "fraction over raw array bytes",
-                  {"raw_array_bytes": raw, "h5_bytes": h5_bytes, "h5_overhead": round(h5_bytes / raw - 1, 5),
-                   "row_table_parquet_bytes": table_bytes, "manifest_and_other_bytes": other, "shards": len(h5),
-                   "note": "value counts every file of the entry (HDF5 shards, row tables with the texts, manifest); "
-                           "h5_overhead is the HDF5 container alone", "goal": "<= 0.05"},
-                  ratio=(all_bytes / raw - 1) / 0.05 if raw else float("nan"))
+    return result(
+        all_bytes / raw - 1 if raw else float("nan"),
+        0.05,
+        "fraction over raw array bytes",
+        {
+            "raw_array_bytes": raw,
+            "h5_bytes": h5_bytes,
+            "h5_overhead": round(h5_bytes / raw - 1, 5),
+            "row_table_parquet_bytes": table_bytes,
+            "manifest_and_other_bytes": other,
+            "shards": len(h5),
+            "note": "value counts every file of the entry (HDF5 shards, row tables with the texts, manifest); "
+            "h5_overhead is the HDF5 container alone",
+            "goal": "<= 0.05",
+        },
+        ratio=(all_bytes / raw - 1) / 0.05 if raw else float("nan"),
+    )
 
 
 def _datasets(f) -> list[str]:
@@ -226,13 +256,25 @@ def bucketing_speedup(plan: Plan) -> dict:
             features_forward(b, planned)
         bucket.append(t.wall)
     padded_planned = sum(int(i["input_ids"].numel()) for i, _, _ in planned)
-    return {"bucketing_speedup": result(
-        tokens / median(bucket), tokens / median(pad), "real tokens/s (length-grouped / fixed 32 x 128)",
-        {"model": plan.bucket_model, "rows": len(texts), "real_tokens": tokens,
-         "padded_tokens_grouped": padded_planned, "padded_tokens_fixed": sum(int(i["input_ids"].numel()) for i, _, _ in fixed),
-         "grouped_seconds": [round(x, 3) for x in bucket], "fixed_seconds": [round(x, 3) for x in pad],
-         "what": "same hooks and poolings (forward_features) on both; only the batching differs", "goal": ">= 3.5"},
-        ratio=paired_ratio(pad, bucket))}
+    return {
+        "bucketing_speedup": result(
+            tokens / median(bucket),
+            tokens / median(pad),
+            "real tokens/s (length-grouped / fixed 32 x 128)",
+            {
+                "model": plan.bucket_model,
+                "rows": len(texts),
+                "real_tokens": tokens,
+                "padded_tokens_grouped": padded_planned,
+                "padded_tokens_fixed": sum(int(i["input_ids"].numel()) for i, _, _ in fixed),
+                "grouped_seconds": [round(x, 3) for x in bucket],
+                "fixed_seconds": [round(x, 3) for x in pad],
+                "what": "same hooks and poolings (forward_features) on both; only the batching differs",
+                "goal": ">= 3.5",
+            },
+            ratio=paired_ratio(pad, bucket),
+        )
+    }
 
 
 def scaling_extract(plan: Plan, tmp: Path) -> dict:
@@ -250,10 +292,19 @@ def scaling_extract(plan: Plan, tmp: Path) -> dict:
             tokens[k] = stats.tokens
             shutil.rmtree(path)
     t1, t4 = median(times[1]), median(times[4])
-    return {"scaling_extract": result(
-        t4, 4 * t1, "seconds (4x data vs 4 x time at 1x)",
-        {"model": plan.scale_model, "rows_1x": plan.scale_rows, "tokens": {f"{k}x": v for k, v in tokens.items()},
-         "seconds": {f"{k}x": round(median(v), 3) for k, v in times.items()},
-         "token_normalised_ratio": round((t4 / tokens[4]) / (t1 / tokens[1]), 4),
-         "note": "rows are the first N of SST-2 train, so token counts are not exactly proportional; see token_normalised_ratio",
-         "goal": "~1.0 (linear)"})}
+    return {
+        "scaling_extract": result(
+            t4,
+            4 * t1,
+            "seconds (4x data vs 4 x time at 1x)",
+            {
+                "model": plan.scale_model,
+                "rows_1x": plan.scale_rows,
+                "tokens": {f"{k}x": v for k, v in tokens.items()},
+                "seconds": {f"{k}x": round(median(v), 3) for k, v in times.items()},
+                "token_normalised_ratio": round((t4 / tokens[4]) / (t1 / tokens[1]), 4),
+                "note": "rows are the first N of SST-2 train, so token counts are not exactly proportional; see token_normalised_ratio",
+                "goal": "~1.0 (linear)",
+            },
+        )
+    }

@@ -48,13 +48,19 @@ def status(name: str, rec: dict) -> str:
 
 
 def table(results: dict, info: dict) -> str:
-    lines = [f"mode: {info['mode']}, {info['date']}, {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
-             f"torch {info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, "
-             f"load average {info.get('load_average_start')} -> {info.get('load_average_end')}", "",
-             "| benchmark | value | reference | ratio | unit | goal | status |", "|---|---:|---:|---:|---|---|---|"]
+    lines = [
+        f"mode: {info['mode']}, {info['date']}, {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
+        f"torch {info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, "
+        f"load average {info.get('load_average_start')} -> {info.get('load_average_end')}",
+        "",
+        "| benchmark | value | reference | ratio | unit | goal | status |",
+        "|---|---:|---:|---:|---|---|---|",
+    ]
     for name, r in results.items():
         goal = GOALS.get(name.split("/", 1)[0], ("", None))[0]
-        lines.append(f"| `{name}` | {_fmt(r['value'])} | {_fmt(r['reference'])} | {_fmt(r['ratio'])} | {r['unit']} | {goal} | {status(name, r)} |")
+        lines.append(
+            f"| `{name}` | {_fmt(r['value'])} | {_fmt(r['reference'])} | {_fmt(r['ratio'])} | {r['unit']} | {goal} | {status(name, r)} |"
+        )
     return "\n".join(lines)
 
 

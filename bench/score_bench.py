@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, Plan, Timer, env, median, paired_ratio, result
+from bench.common import ROOT, Plan, Timer, env, median, result
 
 LAYERS, HIDDEN, FFN, SHARD_ROWS = 6, 384, 1536, 2048
 POOLINGS = ("mean", "first", "last")
@@ -30,8 +30,15 @@ def make_store(path: Path, target_mb: float, seed: int = 0) -> tuple[str, str, i
 
     rows = max(64, int(target_mb * 2**20 / ROW_BYTES))
     rng = np.random.default_rng(seed)
-    desc = {"kind": "features", "name": f"bench/synthetic/{rows}", "n_layers": LAYERS, "hidden_size": HIDDEN,
-            "ffn_size": FFN, "rows": rows, "seed": seed}
+    desc = {
+        "kind": "features",
+        "name": f"bench/synthetic/{rows}",
+        "n_layers": LAYERS,
+        "hidden_size": HIDDEN,
+        "ffn_size": FFN,
+        "rows": rows,
+        "seed": seed,
+    }
     key = fingerprint(desc)
     n_shards = -(-rows // SHARD_ROWS)
     store = Store(str(path))
@@ -41,19 +48,29 @@ def make_store(path: Path, target_mb: float, seed: int = 0) -> tuple[str, str, i
         n = hi - lo
         labels = rng.integers(0, 2, n)
         shift = (labels[:, None, None] * 0.3).astype(np.float32)
-        arrays = {f"hidden/{p}": (rng.standard_normal((n, LAYERS + 1, HIDDEN), dtype=np.float32) + shift).astype(np.float16)
-                  for p in POOLINGS}
+        arrays = {
+            f"hidden/{p}": (rng.standard_normal((n, LAYERS + 1, HIDDEN), dtype=np.float32) + shift).astype(np.float16) for p in POOLINGS
+        }
         arrays["ffn/mean"] = (rng.standard_normal((n, LAYERS, FFN), dtype=np.float32) * 0.2).astype(np.float16)
         arrays["ffn/max"] = (rng.standard_normal((n, LAYERS, FFN), dtype=np.float32) + 0.5).astype(np.float16)
         n_tok = rng.integers(5, 60, n)
         arrays["ffn/fire_count"] = rng.integers(0, int(n_tok.sum()), (LAYERS, FFN)).astype(np.int64)
-        table = {"row": np.arange(lo, hi, dtype=np.int64), "label": labels.astype(np.int64),
-                 "text": [f"synthetic sentence {i} about physics" if i % 7 == 0 else f"synthetic sentence {i}" for i in range(lo, hi)],
-                 "n_tokens": n_tok.astype(np.int64), "truncated": np.zeros(n, dtype=bool)}
+        table = {
+            "row": np.arange(lo, hi, dtype=np.int64),
+            "label": labels.astype(np.int64),
+            "text": [f"synthetic sentence {i} about physics" if i % 7 == 0 else f"synthetic sentence {i}" for i in range(lo, hi)],
+            "n_tokens": n_tok.astype(np.int64),
+            "truncated": np.zeros(n, dtype=bool),
+        }
         import pandas as pd
 
-        writer.write_shard(k, arrays, pd.DataFrame(table), row_start=lo,
-                           attrs={"ffn/fire_count": {"threshold": 0.0, "n_tokens": int(n_tok.sum()), "special_tokens_counted": False}})
+        writer.write_shard(
+            k,
+            arrays,
+            pd.DataFrame(table),
+            row_start=lo,
+            attrs={"ffn/fire_count": {"threshold": 0.0, "n_tokens": int(n_tok.sum()), "special_tokens_counted": False}},
+        )
     writer.commit(expected_shards=n_shards)
     return str(path), key, rows
 
@@ -69,13 +86,17 @@ def run_score(url: str, key: str, rows_per_chunk: int, scheduler="threads") -> i
     from store import Store
 
     entry = Store(url).open(key)
-    request = NS(split=NS(dataset="bench", name="train"), model=NS(name="synthetic", threshold=0.0),
-                 extract=NS(poolings=POOLINGS, ffn_poolings=("mean", "max")), spec=NS(random_init=False))
+    request = NS(
+        split=NS(dataset="bench", name="train"),
+        model=NS(name="synthetic", threshold=0.0),
+        extract=NS(poolings=POOLINGS, ffn_poolings=("mean", "max")),
+        spec=NS(random_init=False),
+    )
     score_entry(entry, request, ["physics"], rows_per_chunk=rows_per_chunk, scheduler=scheduler)
     return _used_bytes(url, key)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _used_bytes(url: str, key: str) -> int:
     """Bytes of the datasets score consumes, each counted once (hidden poolings, ffn/max, fire counts)."""
     from store import Store
@@ -115,16 +136,29 @@ def score_read_fraction(plan: Plan, tmp: Path) -> tuple[dict, tuple[str, str, in
     store_bytes = sum(p.stat().st_size for p in Path(url).rglob("*") if p.is_file())
     rate_score = [score_b / t for t in score_t]
     rate_plain = [plain_b / t for t in plain_t]
-    return {"score_read_fraction": result(
-        median(rate_score) / 2**20, median(rate_plain) / 2**20, "MiB/s (score effective / plain h5py read)",
-        {"store_mib": round(store_bytes / 2**20, 1), "memory_limit_mib": plan.score_limit_mb,
-         "store_over_limit": round(store_bytes / 2**20 / plan.score_limit_mb, 2), "rows": rows,
-         "rows_per_chunk": plan.score_rows_per_chunk, "score_bytes_consumed": score_b, "plain_bytes_read": plain_b,
-         "score_seconds": [round(x, 3) for x in score_t], "plain_seconds": [round(x, 3) for x in plain_t],
-         "scheduler": "dask threads", "page_cache": "warm for both (files just written / read)",
-         "note": "score_entry: pass 1 over every hidden pooling, then pass 2 fused with sparsity over ffn/max (hidden read twice, ffn/max once); effective bytes count every dataset once",
-         "goal": ">= 0.5"},
-        ratio=median([s / p for s, p in zip(rate_score, rate_plain)]))}, (url, key, rows)
+    return {
+        "score_read_fraction": result(
+            median(rate_score) / 2**20,
+            median(rate_plain) / 2**20,
+            "MiB/s (score effective / plain h5py read)",
+            {
+                "store_mib": round(store_bytes / 2**20, 1),
+                "memory_limit_mib": plan.score_limit_mb,
+                "store_over_limit": round(store_bytes / 2**20 / plan.score_limit_mb, 2),
+                "rows": rows,
+                "rows_per_chunk": plan.score_rows_per_chunk,
+                "score_bytes_consumed": score_b,
+                "plain_bytes_read": plain_b,
+                "score_seconds": [round(x, 3) for x in score_t],
+                "plain_seconds": [round(x, 3) for x in plain_t],
+                "scheduler": "dask threads",
+                "page_cache": "warm for both (files just written / read)",
+                "note": "score_entry: pass 1 over every hidden pooling, then pass 2 fused with sparsity over ffn/max (hidden read twice, ffn/max once); effective bytes count every dataset once",
+                "goal": ">= 0.5",
+            },
+            ratio=median([s / p for s, p in zip(rate_score, rate_plain)]),
+        )
+    }, (url, key, rows)
 
 
 def score_peak_rss(plan: Plan, store: tuple[str, str, int]) -> dict:
@@ -139,15 +173,26 @@ def score_peak_rss(plan: Plan, store: tuple[str, str, int]) -> dict:
     acc = 3 * LAYERS * FFN * 8 * 2 + 3 * (LAYERS + 1) * HIDDEN * 8 * 2  # (K+1, L, F) int64 + (K+1, L, d) float64, two live
     reference = threads * chunk + acc
     delta = m["peak"] - m["baseline"]
-    return {"score_peak_rss": result(
-        delta / 2**20, reference / 2**20, "MiB (peak RSS increase / threads x chunk + accumulators)",
-        {"baseline_mib": round(m["baseline"] / 2**20, 1), "peak_mib": round(m["peak"] / 2**20, 1),
-         "chunk_mib": round(chunk / 2**20, 2), "threads": threads, "accumulators_mib": round(acc / 2**20, 3),
-         "store_mib": round(sum(p.stat().st_size for p in Path(url).rglob("*") if p.is_file()) / 2**20, 1),
-         "memory_limit_mib": plan.score_limit_mb, "within_limit": delta / 2**20 <= plan.score_limit_mb,
-         "seconds": round(m["seconds"], 2),
-         "method": "subprocess; /proc/self/statm sampled every 2 ms; baseline after imports and the row table",
-         "goal": "bounded by chunk x threads + accumulators (a small constant factor), below the limit, independent of store size"})}
+    return {
+        "score_peak_rss": result(
+            delta / 2**20,
+            reference / 2**20,
+            "MiB (peak RSS increase / threads x chunk + accumulators)",
+            {
+                "baseline_mib": round(m["baseline"] / 2**20, 1),
+                "peak_mib": round(m["peak"] / 2**20, 1),
+                "chunk_mib": round(chunk / 2**20, 2),
+                "threads": threads,
+                "accumulators_mib": round(acc / 2**20, 3),
+                "store_mib": round(sum(p.stat().st_size for p in Path(url).rglob("*") if p.is_file()) / 2**20, 1),
+                "memory_limit_mib": plan.score_limit_mb,
+                "within_limit": delta / 2**20 <= plan.score_limit_mb,
+                "seconds": round(m["seconds"], 2),
+                "method": "subprocess; /proc/self/statm sampled every 2 ms; baseline after imports and the row table",
+                "goal": "bounded by chunk x threads + accumulators (a small constant factor), below the limit, independent of store size",
+            },
+        )
+    }
 
 
 def _rss_child(url: str, key: str, rows_per_chunk: int) -> None:
@@ -194,7 +239,16 @@ def scaling_score(plan: Plan, tmp: Path) -> dict:
                 run_score(url, key, plan.score_rows_per_chunk)
             times[k].append(t.wall)
     t1, t4 = median(times[1]), median(times[4])
-    return {"scaling_score": result(
-        t4, 4 * t1, "seconds (4x data vs 4 x time at 1x)",
-        {"rows": {f"{k}x": v[2] for k, v in stores.items()}, "seconds": {f"{k}x": round(median(v), 3) for k, v in times.items()},
-         "rows_per_chunk": plan.score_rows_per_chunk, "goal": "~1.0 (linear)"})}
+    return {
+        "scaling_score": result(
+            t4,
+            4 * t1,
+            "seconds (4x data vs 4 x time at 1x)",
+            {
+                "rows": {f"{k}x": v[2] for k, v in stores.items()},
+                "seconds": {f"{k}x": round(median(v), 3) for k, v in times.items()},
+                "rows_per_chunk": plan.score_rows_per_chunk,
+                "goal": "~1.0 (linear)",
+            },
+        )
+    }

@@ -33,10 +33,9 @@ def default_head_vs_frozen() -> dict:
     from pipeline.config import load_config
     from pipeline.models import resolve
     from stages.entries import model_dims
-    from stages.train.fusion import FusionHead
-
     from stages.entries.features import spec_family
     from stages.train.fused import DERIVED_LLAMA_LAYERS
+    from stages.train.fusion import FusionHead
 
     cfg = load_config(ROOT / "configs" / "default.toml")
     fc = cfg.train.fusion
@@ -64,12 +63,11 @@ def default_head_vs_frozen() -> dict:
 
 
 def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dict:
+    from pipeline.blocks import Block
     from pipeline.config import load_config
-    from stages.entries import feature_requests
-    from stages.entries import open_features
+    from stages.entries import feature_requests, open_features
     from stages.train.fusion import FusionHead
     from stages.train.probes import fit_probe
-    from pipeline.blocks import Block
     from stages.train.runner import FeatureCache
     from store import Store
 
@@ -91,8 +89,17 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
     probe = fit_probe(cache.layer(probe_block, tr), y[tr], cache.layer(probe_block, dev), y[dev], Cs=cfg.train.Cs, seed=cfg.seed)
     probe_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    head = FusionHead(width=fc.width, sigma=fc.sigma, dropout=fc.dropout, hidden=fc.hidden, epochs=fc.epochs, lr=fc.lr,
-                      batch_size=fc.batch_size, patience=fc.patience, seed=cfg.seed)
+    head = FusionHead(
+        width=fc.width,
+        sigma=fc.sigma,
+        dropout=fc.dropout,
+        hidden=fc.hidden,
+        epochs=fc.epochs,
+        lr=fc.lr,
+        batch_size=fc.batch_size,
+        patience=fc.patience,
+        seed=cfg.seed,
+    )
     head.fit(inputs[tr], y[tr], inputs[dev], y[dev], avg_keys=avg)
     fusion_s = time.perf_counter() - t0
 
@@ -102,22 +109,41 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
     frozen_probe = frozen_params(by_name[probe_block.model])
     details = {
         "config": str(cfg_path.relative_to(ROOT)) if cfg_path.is_relative_to(ROOT) else cfg_path.name,
-        "train_rows": int(len(y[tr])), "probe": {"block": str(probe_block), "seconds": round(probe_s, 3), "params": int(probe.n_params),
-                                                  "frozen_params": frozen_probe, "ratio": round(probe.n_params / frozen_probe, 6)},
-        "fusion": {"inputs": list(fc.inputs), "seconds": round(fusion_s, 3), "params": int(head.n_params_), "frozen_params": frozen,
-                   "epochs": fc.epochs},
+        "train_rows": int(len(y[tr])),
+        "probe": {
+            "block": str(probe_block),
+            "seconds": round(probe_s, 3),
+            "params": int(probe.n_params),
+            "frozen_params": frozen_probe,
+            "ratio": round(probe.n_params / frozen_probe, 6),
+        },
+        "fusion": {
+            "inputs": list(fc.inputs),
+            "seconds": round(fusion_s, 3),
+            "params": int(head.n_params_),
+            "frozen_params": frozen,
+            "epochs": fc.epochs,
+        },
         "default_config_shapes": default_head_vs_frozen(),
         "note": "LLMEmbed reports ~4% of a GPT-3 baseline's parameters; ratio here = fusion head params / the frozen "
-                "models it reads (which never train)",
+        "models it reads (which never train)",
     }
     ratio = head.n_params_ / sum(frozen.values())
     details["extract_seconds_of_these_features"] = round(extract_seconds, 2)
     return {
-        "train_seconds": result(probe_s + fusion_s, extract_seconds,
-                                "seconds (probe + fusion head fit; reference = extracting the features); ratio = head params / frozen params",
-                                details, ratio=ratio),
-        "head_params": result(head.n_params_, sum(frozen.values()), "parameters (fusion head / frozen models it reads)",
-                              {"frozen": frozen, "default_config_shapes": details["default_config_shapes"], "llmembed_claim": "~4%"}),
+        "train_seconds": result(
+            probe_s + fusion_s,
+            extract_seconds,
+            "seconds (probe + fusion head fit; reference = extracting the features); ratio = head params / frozen params",
+            details,
+            ratio=ratio,
+        ),
+        "head_params": result(
+            head.n_params_,
+            sum(frozen.values()),
+            "parameters (fusion head / frozen models it reads)",
+            {"frozen": frozen, "default_config_shapes": details["default_config_shapes"], "llmembed_claim": "~4%"},
+        ),
     }
 
 
@@ -195,15 +221,21 @@ def probe_speedup(plan, cfg_path: Path, store_url: str) -> dict:
         steps = (ref_df["C"].map(Cs.index) - new_df["C"].map(Cs.index)).abs()
         family = requests[[r.model.name for r in requests].index(model)].family.name
         details = {
-            "model": entries[(model, splits[0])].description["model"]["source"], "pooling": "mean", "layers": n_layers + 1,
-            "Cs": Cs, "train_rows": int(len(y[0])), "sklearn_seconds": [round(x, 2) for x in ref],
+            "model": entries[(model, splits[0])].description["model"]["source"],
+            "pooling": "mean",
+            "layers": n_layers + 1,
+            "Cs": Cs,
+            "train_rows": int(len(y[0])),
+            "sklearn_seconds": [round(x, 2) for x in ref],
             "batched_seconds": [round(x, 2) for x in new],
             "max_abs_dev_accuracy_diff": float((ref_df["dev_accuracy"] - new_df["dev_accuracy"]).abs().max()),
             "max_abs_test_accuracy_diff": float((ref_df["test_accuracy"] - new_df["test_accuracy"]).abs().max()),
-            "same_C_layers": int((steps == 0).sum()), "max_C_steps_apart": int(steps.max()),
+            "same_C_layers": int((steps == 0).sum()),
+            "max_C_steps_apart": int(steps.max()),
         }
-        out[f"probe_speedup/{family}"] = result(median(ref), median(new), "seconds (scikit-learn lbfgs sweep / batched torch sweep)",
-                                                details, ratio=paired_ratio(ref, new))
+        out[f"probe_speedup/{family}"] = result(
+            median(ref), median(new), "seconds (scikit-learn lbfgs sweep / batched torch sweep)", details, ratio=paired_ratio(ref, new)
+        )
     if out:
         worst = min(out, key=lambda k: out[k]["ratio"])
         out["probe_speedup"] = {**out[worst], "details": {**out[worst]["details"], "worst_of": sorted(out)}}
@@ -231,8 +263,11 @@ def train_stage_seconds(cfg_path: Path, store_url: str, tmp: Path) -> dict:
 
     fits = pd.read_parquet(out / "train.parquet")
     fits = fits[fits["split"] == "test"].groupby("head")["fit_seconds"].sum().round(2).to_dict()
-    details = {"config": str(cfg_path.relative_to(ROOT)) if cfg_path.is_relative_to(ROOT) else cfg_path.name,
-               "fit_seconds_by_head": fits, "goal": f"< {TRAIN_GOAL_SECONDS:g} s on 2 idle cores (configs/default.toml)"}
+    details = {
+        "config": str(cfg_path.relative_to(ROOT)) if cfg_path.is_relative_to(ROOT) else cfg_path.name,
+        "fit_seconds_by_head": fits,
+        "goal": f"< {TRAIN_GOAL_SECONDS:g} s on 2 idle cores (configs/default.toml)",
+    }
     return {"train_stage_seconds": result(seconds, TRAIN_GOAL_SECONDS, "seconds (wall, `python -m pipeline train`, subprocess)", details)}
 
 

@@ -47,9 +47,18 @@ def _feature_entry(st, dataset, split, model, key):
     return st.open(found[0].key, verify=True)
 
 
-def load_features(store, *, dataset: str | None = None, split: str | None = None, model: str | None = None,
-                  layer: int = -1, pooling: str = "mean", key: str | None = None, as_frame: bool = False,
-                  lazy: bool = False):
+def load_features(
+    store,
+    *,
+    dataset: str | None = None,
+    split: str | None = None,
+    model: str | None = None,
+    layer: int = -1,
+    pooling: str = "mean",
+    key: str | None = None,
+    as_frame: bool = False,
+    lazy: bool = False,
+):
     """``(X, y)`` of one cached feature entry: pooled hidden states at ``layer`` and the labels.
 
     Parameters

@@ -17,17 +17,19 @@ class Block:
     pooling: str
 
     @classmethod
-    def parse(cls, text: str) -> "Block":
+    def parse(cls, text: str) -> Block:
         """``model:layer:pooling``, or ``model:pooler`` for the stored pooler output (its one "layer" is 0)."""
         model, layer, pooling = parse_block(text, "train.fusion.inputs")
         return cls(model, 0 if pooling == "pooler" else layer, pooling)
 
-    def resolved(self, n_layers: int) -> "Block":
+    def resolved(self, n_layers: int) -> Block:
         if self.pooling == "pooler":
             return self
         layer = self.layer if self.layer >= 0 else n_layers + 1 + self.layer
         if not 0 <= layer <= n_layers:
-            raise ConfigError(f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})")
+            raise ConfigError(
+                f"train.fusion.inputs: layer {self.layer} of {self.model} is out of range 0..{n_layers} (or -1..-{n_layers + 1})"
+            )
         return Block(self.model, layer, self.pooling)
 
     def __str__(self) -> str:

@@ -36,8 +36,11 @@ def _extract_scheduler(text: str) -> str:
 def _common(p: argparse.ArgumentParser, *, config: bool = True, out: bool = False) -> None:
     if config:
         p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment TOML (default: {DEFAULT_CONFIG})")
-    p.add_argument("--store", default=os.environ.get("FEATURESTORE", "featurestore"),
-                   help="store path or fsspec URL, e.g. /shared/fs or s3://bucket/prefix (default: $FEATURESTORE or ./featurestore)")
+    p.add_argument(
+        "--store",
+        default=os.environ.get("FEATURESTORE", "featurestore"),
+        help="store path or fsspec URL, e.g. /shared/fs or s3://bucket/prefix (default: $FEATURESTORE or ./featurestore)",
+    )
     if out:
         p.add_argument("--out", default="reports", help="folder for tables, plots and report.md (default: reports)")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -50,18 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("extract", help="run the models once over the corpus and cache per-layer features in the store",
-                       description="Pooled hidden states and FFN activations of every layer, one forward pass per batch; cached entries are skipped.")
+    p = sub.add_parser(
+        "extract",
+        help="run the models once over the corpus and cache per-layer features in the store",
+        description="Pooled hidden states and FFN activations of every layer, one forward pass per batch; cached entries are skipped.",
+    )
     _common(p)
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N", help="do only store shards with index %% N == I (run N processes for N GPUs/machines)")
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="do only store shards with index %% N == I (run N processes for N GPUs/machines)",
+    )
     p.add_argument("--models", default="", help="comma-separated model names from the config (default: all)")
-    p.add_argument("--scheduler", default=None, type=_extract_scheduler, metavar="local|tcp://HOST:PORT",
-                   help="compute the shards on the workers of this dask.distributed scheduler (overrides extract.scheduler; "
-                        "the store must be an absolute shared path or s3:// URL)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        type=_extract_scheduler,
+        metavar="local|tcp://HOST:PORT",
+        help="compute the shards on the workers of this dask.distributed scheduler (overrides extract.scheduler; "
+        "the store must be an absolute shared path or s3:// URL)",
+    )
 
     p = sub.add_parser("score", help="variability and sparsity statistics, out of core with Dask")
     _common(p, out=True)
-    p.add_argument("--scheduler", default=None, help="threads, synchronous, or tcp://host:port of a dask.distributed scheduler (overrides score.scheduler)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help="threads, synchronous, or tcp://host:port of a dask.distributed scheduler (overrides score.scheduler)",
+    )
 
     p = sub.add_parser("train", help="fit probes, variability-selected, top-layer and fused heads on cached features")
     _common(p, out=True)
@@ -70,17 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, out=True)
     p.add_argument("--scheduler", default=None, help="Dask scheduler for score; a tcp://host:port one runs extract on that cluster too")
 
-    p = sub.add_parser("predict", help="label new text with a trained head (runs the needed models up to the layers it uses)",
-                       description="Everything predict needs (models, extract settings, class names) is read from the heads entry, "
-                                   "so it runs from the store alone.")
+    p = sub.add_parser(
+        "predict",
+        help="label new text with a trained head (runs the needed models up to the layers it uses)",
+        description="Everything predict needs (models, extract settings, class names) is read from the heads entry, "
+        "so it runs from the store alone.",
+    )
     _common(p)
     p.set_defaults(config=None)
-    p.add_argument("--head", required=True,
-                   help="a heads entry key or unique prefix, optionally KEY:NAME (needs only the store; `store ls --kind heads`), "
-                        f"or a head name from train.parquet (fusion, selected:bert:mean, probe:bert:3:mean) in --config's heads (default {DEFAULT_CONFIG})")
+    p.add_argument(
+        "--head",
+        required=True,
+        help="a heads entry key or unique prefix, optionally KEY:NAME (needs only the store; `store ls --kind heads`), "
+        f"or a head name from train.parquet (fusion, selected:bert:mean, probe:bert:3:mean) in --config's heads (default {DEFAULT_CONFIG})",
+    )
     p.add_argument("--file", default=None, help="read texts from this file, one per line ('-' = standard input)")
-    p.add_argument("--format", choices=("tsv", "jsonl"), default="tsv",
-                   help="tsv: a header, then label, one probability column per class, text (tabs/newlines escaped); jsonl: one object per text")
+    p.add_argument(
+        "--format",
+        choices=("tsv", "jsonl"),
+        default="tsv",
+        help="tsv: a header, then label, one probability column per class, text (tabs/newlines escaped); jsonl: one object per text",
+    )
     p.add_argument("texts", nargs="*", help="texts to label")
 
     p = sub.add_parser("store", help="inspect and maintain a store: ls, verify, gc")
@@ -88,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = ssub.add_parser("ls", help="list entries with human names, sizes and age, and a total")
     _common(q, config=False)
     q.add_argument("--json", action="store_true", help="machine-readable output")
-    for name, what in (("dataset", "dataset name, e.g. sst2"), ("split", "split, e.g. train"),
-                       ("model", "model name from the config, e.g. bert"), ("kind", "features, scores or heads")):
+    for name, what in (
+        ("dataset", "dataset name, e.g. sst2"),
+        ("split", "split, e.g. train"),
+        ("model", "model name from the config, e.g. bert"),
+        ("kind", "features, scores or heads"),
+    ):
         q.add_argument(f"--{name}", default=None, help=f"only entries of this {what}")
     q = ssub.add_parser("verify", help="rehash every file and check row counts; exit 1 naming each bad one")
     _common(q, config=False)
@@ -102,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q, config=False)
     q.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     q.add_argument("--grace-hours", type=float, default=24.0, help="age below which unfinished work is kept (default: 24)")
-    for name, helptext in (("push", "copy entries from --store to --to, verified by hash"), ("pull", "copy entries from --from into --store, verified by hash")):
+    for name, helptext in (
+        ("push", "copy entries from --store to --to, verified by hash"),
+        ("pull", "copy entries from --from into --store, verified by hash"),
+    ):
         q = ssub.add_parser(name, help=helptext)
         _common(q, config=False)
         q.add_argument("--to" if name == "push" else "--from", dest="other", required=True, help="the other store (path or URL)")
@@ -163,9 +201,11 @@ def _run(args: argparse.Namespace) -> int:
         return orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)
     if args.command == "run":
         on_cluster = args.scheduler if args.scheduler and args.scheduler.startswith(("tcp://", "tls://")) else None
-        for step in (lambda: orchestrate.extract(cfg, args.store, progress=not args.quiet, scheduler=on_cluster),
-                     lambda: orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet),
-                     lambda: orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet)):
+        for step in (
+            lambda: orchestrate.extract(cfg, args.store, progress=not args.quiet, scheduler=on_cluster),
+            lambda: orchestrate.score(cfg, args.store, Path(args.out), scheduler=args.scheduler, progress=not args.quiet),
+            lambda: orchestrate.train(cfg, args.store, Path(args.out), progress=not args.quiet),
+        ):
             rc = step()
             if rc:
                 return rc
@@ -210,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupted_message(args: argparse.Namespace) -> str:
     if args.command in ("extract", "run"):
-        return ("interrupted: the shards written so far are kept; run the same command again to resume "
-                "(it continues at the first missing shard)")
+        return (
+            "interrupted: the shards written so far are kept; run the same command again to resume "
+            "(it continues at the first missing shard)"
+        )
     return "interrupted: nothing was committed by the unfinished step; run the same command again"
 
 

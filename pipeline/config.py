@@ -13,12 +13,13 @@ import dataclasses
 import logging
 import math
 import os
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pipeline.errors import ConfigError
 
@@ -51,7 +52,12 @@ class DataConfig:
     text_column: str = _field("text", help="Column holding the text.")
     label_column: str = _field("label", help="Column holding the integer class label.")
     limit: int = _field(0, help="Keep only the first N rows of each split (0 = all); for quick runs.", min=0)
-    dev_fraction: float = _field(0.0, help="Carve a 'dev' split of this fraction from the training split (stratified, experiment seed), for corpora without one; recorded in the store key.", min=0.0, max=0.5)
+    dev_fraction: float = _field(
+        0.0,
+        help="Carve a 'dev' split of this fraction from the training split (stratified, experiment seed), for corpora without one; recorded in the store key.",
+        min=0.0,
+        max=0.5,
+    )
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,18 @@ class ModelConfig:
     name: str = _field(help="Short name used in store entries and reports (e.g. 'bert').", pattern="name")
     source: str = _field(help="An embedded model name (see README), a Hugging Face id in the local cache, or a local folder.")
     revision: str = _field("", help="Hugging Face revision (commit, tag or branch) for hub ids; empty = the cached default.")
-    thresholds: tuple[float, ...] = _field((), help="FFN firing thresholds for this model (overrides extract.thresholds); empty = extract.thresholds, else the family default.", finite=True, max_items=MAX_THRESHOLDS, unique=True)
-    sink: str = _field("auto", help="Attention-sink token prepended to every text: 'auto' = the model's BOS for decoder models (Llama) whose tokenizer adds none, 'none' = never, or a token string to prepend. It is a special token: out of mean/last pooling and firing counts.", nonempty_str=True)
+    thresholds: tuple[float, ...] = _field(
+        (),
+        help="FFN firing thresholds for this model (overrides extract.thresholds); empty = extract.thresholds, else the family default.",
+        finite=True,
+        max_items=MAX_THRESHOLDS,
+        unique=True,
+    )
+    sink: str = _field(
+        "auto",
+        help="Attention-sink token prepended to every text: 'auto' = the model's BOS for decoder models (Llama) whose tokenizer adds none, 'none' = never, or a token string to prepend. It is a special token: out of mean/last pooling and firing counts.",
+        nonempty_str=True,
+    )
     trust_remote_code: bool = _field(False, help="Allow custom model code from the checkpoint. Off unless you trust the source.")
 
 
@@ -73,7 +89,13 @@ class ExtractConfig:
     max_length: int = _field(128, help="Tokens per text after truncation (longer texts are truncated and counted).", min=2, max=1_000_000)
     poolings: tuple[str, ...] = _field(POOLINGS, help="Hidden-state poolings to store.", choices=POOLINGS, nonempty=True)
     ffn_poolings: tuple[str, ...] = _field(FFN_POOLINGS, help="FFN activation poolings to store.", choices=FFN_POOLINGS, nonempty=True)
-    thresholds: tuple[float, ...] = _field((), help="FFN firing thresholds, all counted in one pass (a short list; the first is the primary one). Empty = the family default: ReLU [0.0] (exact: non-zero), GELU [0.0, 0.1], gated SwiGLU/GeGLU [0.1, 0.5] under the magnitude rule |a| > t.", finite=True, max_items=MAX_THRESHOLDS, unique=True)
+    thresholds: tuple[float, ...] = _field(
+        (),
+        help="FFN firing thresholds, all counted in one pass (a short list; the first is the primary one). Empty = the family default: ReLU [0.0] (exact: non-zero), GELU [0.0, 0.1], gated SwiGLU/GeGLU [0.1, 0.5] under the magnitude rule |a| > t.",
+        finite=True,
+        max_items=MAX_THRESHOLDS,
+        unique=True,
+    )
     special_tokens_in_mean: bool = _field(False, help="Count special tokens ([CLS], <s>, </s>, BOS) in mean pooling and firing counts.")
     storage_dtype: str = _field("float16", help="dtype of stored float arrays.", choices=STORAGE_DTYPES)
     compute_dtype: str = _field("auto", help="Model dtype: auto = bfloat16 on CUDA, float32 on CPU.", choices=COMPUTE_DTYPES)
@@ -82,7 +104,11 @@ class ExtractConfig:
     max_batch_size: int = _field(128, help="Max texts per batch.", min=1)
     shard_rows: int = _field(2048, help="Rows per store shard (the unit of resume and of --shard I/N).", min=1)
     allow_nonfinite: bool = _field(False, help="Commit entries even if NaN/inf activations were found (they are always reported).")
-    scheduler: str = _field("local", help="local (this process), or tcp://host:port of a dask.distributed scheduler whose workers compute the shards; not in the key.", pattern="extract_scheduler")
+    scheduler: str = _field(
+        "local",
+        help="local (this process), or tcp://host:port of a dask.distributed scheduler whose workers compute the shards; not in the key.",
+        pattern="extract_scheduler",
+    )
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,9 @@ class ScoreConfig:
 
     split: str = _field("train", help="Split the statistics are computed on.")
     keywords: str = _field("configs/keywords/stem.txt", help="Keyword list (one per line) for the per-neuron keyword score.")
-    scheduler: str = _field("threads", help="Dask scheduler: threads, synchronous, or a dask.distributed address tcp://host:port.", pattern="scheduler")
+    scheduler: str = _field(
+        "threads", help="Dask scheduler: threads, synchronous, or a dask.distributed address tcp://host:port.", pattern="scheduler"
+    )
     rows_per_chunk: int = _field(1024, help="Rows per Dask chunk; memory stays bounded by one chunk plus accumulators.", min=1)
     top_neurons: int = _field(10, help="Neurons listed per layer by keyword score in the report.", min=0)
     min_fires: int = _field(5, help="Sentences a neuron must fire on to be ranked by keyword score.", min=1)
@@ -101,11 +129,18 @@ class ScoreConfig:
 class FusionConfig:
     """LLMEmbed-style fused head (Liu et al., ACL 2024) and its ablations."""
 
-    inputs: tuple[str, ...] = _field((), help="Feature blocks as model:layer:pooling (negative layers count from the top; 'model:pooler' is a trained pooler output). Empty = derived from the real-weight models: a llama's last 4 layers (mean), every other model's top layer (mean).")
-    average: tuple[str, ...] = _field((), help="Blocks (among inputs) whose average is concatenated before the MLP; with derived inputs, the llama layers.")
+    inputs: tuple[str, ...] = _field(
+        (),
+        help="Feature blocks as model:layer:pooling (negative layers count from the top; 'model:pooler' is a trained pooler output). Empty = derived from the real-weight models: a llama's last 4 layers (mean), every other model's top layer (mean).",
+    )
+    average: tuple[str, ...] = _field(
+        (), help="Blocks (among inputs) whose average is concatenated before the MLP; with derived inputs, the llama layers."
+    )
     nu_layers: int = _field(4, help="fusion_nu: fuse each model's this many lowest-nu layers (score stage, train split).", min=1)
     width: int = _field(256, help="Common projection width.", min=1)
-    sigma: float = _field(0.01, help="Scale of the co-occurrence term 2*sigmoid(sigma*P) - 1; about 1/width keeps it from saturating.", min=0.0, finite=True)
+    sigma: float = _field(
+        0.01, help="Scale of the co-occurrence term 2*sigmoid(sigma*P) - 1; about 1/width keeps it from saturating.", min=0.0, finite=True
+    )
     hidden: int = _field(256, help="MLP hidden width.", min=1)
     dropout: float = _field(0.1, help="Dropout after projection and in the MLP.", min=0.0, max=0.95)
     epochs: int = _field(40, help="Max epochs; early stopping on dev accuracy.", min=1)
@@ -119,8 +154,12 @@ class LLMEmbedConfig:
     """The reference LLMEmbed head (ChunLiu-cs/LLMEmbed-ACL2024), with logits into the loss and early stopping on dev."""
 
     layers: int = _field(5, help="Last llama layers, mean-pooled, compressed and averaged (the reference uses 5).", min=1)
-    width: int = _field(0, help="Common width; 0 = the widest non-llama block (the reference: 1024, bert/roberta-large's own width).", min=0)
-    sigma: float = _field(0.01, help="SIGMA in 2*sigmoid(SIGMA*P) - 1 (a command-line argument of the reference, no published default).", min=0.0, finite=True)
+    width: int = _field(
+        0, help="Common width; 0 = the widest non-llama block (the reference: 1024, bert/roberta-large's own width).", min=0
+    )
+    sigma: float = _field(
+        0.01, help="SIGMA in 2*sigmoid(SIGMA*P) - 1 (a command-line argument of the reference, no published default).", min=0.0, finite=True
+    )
     hidden: tuple[int, ...] = _field((1024, 256), help="MLP hidden widths (the reference: 1024, 256).", nonempty=True, min=1)
     dropout: float = _field(0.5, help="Dropout after each compression and MLP layer (the reference: 0.5).", min=0.0, max=0.95)
     epochs: int = _field(300, help="Max epochs; early stopping on dev accuracy (the reference has no dev split).", min=1)
@@ -134,8 +173,13 @@ class TrainConfig:
     """Heads fitted on cached features only."""
 
     poolings: tuple[str, ...] = _field(POOLINGS, help="Hidden poolings to probe per layer.", choices=POOLINGS, nonempty=True)
-    Cs: tuple[float, ...] = _field((0.01, 0.1, 1.0, 10.0), help="Inverse regularisation strengths tried for logistic probes (chosen on dev).", nonempty=True, min=0.0)
-    include_embeddings: bool = _field(False, help="Let layer selection pick hidden-state index 0 (the embedding output); off = select among block outputs 1..L only, as Xie et al.")
+    Cs: tuple[float, ...] = _field(
+        (0.01, 0.1, 1.0, 10.0), help="Inverse regularisation strengths tried for logistic probes (chosen on dev).", nonempty=True, min=0.0
+    )
+    include_embeddings: bool = _field(
+        False,
+        help="Let layer selection pick hidden-state index 0 (the embedding output); off = select among block outputs 1..L only, as Xie et al.",
+    )
     dev_split: str = _field("dev", help="Split used for model choice and early stopping.")
     test_split: str = _field("test", help="Split reported as test.")
     fusion: FusionConfig = field(default_factory=FusionConfig, metadata={"help": "Fused multi-model head."})
@@ -168,7 +212,9 @@ class ExperimentConfig:
             raise ConfigError(f"models: duplicate model name(s) {dupes}; each [[models]] needs a unique name")
         splits = self.data.splits + (("dev",) if self.data.dev_fraction else ())
         if self.data.dev_fraction and "dev" in self.data.splits:
-            raise ConfigError(f"data.dev_fraction: {self.data.dev_fraction} carves a 'dev' split, but data.splits already has one; remove one of them")
+            raise ConfigError(
+                f"data.dev_fraction: {self.data.dev_fraction} carves a 'dev' split, but data.splits already has one; remove one of them"
+            )
         for s in (self.score.split, self.train.dev_split, self.train.test_split):
             if s not in splits:
                 raise ConfigError(f"split {s!r} is used by score/train but data.splits is {list(splits)}")
@@ -176,7 +222,9 @@ class ExperimentConfig:
             for text in texts:
                 check_block(text, where, self.models)
         if self.train.fusion.average and not self.train.fusion.inputs:
-            raise ConfigError("train.fusion.average: set only together with train.fusion.inputs (empty inputs are derived, with their own average)")
+            raise ConfigError(
+                "train.fusion.average: set only together with train.fusion.inputs (empty inputs are derived, with their own average)"
+            )
         blocks = set(self.train.fusion.inputs)
         missing = [b for b in self.train.fusion.average if b not in blocks]
         if missing:
@@ -214,11 +262,14 @@ def check_block(text: str, where: str, models: tuple[ModelConfig, ...]) -> None:
     name, layer, _ = parse_block(text, where)
     by_name = {m.name: m for m in models}
     if name not in by_name:
-        raise ConfigError(f"{where}: model {name!r} of {text!r} is not in [[models]]; configured: {sorted(by_name)}; "
-                          f"add it and run `make extract`")
+        raise ConfigError(
+            f"{where}: model {name!r} of {text!r} is not in [[models]]; configured: {sorted(by_name)}; add it and run `make extract`"
+        )
     depth = source_depth(by_name[name].source)
     if depth is not None and not -(depth + 1) <= layer <= depth:
-        raise ConfigError(f"{where}: layer {layer} of {text!r} is out of range 0..{depth} (or -1..-{depth + 1}) for {name} ({depth} layers)")
+        raise ConfigError(
+            f"{where}: layer {layer} of {text!r} is out of range 0..{depth} (or -1..-{depth + 1}) for {name} ({depth} layers)"
+        )
 
 
 _PATTERNS = {
@@ -344,8 +395,14 @@ def _resolve_path(value: str, config: Path, where: str) -> str:
         return value
     beside = config.parent / value
     if not beside.exists() and Path(value).exists():
-        log.warning("%s: %s = %r is resolved against the current directory; write it relative to the config file "
-                    "(%s) so the config runs from any directory", config, where, value, os.path.relpath(Path(value).resolve(), config.parent.resolve()))
+        log.warning(
+            "%s: %s = %r is resolved against the current directory; write it relative to the config file "
+            "(%s) so the config runs from any directory",
+            config,
+            where,
+            value,
+            os.path.relpath(Path(value).resolve(), config.parent.resolve()),
+        )
         return str(Path(value).resolve())
     return str(beside.resolve())
 
@@ -391,6 +448,10 @@ def field_help(cls: type) -> list[tuple[str, str, Any]]:
     for f in dataclasses.fields(cls):
         if f.metadata.get("internal"):
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         rows.append((f.name, f.metadata.get("help", ""), default))
     return rows

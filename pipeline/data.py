@@ -183,7 +183,9 @@ def load_split(cfg: DataConfig, split: str, label_names=_FROM_TRAIN) -> Split:
         index = {n: i for i, n in enumerate(label_names)}
         unknown = sorted({repr(n) for n in names if n not in index})
         if unknown:
-            raise DataError(f"{path}: labels {', '.join(unknown)} do not occur in the training split {cfg.splits[0]!r} (classes: {list(label_names)})")
+            raise DataError(
+                f"{path}: labels {', '.join(unknown)} do not occur in the training split {cfg.splits[0]!r} (classes: {list(label_names)})"
+            )
         labels = np.array([index[n] for n in names], dtype=np.int64)
     _warn_duplicates(path, texts, labels)
     return Split(cfg.name, split, tuple(texts), labels, str(path), label_names)
@@ -202,8 +204,12 @@ def _warn_duplicates(path: Path, texts: list[str], labels: np.ndarray) -> None:
     n_labels = frame.drop_duplicates().groupby("text", sort=False)["label"].nunique()
     conflicting = n_labels[n_labels > 1]
     if len(conflicting):
-        log.warning("%s: %d text(s) occur with different labels, e.g. %r; kept as they are (label noise)",
-                    path, len(conflicting), conflicting.index[0][:60])
+        log.warning(
+            "%s: %d text(s) occur with different labels, e.g. %r; kept as they are (label noise)",
+            path,
+            len(conflicting),
+            conflicting.index[0][:60],
+        )
 
 
 def carve_dev(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -223,8 +229,15 @@ def carve_dev(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
 
     def part(name: str, keep: np.ndarray) -> Split:
         idx = np.flatnonzero(keep)
-        return Split(train.dataset, name, tuple(train.texts[i] for i in idx), train.labels[idx], train.path,
-                     label_names=train.label_names, carved=carved)
+        return Split(
+            train.dataset,
+            name,
+            tuple(train.texts[i] for i in idx),
+            train.labels[idx],
+            train.path,
+            label_names=train.label_names,
+            carved=carved,
+        )
 
     return part(train.name, ~dev_mask), part("dev", dev_mask)
 

@@ -21,12 +21,21 @@ from store.errors import plural
 log = logging.getLogger("pipeline")
 
 
-def extract(cfg: ExperimentConfig, store_url: str, *, shard: tuple[int, int] = (0, 1), models: list[str] | None = None,
-            progress: bool = True, scheduler: str | None = None) -> int:
+def extract(
+    cfg: ExperimentConfig,
+    store_url: str,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    models: list[str] | None = None,
+    progress: bool = True,
+    scheduler: str | None = None,
+) -> int:
     scheduler = scheduler or cfg.extract.scheduler
     check_store_reachable(store_url, scheduler)
     if is_distributed(scheduler) and shard != (0, 1):
-        raise ConfigError(f"--shard {shard[0]}/{shard[1]} splits work between processes by hand; with --scheduler {scheduler} the cluster does that, drop one of them")
+        raise ConfigError(
+            f"--shard {shard[0]}/{shard[1]} splits work between processes by hand; with --scheduler {scheduler} the cluster does that, drop one of them"
+        )
     store = open_store(store_url)
     requests = feature_requests(cfg, models)
     missing = [r for r in requests if not store.exists(r.key)]
@@ -85,8 +94,10 @@ def format_summary(stats) -> str:
     for s in stats:
         status = "cached" if s.cached else ("committed" if s.committed else "partial (other shards pending)")
         tps = "-" if s.cached or not s.seconds else f"{s.tokens_per_s:,.0f}"
-        lines.append(f"{s.model:<12} {s.split:<8} {s.rows:>7} {s.tokens:>9} {s.seconds:>8.1f} {tps:>9} {human_bytes(s.bytes_written):>10}  {status}"
-                     + (f", {s.truncated} truncated" if s.truncated else ""))
+        lines.append(
+            f"{s.model:<12} {s.split:<8} {s.rows:>7} {s.tokens:>9} {s.seconds:>8.1f} {tps:>9} {human_bytes(s.bytes_written):>10}  {status}"
+            + (f", {s.truncated} truncated" if s.truncated else "")
+        )
     return "\n".join(lines)
 
 
@@ -108,7 +119,12 @@ def predict(cfg: ExperimentConfig | None, store_url: str, head: str, texts: list
     classes, rows = predict_table(cfg, open_store(store_url), head, texts)
     if fmt == "jsonl":
         for text, label, probs in rows:
-            print(json.dumps({"label": label, "probabilities": {str(c): round(float(p), 6) for c, p in zip(classes, probs)}, "text": text}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {"label": label, "probabilities": {str(c): round(float(p), 6) for c, p in zip(classes, probs)}, "text": text},
+                    ensure_ascii=False,
+                )
+            )
         return 0
     print("\t".join(["label", *(f"p_{_escape(str(c))}" for c in classes), "text"]))
     for text, label, probs in rows:

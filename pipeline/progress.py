@@ -37,8 +37,9 @@ def tqdm(iterable: Iterable | None = None, *, disable: bool = False, **kwargs: A
 class LogProgress:
     """The part of tqdm's interface the stages use (iterate, update, set_postfix_str, close), as log lines."""
 
-    def __init__(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
-                 every: float | None = None):
+    def __init__(
+        self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it", every: float | None = None
+    ):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]

@@ -23,8 +23,13 @@ def code_version() -> str:
 
 def _git_commit(root: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty=.dirty", "--abbrev=12", "--exclude", "*"],
-                             cwd=root, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty=.dirty", "--abbrev=12", "--exclude", "*"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     text = out.stdout.strip()

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.blocks import Block
 from pipeline.config import ExperimentConfig, from_record
 from pipeline.data import Split
 from pipeline.errors import DataError, PipelineError, rerun_hint
-from pipeline.blocks import Block
 from pipeline.models import resolve
 from stages.entries import FeatureRequest, expected_heads_key
 from stages.extract import extract_shard, load_for_extract
@@ -42,12 +42,16 @@ def heads_entry(cfg: ExperimentConfig, store):
         name = f"{cfg.data.name}/heads/{cfg.name}"
         found = sorted((i for i in store.list() if i.complete and i.kind == "heads" and i.name == name), key=lambda i: -(i.created or 0))
         if not found:
-            raise PipelineError(f"no trained heads for {cfg.name!r} in {store.url}, and its data cannot be read to look further ({exc})") from None
+            raise PipelineError(
+                f"no trained heads for {cfg.name!r} in {store.url}, and its data cannot be read to look further ({exc})"
+            ) from None
         log.info("data of %s not readable (%s); using its newest heads entry %s", cfg.name, exc, found[0].key[:12])
         return store.open(found[0].key, verify=True)
     if not store.exists(key):
-        raise PipelineError(f"no trained heads for {cfg.name!r} with its current features in {store.url}; "
-                            f"run `{rerun_hint('train', cfg.source, store.url)}` first")
+        raise PipelineError(
+            f"no trained heads for {cfg.name!r} with its current features in {store.url}; "
+            f"run `{rerun_hint('train', cfg.source, store.url)}` first"
+        )
     return store.open(key, verify=True)
 
 
@@ -58,8 +62,10 @@ def find_heads(store, head: str, cfg: ExperimentConfig | None = None):
     if m:
         entry = store.open(m[1], verify=True)
         if entry.description.get("kind") != "heads":
-            raise PipelineError(f"--head {head}: entry {entry.key[:12]} is a {entry.description.get('kind')} entry, not heads; "
-                                f"`store ls --kind heads --store {store.url}` lists the heads entries")
+            raise PipelineError(
+                f"--head {head}: entry {entry.key[:12]} is a {entry.description.get('kind')} entry, not heads; "
+                f"`store ls --kind heads --store {store.url}` lists the heads entries"
+            )
         return entry, m[2] or default_head(entry)
     if cfg is None:
         raise PipelineError(f"--head {head!r} is a head name: give --config too, or a heads entry key (`store ls --kind heads`)")

@@ -25,6 +25,14 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
-    "CorruptEntryError", "Entry", "EntryInfo", "EntryWriter", "Problem", "Store", "StoreError", "fingerprint",
+    "CorruptEntryError",
+    "Entry",
+    "EntryInfo",
+    "EntryWriter",
+    "Problem",
+    "Store",
+    "StoreError",
+    "fingerprint",
 ]

@@ -81,19 +81,28 @@ def ls(store: Store, as_json: bool = False, **filters: str | None) -> str:
     lines = [header]
     for r in rows:
         by = r["created_by"]
-        lines.append([
-            r["name"], r["kind"] or _MISSING_TEXT, r["key"][:12],
-            _MISSING_TEXT if r["rows"] is None else str(r["rows"]),
-            _MISSING_TEXT if r["layers"] is None else str(r["layers"]),
-            human_bytes(r["bytes"]), human_age(r["age_seconds"]), "yes" if r["complete"] else "no",
-            f"{by.get('user', '?')}@{by.get('host', '?')}" if by else _MISSING_TEXT,
-            str(by.get("code_version") or _MISSING_TEXT) if by else _MISSING_TEXT,
-        ])
+        lines.append(
+            [
+                r["name"],
+                r["kind"] or _MISSING_TEXT,
+                r["key"][:12],
+                _MISSING_TEXT if r["rows"] is None else str(r["rows"]),
+                _MISSING_TEXT if r["layers"] is None else str(r["layers"]),
+                human_bytes(r["bytes"]),
+                human_age(r["age_seconds"]),
+                "yes" if r["complete"] else "no",
+                f"{by.get('user', '?')}@{by.get('host', '?')}" if by else _MISSING_TEXT,
+                str(by.get("code_version") or _MISSING_TEXT) if by else _MISSING_TEXT,
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
     if not rows:
-        where = " matching " + " ".join(f"--{k} {v}" for k, v in filters.items() if v is not None) if any(
-            v is not None for v in filters.values()) else ""
+        where = (
+            " matching " + " ".join(f"--{k} {v}" for k, v in filters.items() if v is not None)
+            if any(v is not None for v in filters.values())
+            else ""
+        )
         return text + f"\n(no entries{where} in {store.url})"
     complete = sum(r["complete"] for r in rows)
     total = f"total: {_plural(len(rows), 'entry')}, {human_bytes(sum(r['bytes'] for r in rows))}"
@@ -110,8 +119,10 @@ def verify(store: Store, keys: list[str] | None = None) -> tuple[str, int]:
         return f"ok: {_plural(len(checked), 'entry')} verified in {store.url}", 0
     lines = [f"{p.path}: {p.reason}" for p in problems]
     bad = sorted({p.key for p in problems})
-    lines.append(f"{_plural(len(problems), 'problem')} in {len(bad)} of {_plural(len(checked), 'entry')}; "
-                 "remove them (`store rm KEY`) and re-run the stages that built them")
+    lines.append(
+        f"{_plural(len(problems), 'problem')} in {len(bad)} of {_plural(len(checked), 'entry')}; "
+        "remove them (`store rm KEY`) and re-run the stages that built them"
+    )
     return "\n".join(lines), 1
 
 
@@ -128,8 +139,12 @@ def rm(store: Store, keys: list[str], force: bool = False) -> str:
     """Remove entries by key or unique prefix; one with a live lease is refused (StoreError) unless `force`."""
     infos = {i.key: i for i in store.list()}
     removed = store.rm(keys, force=force)
-    lines = [f"removed {k[:12]} {_name(infos[k]) if k in infos else ''} ({human_bytes(infos[k].bytes) if k in infos else '?'})".replace("  ", " ")
-             for k in removed]
+    lines = [
+        f"removed {k[:12]} {_name(infos[k]) if k in infos else ''} ({human_bytes(infos[k].bytes) if k in infos else '?'})".replace(
+            "  ", " "
+        )
+        for k in removed
+    ]
     lines.append(f"removed {_plural(len(removed), 'entry')} from {store.url}")
     return "\n".join(lines)
 
@@ -148,6 +163,8 @@ def copy(src: Store, dst: Store, keys: list[str] | None = None) -> str:
             how = "copied" if r.status == "copied" else "copied (committed meanwhile by another writer)"
             lines.append(f"{how} {r.key[:12]}: {r.files} files, {human_bytes(r.bytes)}")
     n = sum(r.status != "present" for r in results)
-    lines.append(f"{n} copied, {len(results) - n} already present; {human_bytes(sum(r.bytes for r in results))} "
-                 f"from {src.url} to {dst.url}, verified by sha256")
+    lines.append(
+        f"{n} copied, {len(results) - n} already present; {human_bytes(sum(r.bytes for r in results))} "
+        f"from {src.url} to {dst.url}, verified by sha256"
+    )
     return "\n".join(lines)

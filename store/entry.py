@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from . import layout, manifest as mf
+from . import layout
+from . import manifest as mf
 from .errors import CorruptEntryError, StoreError
 from .fs import StoreFS
 from .keys import validate_key, validate_name
@@ -36,8 +37,9 @@ def open_h5(sfs: StoreFS, path: str) -> Iterator[h5py.File]:
             yield f
 
 
-def _read_block(url: str, storage_options: dict, path: str, name: str, start: int | None, stop: int | None,
-                expected_rows: int | None) -> np.ndarray:
+def _read_block(
+    url: str, storage_options: dict, path: str, name: str, start: int | None, stop: int | None, expected_rows: int | None
+) -> np.ndarray:
     """Dask task: rows [start, stop) of dataset `name` in one shard (the whole dataset if start is None)."""
     sfs = StoreFS(url, storage_options)
     with open_h5(sfs, path) as f:
@@ -45,7 +47,9 @@ def _read_block(url: str, storage_options: dict, path: str, name: str, start: in
             raise CorruptEntryError(f"{path} has no dataset {name!r}; re-run extract to rebuild the entry")
         ds = f[name]
         if expected_rows is not None and (ds.ndim == 0 or ds.shape[0] != expected_rows):
-            raise CorruptEntryError(f"{path}: dataset {name!r} has shape {ds.shape}, expected {expected_rows} rows; use per_shard() for per-shard datasets, else re-run extract to rebuild the entry")
+            raise CorruptEntryError(
+                f"{path}: dataset {name!r} has shape {ds.shape}, expected {expected_rows} rows; use per_shard() for per-shard datasets, else re-run extract to rebuild the entry"
+            )
         return ds[()] if start is None else ds[start:stop]
 
 
@@ -99,9 +103,11 @@ class Entry:
         """
         out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         with open_h5(self._sfs, self._shard_paths()[0]) as f:
+
             def visit(name: str, obj: Any) -> None:
                 if isinstance(obj, h5py.Dataset):
                     out[name] = (tuple(obj.shape[1:]), obj.dtype)
+
             f.visititems(visit)
         return dict(sorted(out.items()))
 
@@ -130,7 +136,13 @@ class Entry:
             for start in range(0, n, step):
                 stop = min(start + step, n)
                 task = dask.delayed(_read_block, pure=True)(
-                    self._sfs.url, self._sfs.storage_options, path, name, start, stop, n,
+                    self._sfs.url,
+                    self._sfs.storage_options,
+                    path,
+                    name,
+                    start,
+                    stop,
+                    n,
                     dask_key_name=f"store-read-{token}-{shard['index']}-{start}",
                 )
                 blocks.append(da.from_delayed(task, shape=(stop - start, *tail), dtype=dtype))
@@ -148,10 +160,17 @@ class Entry:
         blocks = [
             da.from_delayed(
                 dask.delayed(_read_block, pure=True)(
-                    self._sfs.url, self._sfs.storage_options, path, name, None, None, None,
+                    self._sfs.url,
+                    self._sfs.storage_options,
+                    path,
+                    name,
+                    None,
+                    None,
+                    None,
                     dask_key_name=f"store-shard-{token}-{i}",
                 ),
-                shape=shape0, dtype=dtype,
+                shape=shape0,
+                dtype=dtype,
             )
             for i, path in enumerate(self._shard_paths())
         ]
@@ -167,7 +186,7 @@ class Entry:
                 out.append(_attrs_dict(f[name].attrs))
         return out
 
-    def table(self) -> "pd.DataFrame":
+    def table(self) -> pd.DataFrame:
         """Row table: the shard Parquet tables concatenated, or the 'table.parquet' file of a non-sharded entry."""
         import pandas as pd
         import pyarrow.parquet as pq

@@ -54,7 +54,7 @@ class StoreFS:
     def rel(self, path: str) -> str:
         """`path` relative to the root (for messages)."""
         prefix = self.root.rstrip("/") + "/"
-        return path[len(prefix):] if path.startswith(prefix) else path
+        return path[len(prefix) :] if path.startswith(prefix) else path
 
     # reading -----------------------------------------------------------------------------------------
 
@@ -136,7 +136,9 @@ class StoreFS:
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"store path {self.url} is not writable ({exc.strerror or exc}); choose another store path or fix its permissions") from exc
+            raise StoreError(
+                f"store path {self.url} is not writable ({exc.strerror or exc}); choose another store path or fix its permissions"
+            ) from exc
         if self.is_local and not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreError(f"store path {self.url} is not writable; choose another store path or fix its permissions")
 

@@ -41,16 +41,13 @@ def _canonical(obj: Any, where: str) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     raise TypeError(
-        f"cannot fingerprint object of type {type(obj).__name__} at {where}; "
-        "convert it to dict/list/str/int/float/bool/None first"
+        f"cannot fingerprint object of type {type(obj).__name__} at {where}; convert it to dict/list/str/int/float/bool/None first"
     )
 
 
 def canonical_json(obj: Any) -> str:
     """The canonical JSON text of `obj` (what `fingerprint` hashes)."""
-    return json.dumps(
-        _canonical(obj, "$"), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    )
+    return json.dumps(_canonical(obj, "$"), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def fingerprint(obj: Any) -> str:

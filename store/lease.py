@@ -67,10 +67,16 @@ class Lease:
     # state ----------------------------------------------------------------------------------------------
 
     def _body(self) -> bytes:
-        return json.dumps({
-            "name": self.name, "owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-            "expires": time.time() + self.ttl,
-        }, sort_keys=True).encode()
+        return json.dumps(
+            {
+                "name": self.name,
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "expires": time.time() + self.ttl,
+            },
+            sort_keys=True,
+        ).encode()
 
     def holder(self) -> dict[str, Any] | None:
         """The lease file's content, or None if nobody holds it; unreadable content reads as expired."""
@@ -118,7 +124,7 @@ class Lease:
         self.held, self.lost = True, False
         return True
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         """Take the lease or raise StoreError naming who holds it."""
         if not self.try_acquire():
             raise StoreError(self.held_message(self.holder() or {}))
@@ -147,7 +153,7 @@ class Lease:
 
     # heartbeat ------------------------------------------------------------------------------------------
 
-    def heartbeat(self, interval: float | None = None) -> "Lease":
+    def heartbeat(self, interval: float | None = None) -> Lease:
         """Refresh the lease every `interval` (default ttl/3) seconds on a daemon thread until release."""
         if not self.held or self._thread is not None:
             return self
@@ -175,7 +181,7 @@ class Lease:
             self._thread.join()
         self._stop = self._thread = None
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,8 +189,10 @@ class Lease:
 
     def held_message(self, lease: dict[str, Any]) -> str:
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lease.get("expires", 0) or 0)))
-        return (f"{self.what} is being written by {lease.get('host')} pid {lease.get('pid')} (lease until {until}); "
-                "wait for it, or run `store gc` after the lease expires")
+        return (
+            f"{self.what} is being written by {lease.get('host')} pid {lease.get('pid')} (lease until {until}); "
+            "wait for it, or run `store gc` after the lease expires"
+        )
 
 
 PRESENCE_TTL = 300.0
@@ -223,7 +231,7 @@ class WriterPresence:
         self.key = key
         self.lease = Lease(sfs, layout.writer_lease_name(key, uuid.uuid4().hex[:16]), ttl, what=f"writer of entry {key}")
 
-    def acquire(self) -> "WriterPresence":
+    def acquire(self) -> WriterPresence:
         if self.lease.held:
             return self
         if not self.lease.try_acquire():  # a unique name: only a store that refuses writes gets here

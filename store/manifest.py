@@ -17,8 +17,15 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 _SHARD_FIELDS = {
-    "index": int, "file": str, "table": str, "row_start": int, "n_rows": int,
-    "sha256": str, "bytes": int, "table_sha256": str, "table_bytes": int,
+    "index": int,
+    "file": str,
+    "table": str,
+    "row_start": int,
+    "n_rows": int,
+    "sha256": str,
+    "bytes": int,
+    "table_sha256": str,
+    "table_bytes": int,
 }
 _FILE_FIELDS = {"name": str, "sha256": str, "bytes": int}
 
@@ -50,7 +57,9 @@ def loads(data: bytes, key: str, where: str) -> dict[str, Any]:
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptEntryError(f"manifest invalid: {where} is not valid JSON ({exc}); re-run the stage that built entry {key} after removing it") from exc
+        raise CorruptEntryError(
+            f"manifest invalid: {where} is not valid JSON ({exc}); re-run the stage that built entry {key} after removing it"
+        ) from exc
 
     def bad(what: str) -> CorruptEntryError:
         return CorruptEntryError(f"manifest invalid: {where}: {what}; re-run the stage that built entry {key} after removing it")
@@ -69,7 +78,9 @@ def loads(data: bytes, key: str, where: str) -> dict[str, Any]:
     for item in [*shards, *files]:
         for name in (item.get("file"), item.get("table"), item.get("name")) if isinstance(item, dict) else ():
             if _escape(name):
-                raise CorruptEntryError(f"path escapes store: {where} names {name!r}; remove entry {key} and re-run the stage that built it")
+                raise CorruptEntryError(
+                    f"path escapes store: {where} names {name!r}; remove entry {key} and re-run the stage that built it"
+                )
     for i, shard in enumerate(shards):
         _check_fields(shard, _SHARD_FIELDS, bad, f"shards[{i}]")
         if shard["index"] != i or parse_shard_name(shard["file"]) != (i, "h5") or parse_shard_name(shard["table"]) != (i, "parquet"):

@@ -13,7 +13,8 @@ from typing import Any
 import h5py
 import pyarrow.parquet as pq
 
-from . import layout, manifest as mf
+from . import layout
+from . import manifest as mf
 from .entry import Entry
 from .errors import CorruptEntryError, InvalidKeyError, StoreError
 from .fs import StoreFS
@@ -122,11 +123,13 @@ class Store:
                 raise cls(f"{p.path}: {p.reason}; remove entry {key} and re-run the stage that built it")
         return Entry(self._sfs, key)
 
-    def writer(self, key: str, description: dict, *, n_shards: int, code_version: str | None = None,
-               compression: str | None = None) -> EntryWriter:
+    def writer(
+        self, key: str, description: dict, *, n_shards: int, code_version: str | None = None, compression: str | None = None
+    ) -> EntryWriter:
         """A writer for entry `key` (creates the store root on first use); code_version defaults to the store's."""
-        return EntryWriter(self._sfs, key, description, n_shards=n_shards, code_version=code_version or self.code_version,
-                           compression=compression)
+        return EntryWriter(
+            self._sfs, key, description, n_shards=n_shards, code_version=code_version or self.code_version, compression=compression
+        )
 
     # listing -----------------------------------------------------------------------------------------
 
@@ -159,12 +162,20 @@ class Store:
                 description, n_rows, created_by = self._incomplete_description(files), None, {}
                 times = [t for t in (StoreFS.mtime(f) for f in files) if t is not None]
                 created = max(times) if times else None
-            infos.append(EntryInfo(
-                key=key, kind=description.get("kind"), name=description.get("name"),
-                complete=manifest is not None, n_rows=n_rows, bytes=size, created=created,
-                age_seconds=None if created is None else max(0.0, now - created),
-                description=description, created_by=created_by,
-            ))
+            infos.append(
+                EntryInfo(
+                    key=key,
+                    kind=description.get("kind"),
+                    name=description.get("name"),
+                    complete=manifest is not None,
+                    n_rows=n_rows,
+                    bytes=size,
+                    created=created,
+                    age_seconds=None if created is None else max(0.0, now - created),
+                    description=description,
+                    created_by=created_by,
+                )
+            )
         return sorted(infos, key=lambda i: -(i.created or 0))
 
     def _incomplete_description(self, files: list[dict[str, Any]]) -> dict[str, Any]:
@@ -268,8 +279,13 @@ class Store:
             if len(set(dims)) > 1 and any(d and d[0] == s["n_rows"] for d, s in zip(dims, shards)):
                 for d, s in zip(dims, shards):
                     if d is not None and (not d or d[0] != s["n_rows"]):
-                        out.append(Problem(key, layout.entry_file(self._sfs, key, s["file"]),
-                                           f"row count mismatch: dataset {name} has {d[0] if d else 0} rows, expected {s['n_rows']}"))
+                        out.append(
+                            Problem(
+                                key,
+                                layout.entry_file(self._sfs, key, s["file"]),
+                                f"row count mismatch: dataset {name} has {d[0] if d else 0} rows, expected {s['n_rows']}",
+                            )
+                        )
         return out
 
     # garbage collection ----------------------------------------------------------------------------
@@ -371,6 +387,7 @@ class Store:
         for key in keys:
             (removed if self._remove_entry(key, force=force, committed=True) else busy).append(key)
         if busy:
-            raise StoreError(f"entry {', '.join(k[:12] for k in busy)} is being written (live lease); "
-                             "wait for the writer to finish, or pass --force")
+            raise StoreError(
+                f"entry {', '.join(k[:12] for k in busy)} is being written (live lease); wait for the writer to finish, or pass --force"
+            )
         return removed

@@ -12,7 +12,8 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from . import layout, manifest as mf
+from . import layout
+from . import manifest as mf
 from .errors import CorruptEntryError, StoreError
 from .keys import validate_key
 from .lease import WriterPresence
@@ -72,18 +73,23 @@ def _copy_files(src, dst, key: str, manifest: dict, manifest_bytes: bytes) -> Co
             if d.sha256(dst_path) != (sha, size):
                 raise CorruptEntryError(
                     f"{dst_path}: an unfinished copy of entry {key} in {dst.url} has different bytes than {src.url}; "
-                    f"remove {layout.entry_dir(d, key)} (or run `store gc`) and copy again")
+                    f"remove {layout.entry_dir(d, key)} (or run `store gc`) and copy again"
+                )
             continue
         tmp = layout.tmp_path(d, key, name)
         try:
             got = _stream(s, src_path, d, tmp)
         except FileNotFoundError:
             d.remove(tmp)
-            raise CorruptEntryError(f"{src_path}: missing in the source although its manifest lists it; run `store verify --store {src.url}`") from None
+            raise CorruptEntryError(
+                f"{src_path}: missing in the source although its manifest lists it; run `store verify --store {src.url}`"
+            ) from None
         if got != (sha, size):
             d.remove(tmp)
-            raise CorruptEntryError(f"{src_path}: sha256/size do not match the manifest of entry {key} in {src.url}; "
-                                    f"run `store verify --store {src.url}` and rebuild the entry there")
+            raise CorruptEntryError(
+                f"{src_path}: sha256/size do not match the manifest of entry {key} in {src.url}; "
+                f"run `store verify --store {src.url}` and rebuild the entry there"
+            )
         d.makedirs(layout.entry_dir(d, key))
         d.publish(tmp, dst_path)
         if d.sha256(dst_path) != (sha, size):

@@ -25,21 +25,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import layout, manifest as mf
+from . import layout
+from . import manifest as mf
 from .entry import Entry, open_h5
 from .errors import CorruptEntryError, StoreError, plural
 from .fs import StoreFS
-from .lease import Lease, WriterPresence
 from .keys import canonical_json, parse_shard_name, shard_name, validate_key, validate_name
+from .lease import Lease, WriterPresence
 
 log = logging.getLogger(__name__)
 
 
 def _dataset_name(name: Any) -> str:
     """A dataset path like 'hidden/mean': non-empty segments, no '.' or '..'."""
-    if not isinstance(name, str) or not name or name.startswith("/") or any(
-        seg in ("", ".", "..") for seg in name.split("/")
-    ):
+    if not isinstance(name, str) or not name or name.startswith("/") or any(seg in ("", ".", "..") for seg in name.split("/")):
         raise ValueError(f"invalid dataset name {name!r}: use slash paths like 'hidden/mean'")
     return name
 
@@ -102,7 +101,7 @@ class EntryWriter:
     def __repr__(self) -> str:
         return f"EntryWriter({self._sfs.url!r}, key={self.key!r}, n_shards={self.n_shards})"
 
-    def __enter__(self) -> "EntryWriter":
+    def __enter__(self) -> EntryWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -185,12 +184,14 @@ class EntryWriter:
         """Parquet image of a shard's rows with the key and description in the schema metadata."""
         arrow = pa.Table.from_pandas(table, preserve_index=False)
         meta = dict(arrow.schema.metadata or {})
-        meta.update({
-            b"store.key": self.key.encode(),
-            b"store.description": self._description_json.encode(),
-            b"store.row_start": str(row_start).encode(),
-            b"store.n_rows": str(n_rows).encode(),
-        })
+        meta.update(
+            {
+                b"store.key": self.key.encode(),
+                b"store.description": self._description_json.encode(),
+                b"store.row_start": str(row_start).encode(),
+                b"store.n_rows": str(n_rows).encode(),
+            }
+        )
         buf = io.BytesIO()
         pq.write_table(arrow.replace_schema_metadata(meta), buf)
         return buf.getvalue()
@@ -232,15 +233,21 @@ class EntryWriter:
             return Entry(self._sfs, self.key)
         self._present()
         if expected_shards is not None and expected_shards != self.n_shards:
-            raise StoreError(f"entry {self.key}: expected {expected_shards} shards but the writer was created with n_shards={self.n_shards}")
+            raise StoreError(
+                f"entry {self.key}: expected {expected_shards} shards but the writer was created with n_shards={self.n_shards}"
+            )
         listing = sorted(item["basename"] for item in self._sfs.listdir(self._dir))
         done = self.done_shards()
         missing = sorted(set(range(self.n_shards)) - done)
         if missing:
-            raise StoreError(f"cannot commit entry {self.key}: shards {missing} are not written; write them (done shards are skipped on resume) and commit again")
+            raise StoreError(
+                f"cannot commit entry {self.key}: shards {missing} are not written; write them (done shards are skipped on resume) and commit again"
+            )
         extra = sorted(i for i in done if i >= self.n_shards)
         if extra:
-            raise StoreError(f"cannot commit entry {self.key}: shards {extra} exceed n_shards={self.n_shards}; remove the entry and rebuild it")
+            raise StoreError(
+                f"cannot commit entry {self.key}: shards {extra} exceed n_shards={self.n_shards}; remove the entry and rebuild it"
+            )
         shards = [self._shard_record(i) for i in range(self.n_shards)]
         expected_start = 0
         for rec in shards:
@@ -288,15 +295,21 @@ class EntryWriter:
         sha, size = self._sfs.sha256(h5_path)
         tsha, tsize = self._sfs.sha256(pq_path)
         return {
-            "index": index, "file": shard_name(index, "h5"), "table": shard_name(index, "parquet"),
-            "row_start": row_start, "n_rows": n_rows, "sha256": sha, "bytes": size,
-            "table_sha256": tsha, "table_bytes": tsize,
+            "index": index,
+            "file": shard_name(index, "h5"),
+            "table": shard_name(index, "parquet"),
+            "row_start": row_start,
+            "n_rows": n_rows,
+            "sha256": sha,
+            "bytes": size,
+            "table_sha256": tsha,
+            "table_bytes": tsize,
         }
 
     # leases -------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lease(self, ttl: float = 600) -> Iterator["EntryWriter"]:
+    def lease(self, ttl: float = 600) -> Iterator[EntryWriter]:
         """Hold the per-key lease while writing, so others and `gc` see the entry is in progress.
 
         Advisory, not a lock: a second `lease()` on the key raises StoreError naming the holder; an

@@ -11,8 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--crash-seeds", type=int, default=None,
-                     help="random SIGKILL seeds of the crash harness (default 6, or $CRASH_SEEDS)")
+    parser.addoption("--crash-seeds", type=int, default=None, help="random SIGKILL seeds of the crash harness (default 6, or $CRASH_SEEDS)")
 
 
 @pytest.fixture(autouse=True)

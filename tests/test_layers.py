@@ -13,8 +13,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("store", "pipeline", "stages")
-FOUNDATION = {"pipeline.config", "pipeline.data", "pipeline.models", "pipeline.device", "pipeline.errors",
-              "pipeline.version", "pipeline.blocks", "pipeline.outputs", "pipeline.progress"}
+FOUNDATION = {
+    "pipeline.config",
+    "pipeline.data",
+    "pipeline.models",
+    "pipeline.device",
+    "pipeline.errors",
+    "pipeline.version",
+    "pipeline.blocks",
+    "pipeline.outputs",
+    "pipeline.progress",
+}
 SHARED = {"stages", "stages.entries", "stages.report"}
 STAGES = ("stages.extract", "stages.score", "stages.train")
 
@@ -82,22 +91,20 @@ def test_layer_table_covers_every_module():
 
 
 def test_no_import_runs_back_up():
-    bad = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
-           for m, deps in graph().items() for d in deps if layer(d) > layer(m)]
+    bad = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})" for m, deps in graph().items() for d in deps if layer(d) > layer(m)]
     assert not bad, "\n".join(bad)
 
 
 def test_stages_do_not_import_each_other():
     def stage(m):
         return next((s for s in STAGES if m == s or m.startswith(s + ".")), None)
-    bad = [f"{m} imports {d}" for m, deps in graph().items() for d in deps
-           if stage(m) and stage(d) and stage(m) != stage(d)]
+
+    bad = [f"{m} imports {d}" for m, deps in graph().items() for d in deps if stage(m) and stage(d) and stage(m) != stage(d)]
     assert not bad, "\n".join(bad)
 
 
 def test_store_knows_nothing_of_models():
-    bad = [f"{m} imports {d}" for m, deps in graph().items() if m.split(".")[0] == "store"
-           for d in deps if d.split(".")[0] != "store"]
+    bad = [f"{m} imports {d}" for m, deps in graph().items() if m.split(".")[0] == "store" for d in deps if d.split(".")[0] != "store"]
     assert not bad, "\n".join(bad)
 
 
@@ -114,7 +121,7 @@ def test_no_import_cycle():
             if m == d.rpartition(".")[0]:
                 continue
             if state.get(d) == 1:
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d) :] + [d]))
             if d not in state:
                 visit(d)
         stack.pop()

@@ -27,10 +27,10 @@ class Family:
     activation: str
     decoder: bool = False  # causal attention: the first token becomes an attention sink
 
-    def block_list(self, model: "torch.nn.Module") -> "torch.nn.ModuleList":
+    def block_list(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return _get(model, self.blocks)
 
-    def ffn_projection(self, block: "torch.nn.Module") -> "torch.nn.Module":
+    def ffn_projection(self, block: torch.nn.Module) -> torch.nn.Module:
         return _get(block, self.ffn_out)
 
 
@@ -60,15 +60,15 @@ def family_of(config) -> Family:
 
 
 def n_layers(config) -> int:
-    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers"))
+    return int(getattr(config, "num_hidden_layers", None) or config.num_layers)
 
 
 def hidden_size(config) -> int:
-    return int(getattr(config, "hidden_size", None) or getattr(config, "d_model"))
+    return int(getattr(config, "hidden_size", None) or config.d_model)
 
 
 def ffn_size(config) -> int:
-    return int(getattr(config, "intermediate_size", None) or getattr(config, "d_ff"))
+    return int(getattr(config, "intermediate_size", None) or config.d_ff)
 
 
 # Firing rules, by FFN kind. ReLU outputs are exactly zero or positive, so "> 0" is exact
@@ -124,6 +124,8 @@ def sink_token_id(tokenizer, family: Family, setting: str, model_config=None) ->
         return None if probe and probe[0] == sink else int(sink)
     sink = tokenizer.convert_tokens_to_ids(setting)
     if sink is None or (sink == tokenizer.unk_token_id and setting != tokenizer.unk_token):
-        raise ModelError(f"models.sink: {setting!r} is not a token of this model's vocabulary; use 'auto', 'none' or one of its tokens "
-                         f"(e.g. {tokenizer.bos_token or tokenizer.eos_token!r})")
+        raise ModelError(
+            f"models.sink: {setting!r} is not a token of this model's vocabulary; use 'auto', 'none' or one of its tokens "
+            f"(e.g. {tokenizer.bos_token or tokenizer.eos_token!r})"
+        )
     return int(sink)

@@ -97,7 +97,9 @@ def prepare_mpnet(dest: Path) -> None:
         for block in iter(lambda: fh.read(1 << 22), b""):
             h.update(block)
     if not h.hexdigest().startswith(MPNET_SHA256_PREFIX):
-        raise SystemExit(f"all-mpnet-base-v2: model.safetensors sha256 {h.hexdigest()[:16]}... is not the expected {MPNET_SHA256_PREFIX}...")
+        raise SystemExit(
+            f"all-mpnet-base-v2: model.safetensors sha256 {h.hexdigest()[:16]}... is not the expected {MPNET_SHA256_PREFIX}..."
+        )
 
 
 def prepare_random(dest: Path, family: str) -> None:
@@ -126,8 +128,13 @@ def prepare_all(root: Path) -> None:
         tmp = root / f"{name}.incomplete"
         shutil.rmtree(tmp, ignore_errors=True)
         build(tmp)
-        identity = {"name": name, "family": EMBEDDED[name].family, "random_init": EMBEDDED[name].random_init,
-                    "origin": EMBEDDED[name].origin, "sha256": folder_digest(tmp)}
+        identity = {
+            "name": name,
+            "family": EMBEDDED[name].family,
+            "random_init": EMBEDDED[name].random_init,
+            "origin": EMBEDDED[name].origin,
+            "sha256": folder_digest(tmp),
+        }
         (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=2) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)

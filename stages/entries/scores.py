@@ -25,17 +25,22 @@ def load_keywords(path: str) -> list[str]:
 
 def scores_key(feature_keys: list[str], keywords: list[str], include_embeddings: bool = False) -> str:
     """``include_embeddings`` decides which layer the tables mark as lowest-nu, so it is part of the key."""
-    return fingerprint({
-        "kind": "scores", "version": SCORES_VERSION, "features": sorted(feature_keys),
-        "keywords": hashlib.sha256("\n".join(keywords).encode()).hexdigest(),
-        "include_embeddings": bool(include_embeddings),
-    })
+    return fingerprint(
+        {
+            "kind": "scores",
+            "version": SCORES_VERSION,
+            "features": sorted(feature_keys),
+            "keywords": hashlib.sha256("\n".join(keywords).encode()).hexdigest(),
+            "include_embeddings": bool(include_embeddings),
+        }
+    )
 
 
 def config_scores_key(cfg: ExperimentConfig, requests) -> str:
     """Key of the scores entry `make score` writes for these features and the config's keywords."""
-    return scores_key([r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords),
-                      cfg.train.include_embeddings)
+    return scores_key(
+        [r.key for r in requests if r.split.name == cfg.score.split], load_keywords(cfg.score.keywords), cfg.train.include_embeddings
+    )
 
 
 def load_scores(store, key: str) -> pd.DataFrame:

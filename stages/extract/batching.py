@@ -18,6 +18,6 @@ def plan_batches(lengths: np.ndarray, token_budget: int, max_batch_size: int) ->
     while start < len(order):
         longest = int(lengths[order[start]])
         size = max(1, min(max_batch_size, token_budget // max(longest, 1)))
-        batches.append(order[start:start + size])
+        batches.append(order[start : start + size])
         start += size
     return batches

@@ -47,8 +47,9 @@ def _pooling_threads(device: torch.device):
 class FfnCapture:
     """Forward pre-hooks on every block's FFN output projection; use as a context manager."""
 
-    def __init__(self, model: torch.nn.Module, family: Family, poolings: tuple[str, ...], thresholds: tuple[float, ...],
-                 magnitude: bool = False):
+    def __init__(
+        self, model: torch.nn.Module, family: Family, poolings: tuple[str, ...], thresholds: tuple[float, ...], magnitude: bool = False
+    ):
         """``poolings`` may hold mean, max and, with ``magnitude``, absmax (max of |a|); a token fires at
         threshold t when a > t, or |a| > t with ``magnitude`` (gated FFNs), counted for every threshold at once."""
         if "absmax" in poolings and not magnitude:
@@ -80,8 +81,8 @@ class FfnCapture:
             out["mean"] = pooling.masked_mean(x, self.mask, weights=self.weights)
         if "max" in self.poolings or "absmax" in self.poolings:
             mx, absmx, self.fired[layer] = pooling.masked_max_and_fire_counts(
-                x, self.mask, self.thresholds, magnitude=self.magnitude, keep=self.keep,
-                workspace=self.workspace, counted=self.counted)
+                x, self.mask, self.thresholds, magnitude=self.magnitude, keep=self.keep, workspace=self.workspace, counted=self.counted
+            )
             if "max" in self.poolings:
                 out["max"] = mx
             if "absmax" in self.poolings:
@@ -90,7 +91,7 @@ class FfnCapture:
             self.fired[layer] = pooling.fire_counts(x, self.mask, self.thresholds, magnitude=self.magnitude, workspace=self.workspace)
         self.pooled[layer] = out
 
-    def __enter__(self) -> "FfnCapture":
+    def __enter__(self) -> FfnCapture:
         self._handles = [p.register_forward_pre_hook(self._hook(i)) for i, p in enumerate(self.projections)]
         return self
 

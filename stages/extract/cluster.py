@@ -311,9 +311,9 @@ def extract_on_cluster(
     the compute time of its shards summed over the workers.
     """
     from distributed import as_completed
-    from pipeline.progress import tqdm
 
     from pipeline.device import device_type
+    from pipeline.progress import tqdm
 
     gpu = any(device_type(r.extract.device) == "cuda" for r in requests)
     client = connect(address)

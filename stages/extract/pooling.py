@@ -125,8 +125,9 @@ class Workspace:
 _EXACT_FLOAT_COUNT = 2**24
 
 
-def fire_counts(x: torch.Tensor, mask: torch.Tensor, thresholds, *, magnitude: bool = False,
-                workspace: Workspace | None = None) -> torch.Tensor:
+def fire_counts(
+    x: torch.Tensor, mask: torch.Tensor, thresholds, *, magnitude: bool = False, workspace: Workspace | None = None
+) -> torch.Tensor:
     """(B, T, F) -> (len(thresholds), F) int64: counted tokens that fire at each threshold.
 
     A token fires when ``x > t``, or ``|x| > t`` with ``magnitude`` (the rule for gated FFNs,
@@ -174,9 +175,16 @@ class CountedTokens:
                 r0 = r
 
 
-def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, thresholds, *, magnitude: bool = False,
-                               keep: torch.Tensor | None = None, workspace: Workspace | None = None,
-                               counted: CountedTokens | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def masked_max_and_fire_counts(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    thresholds,
+    *,
+    magnitude: bool = False,
+    keep: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
+    counted: CountedTokens | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``masked_max``, the masked max of ``|x|`` (with ``magnitude``, else None) and ``fire_counts``
     at every threshold, in a few passes, with the same results as the separate reductions.
 
@@ -198,7 +206,7 @@ def masked_max_and_fire_counts(x: torch.Tensor, mask: torch.Tensor, thresholds, 
             mx = torch.empty((b, f), dtype=x.dtype, device=x.device)
             for r0, r1, off, n in counted.runs:
                 # Every row has >= 1 counted token (token_masks falls back to its real tokens).
-                group = values[off:off + (r1 - r0) * n].view(r1 - r0, n, f)
+                group = values[off : off + (r1 - r0) * n].view(r1 - r0, n, f)
                 # Reducing the outer dim of a (n, rows, F) view is much faster on the CPU than the middle one.
                 torch.amax(group.permute(1, 0, 2), dim=0, out=mx[r0:r1])
             return mx

@@ -79,8 +79,9 @@ def tokenize(tokenizer, texts: list[str], max_length: int, sink: int | None = No
     truncated = np.fromiter((len(x) > max_length for x in ids), dtype=bool, count=len(ids))
     if truncated.any():
         cut = np.flatnonzero(truncated)
-        enc = tokenizer([texts[i] for i in cut], add_special_tokens=True, truncation=True, max_length=max_length,
-                        return_special_tokens_mask=True)
+        enc = tokenizer(
+            [texts[i] for i in cut], add_special_tokens=True, truncation=True, max_length=max_length, return_special_tokens_mask=True
+        )
         for j, i in enumerate(cut):
             ids[i], special[i] = enc["input_ids"][j], enc["special_tokens_mask"][j]
     return ids, special, truncated
@@ -143,14 +144,14 @@ class ShardArrays:
         return sum(a.nbytes for a in self.arrays.values())
 
 
-def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str], row_start: int, labels: np.ndarray,
-                  progress=None) -> ShardArrays:
+def extract_shard(
+    loaded: LoadedModel, request: FeatureRequest, texts: list[str], row_start: int, labels: np.ndarray, progress=None
+) -> ShardArrays:
     """Compute one shard in memory (``texts`` are rows ``row_start...`` of the split)."""
     import torch
 
-    from stages.extract.capture import FfnCapture, _pooling_threads, forward_features
-
     from pipeline.models.families import RULE_ABS, sink_token_id
+    from stages.extract.capture import FfnCapture, _pooling_threads, forward_features
 
     cfg = request.extract
     sink = sink_token_id(loaded.tokenizer, loaded.family, request.sink, getattr(loaded.model, "config", None))
@@ -161,12 +162,23 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
     out: dict[str, np.ndarray] = {}
     fire = None
     counted = 0
-    with torch.inference_mode(), FfnCapture(loaded.model, loaded.family, request.ffn_arrays, request.thresholds,
-                                                    magnitude=request.fire_rule == RULE_ABS) as capture:
+    with (
+        torch.inference_mode(),
+        FfnCapture(loaded.model, loaded.family, request.ffn_arrays, request.thresholds, magnitude=request.fire_rule == RULE_ABS) as capture,
+    ):
         for batch in plan_batches(lengths, cfg.token_budget, cfg.max_batch_size):
-            inputs, special_t = _pad(loaded.tokenizer, [ids[i] for i in batch], [special[i] for i in batch], loaded.family.name, loaded.device)
-            feats = forward_features(loaded.model, capture, inputs, special_t, poolings=cfg.poolings, include_special=cfg.special_tokens_in_mean,
-                                     pooler=request.pooler)
+            inputs, special_t = _pad(
+                loaded.tokenizer, [ids[i] for i in batch], [special[i] for i in batch], loaded.family.name, loaded.device
+            )
+            feats = forward_features(
+                loaded.model,
+                capture,
+                inputs,
+                special_t,
+                poolings=cfg.poolings,
+                include_special=cfg.special_tokens_in_mean,
+                pooler=request.pooler,
+            )
             with _pooling_threads(torch.device(loaded.device)):  # small passes: few threads
                 for name, t in feats.arrays.items():
                     check = not cfg.allow_nonfinite and not _surely_finite(t, storage)
@@ -187,15 +199,24 @@ def extract_shard(loaded: LoadedModel, request: FeatureRequest, texts: list[str]
                 progress.update(len(batch))
                 progress.tokens += int(lengths[batch].sum())
     out["ffn/fire_count"] = fire.cpu().numpy()
-    attrs = {"ffn/fire_count": {"thresholds": list(request.thresholds), "rule": request.fire_rule, "n_tokens": int(counted),
-                                "special_tokens_counted": bool(cfg.special_tokens_in_mean), "sink_token": -1 if sink is None else int(sink)}}
-    table = pd.DataFrame({
-        "row": np.arange(row_start, row_start + n, dtype=np.int64),
-        "label": labels.astype(np.int64),
-        "text": texts,
-        "n_tokens": lengths.astype(np.int64),
-        "truncated": truncated,
-    })
+    attrs = {
+        "ffn/fire_count": {
+            "thresholds": list(request.thresholds),
+            "rule": request.fire_rule,
+            "n_tokens": int(counted),
+            "special_tokens_counted": bool(cfg.special_tokens_in_mean),
+            "sink_token": -1 if sink is None else int(sink),
+        }
+    }
+    table = pd.DataFrame(
+        {
+            "row": np.arange(row_start, row_start + n, dtype=np.int64),
+            "label": labels.astype(np.int64),
+            "text": texts,
+            "n_tokens": lengths.astype(np.int64),
+            "truncated": truncated,
+        }
+    )
     return ShardArrays(row_start, out, table, attrs, int(lengths.sum()), int(truncated.sum()))
 
 
@@ -300,8 +321,9 @@ def commit_if_complete(writer, total: int) -> bool:
     return writer.committed()
 
 
-def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[int, int] = (0, 1), progress: bool = True,
-                  lease_ttl: float = LEASE_TTL) -> EntryStats:
+def extract_entry(
+    request: FeatureRequest, store, load_model, *, shard: tuple[int, int] = (0, 1), progress: bool = True, lease_ttl: float = LEASE_TTL
+) -> EntryStats:
     """Fill the missing shards of ``request`` that belong to ``shard`` = (I, N), then commit if all are there.
 
     ``load_model`` is called at most once and only if there is work to do, so a cached
@@ -357,8 +379,12 @@ def extract_entry(request: FeatureRequest, store, load_model, *, shard: tuple[in
         log.warning("%s: %d text(s) longer than max_length=%d were truncated", what, stats.truncated, cfg.max_length)
     stats.committed = commit_if_complete(writer, total)
     if not stats.committed:
-        log.info("%s: %d of %s present; the process that writes the last one commits the entry",
-                 what, len(writer.done_shards()), plural(total, "shard"))
+        log.info(
+            "%s: %d of %s present; the process that writes the last one commits the entry",
+            what,
+            len(writer.done_shards()),
+            plural(total, "shard"),
+        )
     return stats
 
 
@@ -382,7 +408,14 @@ def load_for_extract(model_cfg: ModelConfig, spec, extract_cfg: ExtractConfig):
         dtype = resolve_dtype(extract_cfg.compute_dtype, device)
         t0 = time.perf_counter()
         model, tokenizer, family = load_model(spec, device=device, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
-        log.info("loaded %s (%s, %s, %s) in %.1f s", model_cfg.name, spec.display, device, str(dtype).removeprefix("torch."), time.perf_counter() - t0)
+        log.info(
+            "loaded %s (%s, %s, %s) in %.1f s",
+            model_cfg.name,
+            spec.display,
+            device,
+            str(dtype).removeprefix("torch."),
+            time.perf_counter() - t0,
+        )
         return LoadedModel(model, tokenizer, family, device)
 
     return load

@@ -50,17 +50,32 @@ def variability_figure(df: pd.DataFrame, *, title: str | None = None) -> Figure:
             layers = part["layer"].to_numpy()
             ok = np.isfinite(nu) & (nu > 0)
             label = " / ".join(str(v) for v in (*group, pooling) if v != "") or "nu"
-            ax.plot(layers[ok], nu[ok], marker="o", markersize=3, color=colours[pooling],
-                    linestyle=_style(data, group), label=label)
+            ax.plot(layers[ok], nu[ok], marker="o", markersize=3, color=colours[pooling], linestyle=_style(data, group), label=label)
             for layer in layers[np.isposinf(nu)]:
                 ax.plot([layer], [0.97], marker="^", color=colours[pooling], transform=ax.get_xaxis_transform(), clip_on=False)
-                ax.annotate("inf", (layer, 0.97), xycoords=("data", "axes fraction"), xytext=(0, -10),
-                            textcoords="offset points", ha="center", fontsize=7, color=colours[pooling])
+                ax.annotate(
+                    "inf",
+                    (layer, 0.97),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(0, -10),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=7,
+                    color=colours[pooling],
+                )
             if "lowest" in part:
                 sel = part[part["lowest"].astype(bool) & np.isfinite(part["nu"])]
-                ax.plot(sel["layer"], sel["nu"], marker="*", markersize=13, linestyle="none", markerfacecolor="none",
-                        markeredgecolor=colours[pooling], markeredgewidth=1.3,
-                        label="selected (lowest nu)" if pooling == poolings[0] else None)
+                ax.plot(
+                    sel["layer"],
+                    sel["nu"],
+                    marker="*",
+                    markersize=13,
+                    linestyle="none",
+                    markerfacecolor="none",
+                    markeredgecolor=colours[pooling],
+                    markeredgewidth=1.3,
+                    label="selected (lowest nu)" if pooling == poolings[0] else None,
+                )
         if (np.isfinite(part_m["nu"]) & (part_m["nu"] > 0)).any():
             ax.set_yscale("log")
         ax.set_title(_panel_title(part_m, model))
@@ -99,8 +114,15 @@ def sparsity_figure(df: pd.DataFrame, *, title: str | None = None) -> Figure:
                 for group, part in _lines(part_m[(part_m["threshold"] == t) | (pd.isna(t) & part_m["threshold"].isna())], []):
                     part = part.sort_values("block")
                     label = " / ".join([*map(str, group), f"{sign} > {t:g}" if not pd.isna(t) else "fires"])
-                    ax.plot(part["block"], part[column], marker="o", markersize=3, color=f"C{i % 10}",
-                            linestyle=_style(data, group), label=label)
+                    ax.plot(
+                        part["block"],
+                        part[column],
+                        marker="o",
+                        markersize=3,
+                        color=f"C{i % 10}",
+                        linestyle=_style(data, group),
+                        label=label,
+                    )
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("FFN of block")
             ax.set_ylabel(name)
@@ -140,8 +162,8 @@ def _lines(data: pd.DataFrame, keys: list[str]):
         return
     for values, part in data.groupby(extra + keys, sort=True):
         values = values if isinstance(values, tuple) else (values,)
-        group = tuple(values[:len(extra)])
-        yield ((group, *values[len(extra):]) if keys else group), part
+        group = tuple(values[: len(extra)])
+        yield ((group, *values[len(extra) :]) if keys else group), part
 
 
 def _style(data: pd.DataFrame, group: tuple) -> str:

@@ -33,7 +33,6 @@ from stages.score.variability import VariabilityPlan, lowest_nu_layer
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ScoreResult:
     variability: pd.DataFrame
@@ -70,8 +69,10 @@ def firing_setup(entry, request) -> tuple[tuple[float, ...], str, str]:
     rule = str(attrs.get("rule", "gt"))
     stat = "ffn/absmax" if rule == "abs_gt" else "ffn/max"
     if stat not in entry.datasets():
-        raise PipelineError(f"{request.model.name}: sparsity needs {stat} (per-sentence max for the rule {RULE_TEXT.get(rule, rule)}); "
-                            "add 'max' to extract.ffn_poolings and re-extract")
+        raise PipelineError(
+            f"{request.model.name}: sparsity needs {stat} (per-sentence max for the rule {RULE_TEXT.get(rule, rule)}); "
+            "add 'max' to extract.ffn_poolings and re-extract"
+        )
     return thresholds, rule, stat
 
 
@@ -84,8 +85,9 @@ def norm_ratio_by_layer(entry) -> tuple[np.ndarray, np.ndarray]:
     return np.median(r, axis=0), r.max(axis=0)
 
 
-def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, scheduler,
-                include_embeddings: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def score_entry(
+    entry, request, keywords: list[str], *, rows_per_chunk: int, scheduler, include_embeddings: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     table = entry.table()
     labels = table["label"].to_numpy()
     ident = {"dataset": request.split.dataset, "split": request.split.name, "model": request.model.name}
@@ -97,10 +99,15 @@ def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, sch
     plan = VariabilityPlan({p: entry.array(f"hidden/{p}", rows_per_chunk=rows_per_chunk) for p in poolings}, labels)
     attrs = entry.shard_attrs("ffn/fire_count")
     sparsity = SparsityPlan(
-        entry.per_shard("ffn/fire_count"), [a["n_tokens"] for a in attrs],
-        entry.array(stat, rows_per_chunk=rows_per_chunk), labels,
-        keyword_mask(table["text"].tolist(), keywords), thresholds, rule=rule)
-    sums, = dask.compute(plan.first_pass(), scheduler=scheduler)
+        entry.per_shard("ffn/fire_count"),
+        [a["n_tokens"] for a in attrs],
+        entry.array(stat, rows_per_chunk=rows_per_chunk),
+        labels,
+        keyword_mask(table["text"].tolist(), keywords),
+        thresholds,
+        rule=rule,
+    )
+    (sums,) = dask.compute(plan.first_pass(), scheduler=scheduler)
     sq, fires = dask.compute(plan.second_pass(sums), sparsity.lazy(), scheduler=scheduler)
     by_pooling = plan.results(sq)
     ratio_median, ratio_max = norm_ratio_by_layer(entry)
@@ -113,12 +120,23 @@ def score_entry(entry, request, keywords: list[str], *, rows_per_chunk: int, sch
         except ValueError:
             best = -1
         for layer, r in enumerate(results):
-            var_rows.append({**ident, "pooling": pooling, "layer": layer, "n_layers": n_layers or len(results) - 1,
-                             "relative_depth": layer / max(len(results) - 1, 1), "variability": r.nu, "rank": r.rank,
-                             "n_rows": r.n_rows, "n_classes": r.n_classes, "lowest": layer == best,
-                             "norm_ratio_median": float(ratio_median[layer]) if layer < len(ratio_median) else float("nan"),
-                             "norm_ratio_max": float(ratio_max[layer]) if layer < len(ratio_max) else float("nan"),
-                             "random_init": bool(request.spec.random_init)})
+            var_rows.append(
+                {
+                    **ident,
+                    "pooling": pooling,
+                    "layer": layer,
+                    "n_layers": n_layers or len(results) - 1,
+                    "relative_depth": layer / max(len(results) - 1, 1),
+                    "variability": r.nu,
+                    "rank": r.rank,
+                    "n_rows": r.n_rows,
+                    "n_classes": r.n_classes,
+                    "lowest": layer == best,
+                    "norm_ratio_median": float(ratio_median[layer]) if layer < len(ratio_median) else float("nan"),
+                    "norm_ratio_max": float(ratio_max[layer]) if layer < len(ratio_max) else float("nan"),
+                    "random_init": bool(request.spec.random_init),
+                }
+            )
     layers, neurons = sparsity.finish(fires)
     layers.insert(0, "model", ident["model"])
     layers.insert(0, "split", ident["split"])
@@ -140,13 +158,23 @@ def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "thre
     t0 = time.perf_counter()
     with dask_scheduler(scheduler) as sched:
         for r, entry in tqdm(entries, desc="score", unit="model", disable=not progress):
-            v, s, n = score_entry(entry, r, keywords, rows_per_chunk=cfg.score.rows_per_chunk, scheduler=sched,
-                                  include_embeddings=cfg.train.include_embeddings)
+            v, s, n = score_entry(
+                entry,
+                r,
+                keywords,
+                rows_per_chunk=cfg.score.rows_per_chunk,
+                scheduler=sched,
+                include_embeddings=cfg.train.include_embeddings,
+            )
             var.append(v)
             spa.append(s)
             neu.append(n)
-    result = ScoreResult(pd.concat(var, ignore_index=True), pd.concat(spa, ignore_index=True), pd.concat(neu, ignore_index=True),
-                         scores_key([r.key for r in requests], keywords, cfg.train.include_embeddings))
+    result = ScoreResult(
+        pd.concat(var, ignore_index=True),
+        pd.concat(spa, ignore_index=True),
+        pd.concat(neu, ignore_index=True),
+        scores_key([r.key for r in requests], keywords, cfg.train.include_embeddings),
+    )
     log.info("score: %d models in %.1f s", len(entries), time.perf_counter() - t0)
     write_outputs(result, cfg, out, [r for r, _ in entries], keywords)
     record_in_store(store, result, cfg, [r.key for r in requests])
@@ -162,8 +190,13 @@ def record_in_store(store, result: ScoreResult, cfg: ExperimentConfig, feature_k
     """Publish the tables as a write-once ``scores`` entry (a no-op if a teammate already did)."""
     if store.exists(result.key):
         return
-    desc = {"kind": "scores", "name": f"{cfg.data.name}/{cfg.score.split}/scores", "features": sorted(feature_keys),
-            "dataset": {"name": cfg.data.name, "split": cfg.score.split}, "model": {"name": "+".join(m.name for m in cfg.models)}}
+    desc = {
+        "kind": "scores",
+        "name": f"{cfg.data.name}/{cfg.score.split}/scores",
+        "features": sorted(feature_keys),
+        "dataset": {"name": cfg.data.name, "split": cfg.score.split},
+        "model": {"name": "+".join(m.name for m in cfg.models)},
+    }
     writer = store.writer(result.key, desc, n_shards=0)
     for name, df in zip(TABLES, (result.variability, result.sparsity, result.neurons)):
         writer.write_file(name, parquet_bytes(df))
@@ -176,8 +209,11 @@ def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, request
     write_parquet(result.sparsity, out / "sparsity.parquet")
     write_parquet(result.neurons, out / "neurons.parquet")
     where = f"{cfg.data.name}/{cfg.score.split}"
-    plot_variability(result.variability.rename(columns={"variability": "nu"}), out / "variability.png",
-                     title=f"{where}: hidden-state variability nu per layer (marked: lowest nu, the selected layer)")
+    plot_variability(
+        result.variability.rename(columns={"variability": "nu"}),
+        out / "variability.png",
+        title=f"{where}: hidden-state variability nu per layer (marked: lowest nu, the selected layer)",
+    )
     plot_sparsity(result.sparsity, out / "sparsity.png", title=f"{where}: FFN activation sparsity per layer, one line per threshold")
     top = top_keyword_neurons(primary_threshold(result.neurons), cfg.score.top_neurons, min_fire_sentences=cfg.score.min_fires)
     write_parquet(top, out / "keyword_neurons.parquet")
@@ -195,8 +231,9 @@ def primary_threshold(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["threshold"] == first]
 
 
-def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.DataFrame, keywords: list[str],
-                 labels: np.ndarray, has_kw: np.ndarray) -> str:
+def score_report(
+    result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.DataFrame, keywords: list[str], labels: np.ndarray, has_kw: np.ndarray
+) -> str:
     random_models = [f"{r.model.name} ({r.spec.source})" for r in requests if r.spec.random_init]
     var = result.variability
     spa = result.sparsity
@@ -204,17 +241,29 @@ def score_report(result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.D
     among = "all hidden states 0..L" if cfg.train.include_embeddings else "block outputs 1..L (not the embedding output 0)"
     best = var[var["lowest"]][["model", "pooling", "layer", "n_layers", "variability"]].rename(columns={"layer": "lowest_nu_layer"})
     finite = var[np.isfinite(var["variability"]) & (var["variability"] > 0)]
-    spread = finite.groupby(["model", "pooling"], sort=False)["variability"].agg(lambda v: float(v.max() / v.min())).rename("nu_max_over_min")
+    spread = (
+        finite.groupby(["model", "pooling"], sort=False)["variability"].agg(lambda v: float(v.max() / v.min())).rename("nu_max_over_min")
+    )
     best = best.merge(spread.reset_index(), on=["model", "pooling"], how="left")
     parts = [f"# {cfg.name}: scores on {where}", ""]
     if random_models:
-        parts += [f"> **Random weights:** {', '.join(random_models)} have randomly initialised weights; "
-                  "their numbers show the pipeline works, not what a trained model does.", ""]
-    parts += ["## Hidden-state variability (lower = the layer separates the classes better)", "",
-              f"nu = (1/K) trace(Sigma_W pinv(Sigma_B)), Xie et al. 2022, on the {cfg.score.split} split; inf where the class means "
-              f"coincide. The lowest-nu layer is chosen among {among} (`train.include_embeddings`); "
-              "nu_max_over_min is the spread of finite nu over all layers.", "",
-              md_table(best), "", "![variability](variability.png)", ""]
+        parts += [
+            f"> **Random weights:** {', '.join(random_models)} have randomly initialised weights; "
+            "their numbers show the pipeline works, not what a trained model does.",
+            "",
+        ]
+    parts += [
+        "## Hidden-state variability (lower = the layer separates the classes better)",
+        "",
+        f"nu = (1/K) trace(Sigma_W pinv(Sigma_B)), Xie et al. 2022, on the {cfg.score.split} split; inf where the class means "
+        f"coincide. The lowest-nu layer is chosen among {among} (`train.include_embeddings`); "
+        "nu_max_over_min is the spread of finite nu over all layers.",
+        "",
+        md_table(best),
+        "",
+        "![variability](variability.png)",
+        "",
+    ]
     parts += _sink_section(var, requests)
     parts += _sparsity_section(spa, requests)
     parts += _keyword_section(result, cfg, top, keywords, labels, has_kw)
@@ -232,51 +281,82 @@ def _sink_section(var: pd.DataFrame, requests) -> list[str]:
         if part.empty:
             continue
         worst = part.loc[part["norm_ratio_median"].idxmax()]
-        rows.append({"model": model, "sink": sinks.get(model, ""), "max_median_ratio": float(worst["norm_ratio_median"]),
-                     "at_layer": int(worst["layer"]), "median_over_layers": float(part["norm_ratio_median"].median()),
-                     "max_any_sentence": float(part["norm_ratio_max"].max())})
-    return ["## Attention sinks: largest over median token norm", "",
-            "Per sentence and layer, the largest hidden-state norm over the median one, among the tokens that enter the mean "
-            "(special tokens and a prepended sink excluded); the median over sentences is shown for the worst layer. A value in "
-            "the hundreds means one token (a sink) dominates the mean-pooled vector. `sink = auto` prepends the model's BOS to "
-            "decoder models whose tokenizer adds none, so no real word becomes the sink.", "",
-            md_table(pd.DataFrame(rows)), ""]
+        rows.append(
+            {
+                "model": model,
+                "sink": sinks.get(model, ""),
+                "max_median_ratio": float(worst["norm_ratio_median"]),
+                "at_layer": int(worst["layer"]),
+                "median_over_layers": float(part["norm_ratio_median"].median()),
+                "max_any_sentence": float(part["norm_ratio_max"].max()),
+            }
+        )
+    return [
+        "## Attention sinks: largest over median token norm",
+        "",
+        "Per sentence and layer, the largest hidden-state norm over the median one, among the tokens that enter the mean "
+        "(special tokens and a prepended sink excluded); the median over sentences is shown for the worst layer. A value in "
+        "the hundreds means one token (a sink) dominates the mean-pooled vector. `sink = auto` prepends the model's BOS to "
+        "decoder models whose tokenizer adds none, so no real word becomes the sink.",
+        "",
+        md_table(pd.DataFrame(rows)),
+        "",
+    ]
 
 
 def _sparsity_section(spa: pd.DataFrame, requests) -> list[str]:
     group = ["model", "rule", "threshold"] if "rule" in spa else ["model", "threshold"]
-    summary = spa.groupby(group, sort=False).agg(
-        token_fire_fraction=("token_fire_fraction", "mean"), min_over_layers=("token_fire_fraction", "min"),
-        max_over_layers=("token_fire_fraction", "max"), dead_fraction_mean=("dead_fraction", "mean"),
-        dead_fraction_max=("dead_fraction", "max")).reset_index()
+    summary = (
+        spa.groupby(group, sort=False)
+        .agg(
+            token_fire_fraction=("token_fire_fraction", "mean"),
+            min_over_layers=("token_fire_fraction", "min"),
+            max_over_layers=("token_fire_fraction", "max"),
+            dead_fraction_mean=("dead_fraction", "mean"),
+            dead_fraction_max=("dead_fraction", "max"),
+        )
+        .reset_index()
+    )
     if "rule" in summary:
         summary["rule"] = summary["rule"].map(lambda r: RULE_TEXT.get(r, r).replace("|", "\\|"))  # a bare | splits a markdown cell
     kinds = {r.model.name: r.ffn_kind for r in requests if hasattr(r, "ffn_kind")}
     if kinds:
         summary.insert(1, "ffn", summary["model"].map(kinds))
-    return ["## FFN activation sparsity", "",
-            "A neuron fires on a token when a > t for ReLU and GELU FFNs (exact non-zero for ReLU at t = 0; for GELU t = 0 "
-            "means a positive pre-activation) and when |a| > t for gated FFNs (SwiGLU/GeGLU: Llama's silu(gate) * up, whose "
-            "sign carries no information). Every threshold is counted in the same extract pass (`extract.thresholds`). "
-            "Dead = never fires on any counted token of the split. Token fire fraction: mean, min and max over layers.", "",
-            md_table(summary), "", "![sparsity](sparsity.png)", ""]
+    return [
+        "## FFN activation sparsity",
+        "",
+        "A neuron fires on a token when a > t for ReLU and GELU FFNs (exact non-zero for ReLU at t = 0; for GELU t = 0 "
+        "means a positive pre-activation) and when |a| > t for gated FFNs (SwiGLU/GeGLU: Llama's silu(gate) * up, whose "
+        "sign carries no information). Every threshold is counted in the same extract pass (`extract.thresholds`). "
+        "Dead = never fires on any counted token of the split. Token fire fraction: mean, min and max over layers.",
+        "",
+        md_table(summary),
+        "",
+        "![sparsity](sparsity.png)",
+        "",
+    ]
 
 
-def _keyword_section(result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFrame, keywords: list[str], labels: np.ndarray,
-                     has_kw: np.ndarray) -> list[str]:
+def _keyword_section(
+    result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFrame, keywords: list[str], labels: np.ndarray, has_kw: np.ndarray
+) -> list[str]:
     neurons = primary_threshold(result.neurons)
     if neurons.empty or "keyword_base_rate" not in neurons:
         return []
     base = float(neurons["keyword_base_rate"].iloc[0])
     tested = neurons[(neurons["n_fire_sentences"] >= cfg.score.min_fires) & neurons["keyword_p_value"].notna()]
     m = max(len(tested), 1)
-    parts = [f"## Keyword neurons ({len(keywords)} keywords from {cfg.score.keywords})", "",
-             f"Keywords match whole words of the lower-cased text (a hyphen joins words: `science-fiction` is not `science`). "
-             f"Base rate: {base:.3f} of {cfg.score.split} sentences contain a keyword. Keyword score = share of the sentences that "
-             "fire a neuron that contain a keyword; lift = score / base rate; p = one-sided hypergeometric P(at least that many "
-             "keyword sentences among the neuron's sentences by chance). Neurons are ranked by p, at each model's first threshold, "
-             f"among the {len(tested)} fired by at least {cfg.score.min_fires} sentences; p < {0.05 / m:.2g} survives a Bonferroni "
-             "correction over them. Full table: keyword_neurons.parquet.", ""]
+    parts = [
+        f"## Keyword neurons ({len(keywords)} keywords from {cfg.score.keywords})",
+        "",
+        f"Keywords match whole words of the lower-cased text (a hyphen joins words: `science-fiction` is not `science`). "
+        f"Base rate: {base:.3f} of {cfg.score.split} sentences contain a keyword. Keyword score = share of the sentences that "
+        "fire a neuron that contain a keyword; lift = score / base rate; p = one-sided hypergeometric P(at least that many "
+        "keyword sentences among the neuron's sentences by chance). Neurons are ranked by p, at each model's first threshold, "
+        f"among the {len(tested)} fired by at least {cfg.score.min_fires} sentences; p < {0.05 / m:.2g} survives a Bonferroni "
+        "correction over them. Full table: keyword_neurons.parquet.",
+        "",
+    ]
     if len(labels):
         kw = None
         if len(top):
@@ -298,12 +378,28 @@ def _keyword_section(result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFra
                 rows.append(rate)
             kw = pd.DataFrame(rows)
         if kw is not None:
-            parts += ["Where the top keyword neurons fire most (the class with the highest fire rate, per neuron), against "
-                      "the share of each class in the split: a concentration on the class whose sentences carry the keywords "
-                      "means the neurons track the topic.", "", md_table(kw), ""]
+            parts += [
+                "Where the top keyword neurons fire most (the class with the highest fire rate, per neuron), against "
+                "the share of each class in the split: a concentration on the class whose sentences carry the keywords "
+                "means the neurons track the topic.",
+                "",
+                md_table(kw),
+                "",
+            ]
     if len(top):
         head = top.sort_values(["keyword_p_value", "keyword_lift"], ascending=[True, False]).head(15)
-        cols = ["model", "threshold", "layer", "neuron", "n_fire_sentences", "keyword_score", "keyword_base_rate", "keyword_lift",
-                "keyword_p_value", "top_class", "sentence_fire_rate"]
+        cols = [
+            "model",
+            "threshold",
+            "layer",
+            "neuron",
+            "n_fire_sentences",
+            "keyword_score",
+            "keyword_base_rate",
+            "keyword_lift",
+            "keyword_p_value",
+            "top_class",
+            "sentence_fire_rate",
+        ]
         parts += [md_table(head[[c for c in cols if c in head]]), ""]
     return parts

@@ -33,7 +33,8 @@ sentences from topping the table by luck.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import dask
 import dask.array as da
@@ -48,9 +49,9 @@ if TYPE_CHECKING:  # pandas builds the result tables on the client only: Dask wo
 BLOCK_BYTES = 2**20
 
 
-def sparsity_stats(fire_count, n_tokens, ffn_stat, labels, has_keyword,
-                   thresholds, *, rule: str = "gt",
-                   scheduler=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def sparsity_stats(
+    fire_count, n_tokens, ffn_stat, labels, has_keyword, thresholds, *, rule: str = "gt", scheduler=None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-layer and per-neuron firing statistics in one pass over ``ffn_stat``.
 
     Parameters
@@ -83,9 +84,8 @@ def sparsity_stats(fire_count, n_tokens, ffn_stat, labels, has_keyword,
         keyword_base_rate, keyword_lift, keyword_p_value, selectivity,
         top_class.
     """
-    plan = SparsityPlan(fire_count, n_tokens, ffn_stat, labels, has_keyword,
-                        thresholds, rule=rule)
-    values, = dask.compute(plan.lazy(), scheduler=scheduler)
+    plan = SparsityPlan(fire_count, n_tokens, ffn_stat, labels, has_keyword, thresholds, rule=rule)
+    (values,) = dask.compute(plan.lazy(), scheduler=scheduler)
     return plan.finish(values)
 
 
@@ -99,8 +99,7 @@ class SparsityPlan:
         layers, neurons = plan.finish(values)
     """
 
-    def __init__(self, fire_count, n_tokens, ffn_stat, labels, has_keyword,
-                 thresholds, *, rule: str = "gt"):
+    def __init__(self, fire_count, n_tokens, ffn_stat, labels, has_keyword, thresholds, *, rule: str = "gt"):
         self.thresholds = tuple(float(t) for t in np.atleast_1d(thresholds))
         fire_count = _as_dask(fire_count)
         if fire_count.ndim == 3:  # one threshold, stored without its axis
@@ -116,12 +115,15 @@ class SparsityPlan:
     def lazy(self) -> tuple:
         """(token fires (T, L, F), sentence fires (T, K+1, L, F)), both int64, lazy."""
         return (
-            chunk_sum(self.fire_count, _shard_sum, out_axes={1: 0, 2: 1, 3: 2},
-                      name="sparsity-token-fires"),
-            chunk_sum(self.ffn_max, _count_block_multi, row_args=(self.yidx, self.kw),
-                      kwargs={"n_classes": self.class_sizes.size,
-                              "thresholds": self.thresholds},
-                      out_axes={1: 2, 2: 3}, name="sparsity-sentence-fires"),
+            chunk_sum(self.fire_count, _shard_sum, out_axes={1: 0, 2: 1, 3: 2}, name="sparsity-token-fires"),
+            chunk_sum(
+                self.ffn_max,
+                _count_block_multi,
+                row_args=(self.yidx, self.kw),
+                kwargs={"n_classes": self.class_sizes.size, "thresholds": self.thresholds},
+                out_axes={1: 2, 2: 3},
+                name="sparsity-sentence-fires",
+            ),
         )
 
     def finish(self, values) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -158,20 +160,18 @@ def keyword_mask(texts: Sequence[str], keywords: Sequence[str]) -> np.ndarray:
     return np.array([pattern.search(t.lower()) is not None for t in texts], dtype=bool)
 
 
-def top_keyword_neurons(neurons_df: pd.DataFrame, k: int, *,
-                        min_fire_sentences: int = 5) -> pd.DataFrame:
+def top_keyword_neurons(neurons_df: pd.DataFrame, k: int, *, min_fire_sentences: int = 5) -> pd.DataFrame:
     """Top-``k`` neurons per (threshold, layer) by significance of their keyword score.
 
     Ranked by the one-sided hypergeometric p-value (smallest first), ties to
     the higher lift, then the lower neuron index. Neurons fired by fewer than
     ``min_fire_sentences`` sentences are left out.
     """
-    eligible = neurons_df[(neurons_df["n_fire_sentences"] >= min_fire_sentences)
-                          & neurons_df["keyword_p_value"].notna()]
+    eligible = neurons_df[(neurons_df["n_fire_sentences"] >= min_fire_sentences) & neurons_df["keyword_p_value"].notna()]
     groups = [c for c in ("threshold", "layer") if c in eligible]
     ranked = eligible.sort_values(
-        [*groups, "keyword_p_value", "keyword_lift", "neuron"],
-        ascending=[True] * len(groups) + [True, False, True], kind="mergesort")
+        [*groups, "keyword_p_value", "keyword_lift", "neuron"], ascending=[True] * len(groups) + [True, False, True], kind="mergesort"
+    )
     return ranked.groupby(groups, sort=True).head(k).reset_index(drop=True)
 
 
@@ -197,8 +197,7 @@ def _check_shapes(fire_count, n_tokens, ffn_max, kw, n_thresholds: int) -> None:
     if fire_count.shape[1] != n_thresholds:
         raise ValueError(f"fire_count has {fire_count.shape[1]} thresholds, {n_thresholds} given")
     if fire_count.shape[2:] != ffn_max.shape[1:]:
-        raise ValueError(f"fire_count {fire_count.shape} and ffn_max "
-                         f"{ffn_max.shape} disagree on (n_layers, ffn)")
+        raise ValueError(f"fire_count {fire_count.shape} and ffn_max {ffn_max.shape} disagree on (n_layers, ffn)")
     if n_tokens.shape != (fire_count.shape[0],):
         raise ValueError("n_tokens must have one entry per shard")
     if kw.shape != (ffn_max.shape[0],):
@@ -210,8 +209,7 @@ def _shard_sum(block: np.ndarray) -> np.ndarray:
     return block.sum(axis=0, keepdims=True, dtype=np.int64)
 
 
-def _count_block(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
-                 n_classes: int, threshold: float) -> np.ndarray:
+def _count_block(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray, n_classes: int, threshold: float) -> np.ndarray:
     """Fired-sentence counts per class and for keyword sentences.
 
     ``value > threshold`` is decided exactly as in float64: for float16
@@ -230,7 +228,7 @@ def _count_block(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
     spare = np.empty_like(fired)
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        f, g = fired[:hi - lo], spare[:hi - lo]
+        f, g = fired[: hi - lo], spare[: hi - lo]
         if bounds is None:
             np.greater(flat[lo:hi], np.float64(threshold), out=f)
         else:
@@ -248,8 +246,7 @@ def _count_block(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
     return out
 
 
-def _count_block_multi(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray,
-                       n_classes: int, thresholds: Sequence[float]) -> np.ndarray:
+def _count_block_multi(x: np.ndarray, yb: np.ndarray, kwb: np.ndarray, n_classes: int, thresholds: Sequence[float]) -> np.ndarray:
     """``_count_block`` for each threshold: (1, T, K+1, L, F)."""
     return np.stack([_count_block(x, yb, kwb, n_classes, t)[0] for t in thresholds])[None]
 
@@ -283,9 +280,15 @@ def keyword_p_values(k: np.ndarray, n: np.ndarray, n_keyword: int, n_total: int)
     return np.where(n > 0, np.clip(p, 0.0, 1.0), np.nan)
 
 
-def _neuron_table(token_fires: np.ndarray, per_class: np.ndarray,
-                  kw_fires: np.ndarray, n_tok: int,
-                  class_sizes: np.ndarray, kw: np.ndarray, classes: np.ndarray) -> pd.DataFrame:
+def _neuron_table(
+    token_fires: np.ndarray,
+    per_class: np.ndarray,
+    kw_fires: np.ndarray,
+    n_tok: int,
+    class_sizes: np.ndarray,
+    kw: np.ndarray,
+    classes: np.ndarray,
+) -> pd.DataFrame:
     """One row per (layer, neuron)."""
     n_layers, n_ffn = token_fires.shape
     fired = per_class.sum(axis=0)
@@ -299,20 +302,24 @@ def _neuron_table(token_fires: np.ndarray, per_class: np.ndarray,
     top_class = classes[rates.argmax(axis=0)]
     import pandas as pd
 
-    return pd.DataFrame({
-        "layer": np.repeat(np.arange(n_layers), n_ffn),
-        "neuron": np.tile(np.arange(n_ffn), n_layers),
-        "token_fire_rate": np.asarray(token_rate, dtype=np.float64).ravel(),
-        "sentence_fire_rate": (fired / class_sizes.sum()).ravel(),
-        "n_fire_sentences": fired.ravel().astype(np.int64),
-        "n_keyword_fire_sentences": kw_fires.ravel().astype(np.int64),
-        "keyword_score": keyword.ravel(),
-        "keyword_base_rate": np.full(fired.size, base),
-        "keyword_lift": np.asarray(lift, dtype=np.float64).ravel(),
-        "keyword_p_value": keyword_p_values(kw_fires.ravel(), fired.ravel(), n_kw, n_rows),
-        "selectivity": _selectivity(per_class, class_sizes).ravel(),
-        "top_class": np.where(fired.ravel() > 0, top_class.ravel(), -1) if np.issubdtype(classes.dtype, np.integer) else top_class.ravel(),
-    })
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(n_layers), n_ffn),
+            "neuron": np.tile(np.arange(n_ffn), n_layers),
+            "token_fire_rate": np.asarray(token_rate, dtype=np.float64).ravel(),
+            "sentence_fire_rate": (fired / class_sizes.sum()).ravel(),
+            "n_fire_sentences": fired.ravel().astype(np.int64),
+            "n_keyword_fire_sentences": kw_fires.ravel().astype(np.int64),
+            "keyword_score": keyword.ravel(),
+            "keyword_base_rate": np.full(fired.size, base),
+            "keyword_lift": np.asarray(lift, dtype=np.float64).ravel(),
+            "keyword_p_value": keyword_p_values(kw_fires.ravel(), fired.ravel(), n_kw, n_rows),
+            "selectivity": _selectivity(per_class, class_sizes).ravel(),
+            "top_class": np.where(fired.ravel() > 0, top_class.ravel(), -1)
+            if np.issubdtype(classes.dtype, np.integer)
+            else top_class.ravel(),
+        }
+    )
 
 
 def _selectivity(per_class: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
@@ -327,29 +334,28 @@ def _selectivity(per_class: np.ndarray, class_sizes: np.ndarray) -> np.ndarray:
     return np.where(top > 0, (top - others) / np.where(top > 0, denom, 1.0), 0.0)
 
 
-def _layer_table(token_fires: np.ndarray, per_class: np.ndarray, n_tok: int,
-                 n_rows: int, threshold: float) -> pd.DataFrame:
+def _layer_table(token_fires: np.ndarray, per_class: np.ndarray, n_tok: int, n_rows: int, threshold: float) -> pd.DataFrame:
     """One row per layer."""
     n_layers, n_ffn = token_fires.shape
     fired = per_class.sum(axis=0)
-    token_fraction = (token_fires.sum(axis=1) / (n_tok * n_ffn)
-                      if n_tok else np.full(n_layers, np.nan))
+    token_fraction = token_fires.sum(axis=1) / (n_tok * n_ffn) if n_tok else np.full(n_layers, np.nan)
     import pandas as pd
 
-    return pd.DataFrame({
-        "layer": np.arange(n_layers),
-        "n_neurons": np.full(n_layers, n_ffn, dtype=np.int64),
-        "threshold": np.full(n_layers, threshold),
-        "token_fire_fraction": token_fraction,
-        "dead_fraction": (token_fires == 0).mean(axis=1),
-        "sentence_fire_fraction": fired.sum(axis=1) / (n_rows * n_ffn),
-    })
+    return pd.DataFrame(
+        {
+            "layer": np.arange(n_layers),
+            "n_neurons": np.full(n_layers, n_ffn, dtype=np.int64),
+            "threshold": np.full(n_layers, threshold),
+            "token_fire_fraction": token_fraction,
+            "dead_fraction": (token_fires == 0).mean(axis=1),
+            "sentence_fire_fraction": fired.sum(axis=1) / (n_rows * n_ffn),
+        }
+    )
 
 
 def _keyword_pattern(keywords: Sequence[str]) -> re.Pattern | None:
     """One alternation, longest first, with edges that are neither word characters nor hyphens."""
-    words = sorted({" ".join(k.split()).lower() for k in keywords if k.strip()},
-                   key=lambda w: (-len(w), w))
+    words = sorted({" ".join(k.split()).lower() for k in keywords if k.strip()}, key=lambda w: (-len(w), w))
     if not words:
         return None
     parts = [r"\s+".join(re.escape(p) for p in w.split(" ")) for w in words]

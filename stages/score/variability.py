@@ -36,8 +36,8 @@ vectors, say) give rank 0. Rank 0 means nu = +inf, never 0.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
 
 import dask
 import dask.array as da
@@ -64,8 +64,7 @@ class VariabilityResult:
     rank: int
 
 
-def variability(X, y, *, classes: Sequence | None = None,
-                scheduler=None) -> VariabilityResult:
+def variability(X, y, *, classes: Sequence | None = None, scheduler=None) -> VariabilityResult:
     """nu of one (n_rows, d) feature matrix (one layer, one pooling).
 
     Parameters
@@ -83,12 +82,10 @@ def variability(X, y, *, classes: Sequence | None = None,
     X = _as_dask(X)
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (n_rows, d), got shape {X.shape}")
-    return variability_by_layer(X[:, None, :], y, classes=classes,
-                                scheduler=scheduler)[0]
+    return variability_by_layer(X[:, None, :], y, classes=classes, scheduler=scheduler)[0]
 
 
-def variability_by_layer(X, y, *, classes: Sequence | None = None,
-                         scheduler=None) -> list[VariabilityResult]:
+def variability_by_layer(X, y, *, classes: Sequence | None = None, scheduler=None) -> list[VariabilityResult]:
     """nu for every layer of an (n_rows, n_layers, d) array, in two passes.
 
     Each pass reads every chunk of X once for all layers. Memory stays at
@@ -99,9 +96,9 @@ def variability_by_layer(X, y, *, classes: Sequence | None = None,
     return variability_many({0: X}, y, classes=classes, scheduler=scheduler)[0]
 
 
-def variability_many(arrays: Mapping[Hashable, object], y, *,
-                     classes: Sequence | None = None,
-                     scheduler=None) -> dict[Hashable, list[VariabilityResult]]:
+def variability_many(
+    arrays: Mapping[Hashable, object], y, *, classes: Sequence | None = None, scheduler=None
+) -> dict[Hashable, list[VariabilityResult]]:
     """``variability_by_layer`` for several (n_rows, n_layers, d) arrays that
     share the labels ``y`` (e.g. one per pooling), in two ``dask.compute``
     calls in all: each chunk of every array is read once per pass.
@@ -110,8 +107,8 @@ def variability_many(arrays: Mapping[Hashable, object], y, *,
     ``variability_by_layer`` calls.
     """
     plan = VariabilityPlan(arrays, y, classes=classes)
-    sums, = dask.compute(plan.first_pass(), scheduler=scheduler)
-    sq, = dask.compute(plan.second_pass(sums), scheduler=scheduler)
+    (sums,) = dask.compute(plan.first_pass(), scheduler=scheduler)
+    (sq,) = dask.compute(plan.second_pass(sums), scheduler=scheduler)
     return plan.results(sq)
 
 
@@ -125,8 +122,7 @@ class VariabilityPlan:
         results = plan.results(sq)       # name -> list[VariabilityResult]
     """
 
-    def __init__(self, arrays: Mapping[Hashable, object], y, *,
-                 classes: Sequence | None = None):
+    def __init__(self, arrays: Mapping[Hashable, object], y, *, classes: Sequence | None = None):
         if not arrays:
             raise ValueError("variability needs at least one array")
         self.arrays: dict = {}
@@ -147,20 +143,26 @@ class VariabilityPlan:
 
     def first_pass(self) -> dict:
         """name -> lazy (K+1, n_layers, d) float64: per-class sums, sum of squares."""
-        return {name: chunk_sum(X, _moments_block, row_args=(self.yidx,),
-                                kwargs={"n_classes": self.n_classes},
-                                out_axes={1: 1, 2: 2}, name="variability-moments")
-                for name, X in self.arrays.items()}
+        return {
+            name: chunk_sum(
+                X,
+                _moments_block,
+                row_args=(self.yidx,),
+                kwargs={"n_classes": self.n_classes},
+                out_axes={1: 1, 2: 2},
+                name="variability-moments",
+            )
+            for name, X in self.arrays.items()
+        }
 
     def second_pass(self, sums: Mapping) -> dict:
         """name -> lazy (K, n_layers, K-1) per-class sums of squared projections."""
         out = {}
         for name, X in self.arrays.items():
             s = np.asarray(sums[name])
-            mu = s[:self.n_classes] / self.counts[:, None, None]
+            mu = s[: self.n_classes] / self.counts[:, None, None]
             scale = np.sqrt(s[self.n_classes].sum(axis=-1) / self.n_rows)
-            spectra = [_between_class_basis(mu[:, layer], scale[layer])
-                       for layer in range(X.shape[1])]
+            spectra = [_between_class_basis(mu[:, layer], scale[layer]) for layer in range(X.shape[1])]
             self._spectra[name] = spectra
             basis = np.stack([b for b, _, _ in spectra])  # (n_layers, d, K-1)
             layer_edges = np.cumsum((0,) + X.chunks[1])
@@ -169,18 +171,24 @@ class VariabilityPlan:
                 lo, hi = edges[idx[0]], edges[idx[0] + 1]
                 return mu[:, lo:hi], basis[lo:hi]
 
-            out[name] = chunk_sum(X, _projection_block, row_args=(self.yidx,),
-                                  block_args=per_layer_block, out_axes={1: 1},
-                                  name="variability-projections",
-                                  token=(mu, basis))
+            out[name] = chunk_sum(
+                X,
+                _projection_block,
+                row_args=(self.yidx,),
+                block_args=per_layer_block,
+                out_axes={1: 1},
+                name="variability-projections",
+                token=(mu, basis),
+            )
         return out
 
     def results(self, sq: Mapping) -> dict[Hashable, list[VariabilityResult]]:
         """name -> per-layer results from the second pass's values."""
         return {
-            name: [_result(np.asarray(sq[name])[:, layer], self.counts, inv_s2,
-                           rank, self.n_rows)
-                   for layer, (_, inv_s2, rank) in enumerate(self._spectra[name])]
+            name: [
+                _result(np.asarray(sq[name])[:, layer], self.counts, inv_s2, rank, self.n_rows)
+                for layer, (_, inv_s2, rank) in enumerate(self._spectra[name])
+            ]
             for name in self.arrays
         }
 
@@ -227,10 +235,18 @@ def _class_index(y, classes, n_rows: int) -> tuple[np.ndarray, int]:
     return yidx, len(classes)
 
 
-def chunk_sum(X: da.Array, kernel, *, out_axes: Mapping[int, int],
-              row_args: Sequence[np.ndarray] = (), block_args=None,
-              kwargs: Mapping | None = None, name: str = "chunk-sum",
-              token=None, split_every: int = 8):
+def chunk_sum(
+    X: da.Array,
+    kernel,
+    *,
+    out_axes: Mapping[int, int],
+    row_args: Sequence[np.ndarray] = (),
+    block_args=None,
+    kwargs: Mapping | None = None,
+    name: str = "chunk-sum",
+    token=None,
+    split_every: int = 8,
+):
     """Delayed sum over the row chunks of ``X`` of ``kernel(block, ...)``.
 
     ``kernel(block, *row_slices, *block_args(idx), **kwargs)`` gets one
@@ -259,27 +275,34 @@ def chunk_sum(X: da.Array, kernel, *, out_axes: Mapping[int, int],
     for idx in np.ndindex(*X.numblocks[1:]):
         extra = ()
         if block_args is not None:
-            extra = tuple(dask.delayed(a, name=f"{prefix}-arg{m}-{'-'.join(map(str, idx))}")
-                          for m, a in enumerate(block_args(idx)))
+            extra = tuple(dask.delayed(a, name=f"{prefix}-arg{m}-{'-'.join(map(str, idx))}") for m, a in enumerate(block_args(idx)))
         partial = [
-            kern(parts[(i,) + idx],
-                 *(a[row_edges[i]:row_edges[i + 1]] for a in row_args), *extra,
-                 dask_key_name=f"{prefix}-{i}-{'-'.join(map(str, idx))}", **kwargs)
+            kern(
+                parts[(i,) + idx],
+                *(a[row_edges[i] : row_edges[i + 1]] for a in row_args),
+                *extra,
+                dask_key_name=f"{prefix}-{i}-{'-'.join(map(str, idx))}",
+                **kwargs,
+            )
             for i in range(X.numblocks[0])
         ]
         level = 0
         while len(partial) > 1:
             partial = [
                 dask.delayed(_add, pure=True)(
-                    *partial[j:j + split_every],
-                    dask_key_name=f"{prefix}-sum{level}-{j}-{'-'.join(map(str, idx))}")
+                    *partial[j : j + split_every], dask_key_name=f"{prefix}-sum{level}-{j}-{'-'.join(map(str, idx))}"
+                )
                 for j in range(0, len(partial), split_every)
             ]
             level += 1
         pieces[idx] = partial[0]
     return dask.delayed(_assemble, pure=True)(
-        list(pieces.values()), list(pieces), [X.numblocks[a] for a in range(1, X.ndim)],
-        [out_axes.get(a) for a in range(1, X.ndim)], dask_key_name=f"{prefix}-result")
+        list(pieces.values()),
+        list(pieces),
+        [X.numblocks[a] for a in range(1, X.ndim)],
+        [out_axes.get(a) for a in range(1, X.ndim)],
+        dask_key_name=f"{prefix}-result",
+    )
 
 
 def _add(*parts: np.ndarray) -> np.ndarray:
@@ -340,12 +363,11 @@ def _class_sorted_blocks(x: np.ndarray, yb: np.ndarray, n_classes: int):
         hi = min(lo + step, n)
         yk = yb[lo:hi]
         order = np.argsort(yk, kind="stable")
-        np.take(flat, order + lo, axis=0, out=raw[:hi - lo])
-        b = buf[:hi - lo]
-        np.copyto(b, raw[:hi - lo])
+        np.take(flat, order + lo, axis=0, out=raw[: hi - lo])
+        b = buf[: hi - lo]
+        np.copyto(b, raw[: hi - lo])
         ends = np.cumsum(np.bincount(yk, minlength=n_classes))
-        runs = [(k, int(e - c), int(e)) for k, (c, e) in
-                enumerate(zip(np.bincount(yk, minlength=n_classes), ends)) if c]
+        runs = [(k, int(e - c), int(e)) for k, (c, e) in enumerate(zip(np.bincount(yk, minlength=n_classes), ends)) if c]
         yield b, runs
 
 
@@ -354,8 +376,7 @@ def _block_rows(n_rows: int, row_elems: int) -> int:
     return max(1, min(n_rows, BLOCK_BYTES // (8 * max(row_elems, 1))))
 
 
-def _projection_block(x: np.ndarray, yb: np.ndarray, mu: np.ndarray,
-                      basis: np.ndarray) -> np.ndarray:
+def _projection_block(x: np.ndarray, yb: np.ndarray, mu: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """Centre rows on their class mean first, then project (no cancellation).
 
     Same blocks as ``_moments_block``: rows in class order, so centring is
@@ -386,8 +407,7 @@ def _helmert(n_classes: int) -> np.ndarray:
     return h
 
 
-def _between_class_basis(mu_layer: np.ndarray,
-                         scale: float) -> tuple[np.ndarray, np.ndarray, int]:
+def _between_class_basis(mu_layer: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, int]:
     """Kept range of Sigma_B: basis (d, K-1), 1/s_j^2 (0 where dropped), rank.
 
     Columns beyond the rank are zero, so every layer has the same shape.
@@ -406,8 +426,7 @@ def _between_class_basis(mu_layer: np.ndarray,
     return basis, inv_s2, int(keep.size)
 
 
-def _result(sq: np.ndarray, counts: np.ndarray, inv_s2: np.ndarray,
-            rank: int, n_rows: int) -> VariabilityResult:
+def _result(sq: np.ndarray, counts: np.ndarray, inv_s2: np.ndarray, rank: int, n_rows: int) -> VariabilityResult:
     """nu = sum_j w_j / s_j^2 with w_j = (1/K) sum_k sq[k, j] / n_k."""
     n_classes = counts.size
     if rank == 0:
@@ -415,5 +434,4 @@ def _result(sq: np.ndarray, counts: np.ndarray, inv_s2: np.ndarray,
     else:
         w = (sq / counts[:, None]).mean(axis=0)
         nu = float(np.dot(w, inv_s2))
-    return VariabilityResult(nu=float(nu), n_rows=int(n_rows),
-                             n_classes=int(n_classes), rank=int(rank))
+    return VariabilityResult(nu=float(nu), n_rows=int(n_rows), n_classes=int(n_classes), rank=int(rank))

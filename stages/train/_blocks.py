@@ -14,9 +14,7 @@ import numpy as np
 __all__ = ["check_blocks", "check_labels", "check_against_fitted", "check_names"]
 
 
-def check_blocks(
-    inputs: Mapping[str, np.ndarray], *, owner: str, what: str = "inputs", dtype=np.float32
-) -> dict[str, np.ndarray]:
+def check_blocks(inputs: Mapping[str, np.ndarray], *, owner: str, what: str = "inputs", dtype=np.float32) -> dict[str, np.ndarray]:
     """Return the blocks as finite 2-D arrays of ``dtype`` with one shared row count.
 
     Parameters
@@ -36,10 +34,7 @@ def check_blocks(
         The same blocks, keyed in sorted name order, as C-contiguous ``dtype``.
     """
     if not isinstance(inputs, Mapping) or not inputs:
-        raise ValueError(
-            f"{owner}: {what} must be a non-empty mapping of block name to a 2-D array, "
-            f"got {type(inputs).__name__}"
-        )
+        raise ValueError(f"{owner}: {what} must be a non-empty mapping of block name to a 2-D array, got {type(inputs).__name__}")
     out: dict[str, np.ndarray] = {}
     n_rows = None
     for name in sorted(inputs):
@@ -48,18 +43,14 @@ def check_blocks(
         block = np.ascontiguousarray(inputs[name], dtype=dtype)
         if block.ndim != 2 or block.shape[1] == 0:
             raise ValueError(
-                f"{owner}: block {name!r} in {what} must be 2-D (n_samples, n_features) "
-                f"with n_features >= 1, got shape {block.shape}"
+                f"{owner}: block {name!r} in {what} must be 2-D (n_samples, n_features) with n_features >= 1, got shape {block.shape}"
             )
         if not np.isfinite(block).all():
             raise ValueError(f"{owner}: block {name!r} in {what} contains NaN or infinity")
         if n_rows is None:
             n_rows = block.shape[0]
         elif block.shape[0] != n_rows:
-            raise ValueError(
-                f"{owner}: block {name!r} in {what} has {block.shape[0]} rows, "
-                f"but the other blocks have {n_rows}"
-            )
+            raise ValueError(f"{owner}: block {name!r} in {what} has {block.shape[0]} rows, but the other blocks have {n_rows}")
         out[name] = block
     if n_rows == 0:
         raise ValueError(f"{owner}: {what} has no rows")
@@ -70,15 +61,11 @@ def check_labels(y, n_rows: int, *, owner: str, what: str) -> np.ndarray:
     """Return ``y`` as a 1-D array of length ``n_rows``."""
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != n_rows:
-        raise ValueError(
-            f"{owner}: {what} must be 1-D with {n_rows} labels (one per row), got shape {y.shape}"
-        )
+        raise ValueError(f"{owner}: {what} must be 1-D with {n_rows} labels (one per row), got shape {y.shape}")
     return y
 
 
-def check_against_fitted(
-    blocks: Mapping[str, np.ndarray], dims: Mapping[str, int], *, owner: str
-) -> None:
+def check_against_fitted(blocks: Mapping[str, np.ndarray], dims: Mapping[str, int], *, owner: str) -> None:
     """Raise ``ValueError`` naming any block that is missing, unexpected or of the wrong width."""
     missing = sorted(set(dims) - set(blocks))
     extra = sorted(set(blocks) - set(dims))
@@ -89,10 +76,7 @@ def check_against_fitted(
     for name, width in dims.items():
         got = blocks[name].shape[1]
         if got != width:
-            raise ValueError(
-                f"{owner}: block {name!r} has {got} features, but {owner} was fitted "
-                f"with {width} features for it"
-            )
+            raise ValueError(f"{owner}: block {name!r} has {got} features, but {owner} was fitted with {width} features for it")
 
 
 def check_names(names: Sequence[str], known: Sequence[str], *, owner: str, what: str) -> list[str]:

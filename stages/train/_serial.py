@@ -78,9 +78,7 @@ def labels_to_json(classes: np.ndarray) -> dict:
     if classes.dtype.kind == "O" and all(isinstance(c, str) for c in classes.tolist()):
         classes = classes.astype(str)
     if classes.dtype.kind not in "biufU":
-        raise ValueError(
-            f"class labels of dtype {classes.dtype} cannot be saved; use ints, floats, bools or str"
-        )
+        raise ValueError(f"class labels of dtype {classes.dtype} cannot be saved; use ints, floats, bools or str")
     return {"values": classes.tolist(), "dtype": classes.dtype.str}
 
 

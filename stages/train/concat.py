@@ -71,7 +71,7 @@ class ConcatHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     def _concat(self, blocks: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([blocks[name] for name in self.block_names_], axis=1)
 
-    def fit(self, inputs_train, y_train, inputs_dev, y_dev) -> "ConcatHead":
+    def fit(self, inputs_train, y_train, inputs_dev, y_dev) -> ConcatHead:
         """Fit on train, pick ``C`` on dev; blocks as in :meth:`FusionHead.fit`."""
         owner = type(self).__name__
         validate_params(owner, self.get_params(), self._parameter_constraints)
@@ -133,13 +133,12 @@ class ConcatHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         return _serial.pack(arrays, meta)
 
     @classmethod
-    def from_bytes(cls, blobs: Mapping[str, bytes]) -> "ConcatHead":
+    def from_bytes(cls, blobs: Mapping[str, bytes]) -> ConcatHead:
         """Rebuild a head from :meth:`to_bytes` output."""
         arrays, meta = _serial.unpack(blobs)
         if meta.get("format") != CONCAT_FORMAT or meta.get("version") != CONCAT_FORMAT_VERSION:
             raise ValueError(
-                f"not a {CONCAT_FORMAT} v{CONCAT_FORMAT_VERSION} head: format={meta.get('format')!r} "
-                f"version={meta.get('version')!r}"
+                f"not a {CONCAT_FORMAT} v{CONCAT_FORMAT_VERSION} head: format={meta.get('format')!r} version={meta.get('version')!r}"
             )
         params = dict(meta["params"])
         params["Cs"] = tuple(params["Cs"])

@@ -53,6 +53,7 @@ def base_blocks(cfg, requests, entries, train_split: str):
     mean-pooled (averaged, as LLMEmbed does), any other model its top layer mean-pooled (the pooling
     sentence encoders such as MiniLM and MPNet were trained with). Random-weight models are left out.
     """
+
     def n_layers(model: str) -> int:
         return int(entries[(model, train_split)].description["n_layers"])
 
@@ -80,8 +81,12 @@ def plan_heads(cfg, requests, entries, train_split: str, nu_table: pd.DataFrame 
     if not blocks:
         log.info("train: no real-weight model to fuse (and no train.fusion.inputs): fused heads skipped")
         return []
-    plans = [FusedPlan("concat", tuple(blocks)), FusedPlan("concat_mlp", tuple(blocks)),
-             FusedPlan("fusion_no_cooc", tuple(blocks), tuple(avg)), FusedPlan("fusion", tuple(blocks), tuple(avg))]
+    plans = [
+        FusedPlan("concat", tuple(blocks)),
+        FusedPlan("concat_mlp", tuple(blocks)),
+        FusedPlan("fusion_no_cooc", tuple(blocks), tuple(avg)),
+        FusedPlan("fusion", tuple(blocks), tuple(avg)),
+    ]
     models = list(dict.fromkeys(b.model for b in blocks))
     averaged = {b.model for b in avg}
     if nu_table is not None and cfg.score.split == train_split:
@@ -137,12 +142,32 @@ def make_head(name: str, cfg):
     if name == "concat":
         return ConcatHead(Cs=cfg.train.Cs, seed=cfg.seed)
     if name == "llmembed":
-        return LLMEmbedHead(width=lc.width, sigma=lc.sigma, hidden=tuple(lc.hidden), dropout=lc.dropout, epochs=lc.epochs,
-                            lr=lc.lr, batch_size=lc.batch_size, patience=lc.patience, seed=cfg.seed)
+        return LLMEmbedHead(
+            width=lc.width,
+            sigma=lc.sigma,
+            hidden=tuple(lc.hidden),
+            dropout=lc.dropout,
+            epochs=lc.epochs,
+            lr=lc.lr,
+            batch_size=lc.batch_size,
+            patience=lc.patience,
+            seed=cfg.seed,
+        )
     switches = {"fusion": (True, True), "fusion_nu": (True, True), "fusion_no_cooc": (False, True), "concat_mlp": (False, False)}
     cooc, proj = switches[name]
-    return FusionHead(width=fc.width, sigma=fc.sigma, dropout=fc.dropout, hidden=fc.hidden, epochs=fc.epochs, lr=fc.lr,
-                      batch_size=fc.batch_size, patience=fc.patience, seed=cfg.seed, cooccurrence=cooc, projection=proj)
+    return FusionHead(
+        width=fc.width,
+        sigma=fc.sigma,
+        dropout=fc.dropout,
+        hidden=fc.hidden,
+        epochs=fc.epochs,
+        lr=fc.lr,
+        batch_size=fc.batch_size,
+        patience=fc.patience,
+        seed=cfg.seed,
+        cooccurrence=cooc,
+        projection=proj,
+    )
 
 
 def head_class(name: str):
@@ -169,16 +194,23 @@ def fit_fused(cfg, cache, plans: list[FusedPlan], y: dict, split_names, add_rows
         else:
             head.fit(inputs[train_split], y[train_split], inputs[dev_split], y[dev_split], avg_keys=[str(b) for b in plan.average])
         seconds = time.perf_counter() - t0
-        metrics = {f"{split}_{k}": v for split, s in (("dev", dev_split), ("test", test_split))
-                   for k, v in evaluate(head, inputs[s], y[s]).items()}
+        metrics = {
+            f"{split}_{k}": v for split, s in (("dev", dev_split), ("test", test_split)) for k, v in evaluate(head, inputs[s], y[s]).items()
+        }
         models = "+".join(dict.fromkeys(b.model for b in plan.blocks))
         layers = ",".join(f"{b.model}:{'pooler' if b.pooling == 'pooler' else b.layer}" for b in plan.blocks)
         pools = ",".join(sorted({b.pooling for b in plan.blocks}))
         add_rows(plan.head, models, layers, pools, metrics, int(head.n_params_), float(seconds))
         for fname, data in head.to_bytes().items():
             out[f"{plan.head}.{fname.split('.', 1)[1]}"] = data
-        log.info("%s head: dev %.4f test %.4f (%d params, %.1f s)", plan.head, metrics["dev_accuracy"], metrics["test_accuracy"],
-                 head.n_params_, seconds)
+        log.info(
+            "%s head: dev %.4f test %.4f (%d params, %.1f s)",
+            plan.head,
+            metrics["dev_accuracy"],
+            metrics["test_accuracy"],
+            head.n_params_,
+            seconds,
+        )
     return out
 
 
@@ -190,8 +222,9 @@ def ablation(train_df: pd.DataFrame, *, include_embeddings: bool = False) -> tup
     outputs, plus the embedding output with ``include_embeddings``); ties keep the first in table
     order. None when no fused head was fitted.
     """
-    wide = train_df.pivot_table(index=["head", "models", "layers", "pooling", "n_params", "fit_seconds"], columns="split",
-                                values="accuracy", aggfunc="first").reset_index()
+    wide = train_df.pivot_table(
+        index=["head", "models", "layers", "pooling", "n_params", "fit_seconds"], columns="split", values="accuracy", aggfunc="first"
+    ).reset_index()
     fused = wide[wide["head"].isin(FUSED_HEADS)].copy()
     if fused.empty:
         return fused, None
@@ -208,9 +241,16 @@ def ablation(train_df: pd.DataFrame, *, include_embeddings: bool = False) -> tup
     best_fused = pick.loc[pick["dev"].idxmax()]
     best_probe = probes.loc[probes["dev"].idxmax()]
     gain = float(best_fused["test"] - best_probe["test"])
-    verdict = {"fused_head": best_fused["head"], "fused_dev": float(best_fused["dev"]), "fused_test": float(best_fused["test"]),
-               "probe": f"{best_probe['models']}:{best_probe['layers']}:{best_probe['pooling']}",
-               "probe_dev": float(best_probe["dev"]), "probe_test": float(best_probe["test"]), "gain": gain, "wins": gain >= MARGIN}
+    verdict = {
+        "fused_head": best_fused["head"],
+        "fused_dev": float(best_fused["dev"]),
+        "fused_test": float(best_fused["test"]),
+        "probe": f"{best_probe['models']}:{best_probe['layers']}:{best_probe['pooling']}",
+        "probe_dev": float(best_probe["dev"]),
+        "probe_test": float(best_probe["test"]),
+        "gain": gain,
+        "wins": gain >= MARGIN,
+    }
     return table.reset_index(drop=True), verdict
 
 
@@ -221,18 +261,29 @@ def ablation_section(train_df: pd.DataFrame, *, include_embeddings: bool = False
     table, verdict = ablation(train_df, include_embeddings=include_embeddings)
     if table.empty:
         return []
-    lines = ["### Fusion ablation: what each part adds", "",
-             "concat: standardised blocks, logistic regression; concat_mlp: the fusion MLP on the concatenated blocks; "
-             "fusion_no_cooc: fusion without the co-occurrence term; fusion: ours; fusion_nu: fusion over each model's "
-             "lowest-nu layers (train split); llmembed: the reference head (logits into the loss, early stopping on dev).", "",
-             md_table(table), ""]
+    lines = [
+        "### Fusion ablation: what each part adds",
+        "",
+        "concat: standardised blocks, logistic regression; concat_mlp: the fusion MLP on the concatenated blocks; "
+        "fusion_no_cooc: fusion without the co-occurrence term; fusion: ours; fusion_nu: fusion over each model's "
+        "lowest-nu layers (train split); llmembed: the reference head (logits into the loss, early stopping on dev).",
+        "",
+        md_table(table),
+        "",
+    ]
     if verdict is not None:
         v = verdict
-        said = (f"**Fusion helps:** the dev-chosen fused head `{v['fused_head']}` beats the dev-chosen single probe by "
-                f"{100 * v['gain']:.1f} points of test accuracy." if v["wins"] else
-                f"**Fusion does not help here:** the dev-chosen fused head `{v['fused_head']}` is "
-                f"{100 * v['gain']:+.1f} points of test accuracy against the dev-chosen single probe, short of the "
-                f"{100 * MARGIN:.0f}-point margin.")
-        lines += [f"Chosen on dev only: fused `{v['fused_head']}` (dev {v['fused_dev']:.4f}, test {v['fused_test']:.4f}) vs "
-                  f"probe `{v['probe']}` (dev {v['probe_dev']:.4f}, test {v['probe_test']:.4f}). {said}", ""]
+        said = (
+            f"**Fusion helps:** the dev-chosen fused head `{v['fused_head']}` beats the dev-chosen single probe by "
+            f"{100 * v['gain']:.1f} points of test accuracy."
+            if v["wins"]
+            else f"**Fusion does not help here:** the dev-chosen fused head `{v['fused_head']}` is "
+            f"{100 * v['gain']:+.1f} points of test accuracy against the dev-chosen single probe, short of the "
+            f"{100 * MARGIN:.0f}-point margin."
+        )
+        lines += [
+            f"Chosen on dev only: fused `{v['fused_head']}` (dev {v['fused_dev']:.4f}, test {v['fused_test']:.4f}) vs "
+            f"probe `{v['probe']}` (dev {v['probe_dev']:.4f}, test {v['probe_test']:.4f}). {said}",
+            "",
+        ]
     return lines

@@ -106,9 +106,7 @@ class _FusionNet(nn.Module):
         self.register_buffer("pairs", torch.triu_indices(m, m, offset=0), persistent=False)
         n_in = (self.pairs.shape[1] if cooccurrence else 0) + (m * width if projection else sum(dims))
         n_in += dims[self.avg_idx[0]] if self.avg_idx else 0
-        self.mlp = nn.Sequential(
-            nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
-        )
+        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         zs = [norm(x) for norm, x in zip(self.norm, xs)]
@@ -311,7 +309,7 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         y_dev,
         *,
         avg_keys: Sequence[str] = (),
-    ) -> "FusionHead":
+    ) -> FusionHead:
         """Train on ``inputs_train``, early-stopping on dev accuracy.
 
         Parameters
@@ -370,7 +368,12 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         self.history_ = history
         logger.info(
             "%s: best dev accuracy %.4f at epoch %d/%d, %d parameters, %.2fs",
-            owner, best_acc, best_epoch, len(history), self.n_params_, self.fit_seconds_,
+            owner,
+            best_acc,
+            best_epoch,
+            len(history),
+            self.n_params_,
+            self.fit_seconds_,
         )
         return self
 
@@ -468,13 +471,12 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
         return _serial.pack(arrays, meta)
 
     @classmethod
-    def from_bytes(cls, blobs: Mapping[str, bytes], *, device: str | None = None) -> "FusionHead":
+    def from_bytes(cls, blobs: Mapping[str, bytes], *, device: str | None = None) -> FusionHead:
         """Rebuild a head from :meth:`to_bytes` output; ``device`` overrides the saved one."""
         arrays, meta = _serial.unpack(blobs)
         if meta.get("format") != cls._format or meta.get("version") != FUSION_FORMAT_VERSION:
             raise ValueError(
-                f"not a {cls._format} v{FUSION_FORMAT_VERSION} head: format={meta.get('format')!r} "
-                f"version={meta.get('version')!r}"
+                f"not a {cls._format} v{FUSION_FORMAT_VERSION} head: format={meta.get('format')!r} version={meta.get('version')!r}"
             )
         params = dict(meta["params"])
         params["device"] = device or "cpu"

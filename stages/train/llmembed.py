@@ -47,8 +47,17 @@ def reference_width(dims: Sequence[int], avg_idx: Sequence[int]) -> int:
 class _LLMEmbedNet(nn.Module):
     """Compress, full co-occurrence, concatenate the raw llama average, MLP (see module docstring)."""
 
-    def __init__(self, dims: Sequence[int], avg_idx: Sequence[int], n_classes: int, *, width: int,
-                 hidden: Sequence[int], dropout: float, sigma: float):
+    def __init__(
+        self,
+        dims: Sequence[int],
+        avg_idx: Sequence[int],
+        n_classes: int,
+        *,
+        width: int,
+        hidden: Sequence[int],
+        dropout: float,
+        sigma: float,
+    ):
         super().__init__()
         m = len(dims)
         self.sigma = float(sigma)
@@ -109,9 +118,15 @@ class LLMEmbedHead(FusionHead):
     _parameter_constraints: dict[str, Constraint] = {
         "width": integer(0),
         "sigma": real(0.0, low_open=True),
-        "hidden": Constraint(lambda v: not isinstance(v, (str, bytes)) and hasattr(v, "__iter__") and len(list(v)) > 0
-                             and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v),
-                             "a non-empty sequence of ints >= 1"),
+        "hidden": Constraint(
+            lambda v: (
+                not isinstance(v, (str, bytes))
+                and hasattr(v, "__iter__")
+                and len(list(v)) > 0
+                and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v)
+            ),
+            "a non-empty sequence of ints >= 1",
+        ),
         "dropout": real(0.0, 1.0, high_open=True),
         "epochs": integer(1),
         "lr": real(0.0, low_open=True),
@@ -152,8 +167,9 @@ class LLMEmbedHead(FusionHead):
 
     def _build_net(self, dims: Sequence[int], avg_idx: Sequence[int], n_classes: int) -> _LLMEmbedNet:
         width = self.width or reference_width(dims, avg_idx)
-        return _LLMEmbedNet(dims, avg_idx, n_classes, width=width, hidden=[int(h) for h in self.hidden],
-                            dropout=self.dropout, sigma=self.sigma)
+        return _LLMEmbedNet(
+            dims, avg_idx, n_classes, width=width, hidden=[int(h) for h in self.hidden], dropout=self.dropout, sigma=self.sigma
+        )
 
     def _validate(self, owner: str) -> None:
         from stages.train._params import validate_params

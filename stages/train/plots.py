@@ -21,8 +21,9 @@ from pipeline.outputs import save_figure
 __all__ = ["plot_layers", "layers_figure"]
 
 
-def plot_layers(df: pd.DataFrame, path: str | PathLike, *, title: str | None = None, chance: float | None = None,
-                marks: dict | None = None) -> Path:
+def plot_layers(
+    df: pd.DataFrame, path: str | PathLike, *, title: str | None = None, chance: float | None = None, marks: dict | None = None
+) -> Path:
     """Plot dev and test accuracy (left axis) and ``nu`` (right axis, log scale) against layer.
 
     Parameters
@@ -87,8 +88,7 @@ def layers_figure(df: pd.DataFrame, *, title: str | None = None, chance: float |
             else:
                 ax2.set_yscale("log")
             for layer in layers[np.isposinf(nu)]:
-                ax2.annotate("nu=inf", (layer, 1.0), xycoords=("data", "axes fraction"),
-                             ha="center", va="top", color="C3", fontsize=8)
+                ax2.annotate("nu=inf", (layer, 1.0), xycoords=("data", "axes fraction"), ha="center", va="top", color="C3", fontsize=8)
             ax2.set_ylabel("nu (log)", color="C3")
             ax2.tick_params(axis="y", labelcolor="C3")
     if title:

@@ -46,9 +46,13 @@ class FeatureCache:
             entry = self.entries[(model, split)]
             if f"hidden/{pooling}" not in entry.datasets():
                 if pooling == "pooler":
-                    raise PipelineError(f"{model}/{split}: no pooler output was stored (random weights, or no trained pooler "
-                                        f"in the checkpoint); use {model}:-1:first instead")
-                raise PipelineError(f"{model}/{split}: pooling {pooling!r} was not extracted; add it to extract.poolings and re-run `make extract`")
+                    raise PipelineError(
+                        f"{model}/{split}: no pooler output was stored (random weights, or no trained pooler "
+                        f"in the checkpoint); use {model}:-1:first instead"
+                    )
+                raise PipelineError(
+                    f"{model}/{split}: pooling {pooling!r} was not extracted; add it to extract.poolings and re-run `make extract`"
+                )
             self.arrays[key] = entry.array(f"hidden/{pooling}").compute()
         return self.arrays[key]
 
@@ -80,9 +84,20 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
 
     def add_rows(head: str, models: str, layers: str, pooling: str, metrics: dict, n_params: int, seconds: float) -> None:
         for split in ("dev", "test"):
-            rows.append({"dataset": cfg.data.name, "head": head, "models": models, "layers": layers, "pooling": pooling,
-                         "split": split, "accuracy": metrics[f"{split}_accuracy"], "macro_f1": metrics[f"{split}_macro_f1"],
-                         "n_params": n_params, "fit_seconds": seconds})
+            rows.append(
+                {
+                    "dataset": cfg.data.name,
+                    "head": head,
+                    "models": models,
+                    "layers": layers,
+                    "pooling": pooling,
+                    "split": split,
+                    "accuracy": metrics[f"{split}_accuracy"],
+                    "macro_f1": metrics[f"{split}_macro_f1"],
+                    "n_params": n_params,
+                    "fit_seconds": seconds,
+                }
+            )
 
     device = resolve_device(cfg.extract.device)  # probes fit where the features were computed
     jobs = [(m, p) for m in by_model for p in cfg.train.poolings]
@@ -98,8 +113,17 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
             for name, data in probe_to_bytes(res.model).items():
                 blobs[f"{stem}.{name.split('.', 1)[1]}"] = data
 
-        df = probe_layers(load, y[train_split], y[dev_split], y[test_split], layers=range(n_layers + 1),
-                          Cs=cfg.train.Cs, seed=cfg.seed, on_result=keep, device=device)
+        df = probe_layers(
+            load,
+            y[train_split],
+            y[dev_split],
+            y[test_split],
+            layers=range(n_layers + 1),
+            Cs=cfg.train.Cs,
+            seed=cfg.seed,
+            on_result=keep,
+            device=device,
+        )
         nus = nu_table[(nu_table["model"] == model) & (nu_table["pooling"] == pooling)].set_index("layer")["variability"]
         df.insert(0, "pooling", pooling)
         df.insert(0, "model", model)
@@ -115,15 +139,23 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
                 dst = head_file(f"{head}:{model}:{pooling}")
                 for suffix in ("safetensors", "json"):
                     blobs[f"{dst}.{suffix}"] = blobs[f"{src}.{suffix}"]
-        selection.append({"model": model, "pooling": pooling, "n_layers": n_layers,
-                          "selected_layer": int(sel["layer"]) if sel is not None else -1,
-                          "selected_dev_accuracy": float(sel["dev_accuracy"]) if sel is not None else float("nan"),
-                          "selected_test_accuracy": float(sel["test_accuracy"]) if sel is not None else float("nan"),
-                          "top_layer": int(top["layer"]), "top_dev_accuracy": float(top["dev_accuracy"]),
-                          "top_test_accuracy": float(top["test_accuracy"]),
-                          "best_layer": int(best["layer"]), "best_dev_accuracy": float(best["dev_accuracy"]),
-                          "best_test_accuracy": float(best["test_accuracy"]),
-                          "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy())})
+        selection.append(
+            {
+                "model": model,
+                "pooling": pooling,
+                "n_layers": n_layers,
+                "selected_layer": int(sel["layer"]) if sel is not None else -1,
+                "selected_dev_accuracy": float(sel["dev_accuracy"]) if sel is not None else float("nan"),
+                "selected_test_accuracy": float(sel["test_accuracy"]) if sel is not None else float("nan"),
+                "top_layer": int(top["layer"]),
+                "top_dev_accuracy": float(top["dev_accuracy"]),
+                "top_test_accuracy": float(top["test_accuracy"]),
+                "best_layer": int(best["layer"]),
+                "best_dev_accuracy": float(best["dev_accuracy"]),
+                "best_test_accuracy": float(best["test_accuracy"]),
+                "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy()),
+            }
+        )
 
     plans = plan_heads(cfg, requests, entries, train_split, nu_table)
     blobs.update(fit_fused(cfg, cache, plans, y, (train_split, dev_split, test_split), add_rows))
@@ -163,12 +195,12 @@ def _fusion_blocks(cfg: ExperimentConfig, entries, train_split: str) -> list[Blo
     for text in cfg.train.fusion.inputs:
         b = Block.parse(text)
         if (b.model, train_split) not in entries:
-            raise ConfigError(f"train.fusion.inputs: model {b.model!r} of {text!r} is not in [[models]] (configured: "
-                              f"{sorted({m for m, _ in entries})}); add it and run `make extract`")
+            raise ConfigError(
+                f"train.fusion.inputs: model {b.model!r} of {text!r} is not in [[models]] (configured: "
+                f"{sorted({m for m, _ in entries})}); add it and run `make extract`"
+            )
         blocks.append(b.resolved(int(entries[(b.model, train_split)].description["n_layers"])))
     return blocks
-
-
 
 
 def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df: pd.DataFrame, lineage: dict) -> str:
@@ -176,8 +208,14 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
     key = heads_key(lineage)
     if store.exists(key):
         return key
-    desc = {"kind": "heads", "name": f"{cfg.data.name}/heads/{cfg.name}", "dataset": {"name": cfg.data.name, "split": "heads"},
-            "model": {"name": "+".join(m.name for m in cfg.models)}, "features": lineage["features"], "scores": lineage["scores"]}
+    desc = {
+        "kind": "heads",
+        "name": f"{cfg.data.name}/heads/{cfg.name}",
+        "dataset": {"name": cfg.data.name, "split": "heads"},
+        "model": {"name": "+".join(m.name for m in cfg.models)},
+        "features": lineage["features"],
+        "scores": lineage["scores"],
+    }
     writer = store.writer(key, desc, n_shards=0)
     for name, data in sorted(blobs.items()):
         writer.write_file(name, data)
@@ -185,8 +223,12 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
     train_df.to_parquet(buf, index=False)
     writer.write_file("train.parquet", buf.getvalue())
     writer.write_file("lineage.json", json.dumps(lineage, indent=2, sort_keys=True).encode())
-    names = sorted({f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in FUSED_HEADS else f"{h}:{m}:{p}")
-                    for h, m, lay, p in train_df[["head", "models", "layers", "pooling"]].itertuples(index=False)})
+    names = sorted(
+        {
+            f"{h}:{m}:{lay}:{p}" if h == "probe" else (h if h in FUSED_HEADS else f"{h}:{m}:{p}")
+            for h, m, lay, p in train_df[["head", "models", "layers", "pooling"]].itertuples(index=False)
+        }
+    )
     writer.write_file("heads.json", json.dumps({n: head_file(n) for n in names}, indent=2, sort_keys=True).encode())
     writer.commit()
     return key
@@ -200,8 +242,18 @@ def best_probes(probes: pd.DataFrame, *, include_embeddings: bool = False) -> pd
     return order.groupby("models", sort=False).head(1)
 
 
-def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFrame, selection_df: pd.DataFrame, random_models, key: str,
-                   *, chance: float = float("nan"), label_names: list[str] | None = None) -> None:
+def _write_outputs(
+    cfg,
+    out: Path,
+    train_df: pd.DataFrame,
+    layers_df: pd.DataFrame,
+    selection_df: pd.DataFrame,
+    random_models,
+    key: str,
+    *,
+    chance: float = float("nan"),
+    label_names: list[str] | None = None,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train_df.to_parquet(out / "train.parquet", index=False)
     layers_df.to_parquet(out / "layers.parquet", index=False)
@@ -210,32 +262,67 @@ def _write_outputs(cfg, out: Path, train_df: pd.DataFrame, layers_df: pd.DataFra
     for pooling, part in layers_df.groupby("pooling", sort=False):
         sel = selection_df[selection_df["pooling"] == pooling].set_index("model")
         marks = {m: {"lowest nu": int(r.selected_layer), "best on dev": int(r.best_layer)} for m, r in sel.iterrows()}
-        plot_layers(part, out / ("layers.png" if pooling == cfg.train.poolings[0] else f"layers_{pooling}.png"),
-                    title=f"{where}: probe accuracy and nu per layer ({pooling} pooling)", chance=chance, marks=marks)
+        plot_layers(
+            part,
+            out / ("layers.png" if pooling == cfg.train.poolings[0] else f"layers_{pooling}.png"),
+            title=f"{where}: probe accuracy and nu per layer ({pooling} pooling)",
+            chance=chance,
+            marks=marks,
+        )
     wide = train_df.pivot_table(index=["head", "models", "layers", "pooling"], columns="split", values="accuracy", sort=False).reset_index()
     wide = wide.rename(columns={"dev": "dev_accuracy", "test": "test_accuracy"})
     meta = train_df[train_df["split"] == "test"][["head", "models", "layers", "pooling", "macro_f1", "n_params", "fit_seconds"]]
     wide = wide.merge(meta.rename(columns={"macro_f1": "test_macro_f1"}), on=["head", "models", "layers", "pooling"], how="left")
     summary = wide[wide["head"].isin(["selected", "top", "fusion", "concat"])][
-        ["head", "models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1", "n_params", "fit_seconds"]]
+        ["head", "models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1", "n_params", "fit_seconds"]
+    ]
     best = best_probes(wide[wide["head"] == "probe"], include_embeddings=cfg.train.include_embeddings)
     among = "all hidden states 0..L" if cfg.train.include_embeddings else "block outputs 1..L"
     section = [f"## Train: heads on cached features (store entry {key[:12]})", ""]
     if random_models:
-        section += [f"> **Random weights:** {', '.join(random_models)}; their heads show the pipeline works, not what a trained model does.", ""]
+        section += [
+            f"> **Random weights:** {', '.join(random_models)}; their heads show the pipeline works, not what a trained model does.",
+            "",
+        ]
     if label_names:
         section += ["Classes: " + ", ".join(f"{i} = {n}" for i, n in enumerate(label_names)), ""]
-    section += [f"Selection protocol: every choice is made without the {cfg.train.test_split} split. A probe's C is chosen on "
-                f"{cfg.train.dev_split}; the variability-selected layer is the lowest nu (on {cfg.score.split}) and the best layer "
-                f"the highest {cfg.train.dev_split} accuracy, both among {among} (`train.include_embeddings`); "
-                f"{cfg.train.test_split} accuracy is only reported. Chance (the {cfg.data.splits[0]} majority class on "
-                f"{cfg.train.test_split}): {chance:.3f}. Full tables: train.parquet, layers.parquet, selection.parquet.", "",
-                md_table(summary), "", "### Variability-selected layer vs top layer", "",
-                md_table(selection_df[["model", "pooling", "selected_layer", "selected_dev_accuracy", "selected_test_accuracy",
-                                        "top_layer", "top_dev_accuracy", "top_test_accuracy",
-                                        "best_layer", "best_dev_accuracy", "best_test_accuracy", "spearman_nu_accuracy"]]), "",
-                f"### Best probe per model (chosen on {cfg.train.dev_split})", "",
-                md_table(best[["models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1"]]), "",
-                *ablation_section(train_df, include_embeddings=cfg.train.include_embeddings), "![layers](layers.png)", ""]
+    section += [
+        f"Selection protocol: every choice is made without the {cfg.train.test_split} split. A probe's C is chosen on "
+        f"{cfg.train.dev_split}; the variability-selected layer is the lowest nu (on {cfg.score.split}) and the best layer "
+        f"the highest {cfg.train.dev_split} accuracy, both among {among} (`train.include_embeddings`); "
+        f"{cfg.train.test_split} accuracy is only reported. Chance (the {cfg.data.splits[0]} majority class on "
+        f"{cfg.train.test_split}): {chance:.3f}. Full tables: train.parquet, layers.parquet, selection.parquet.",
+        "",
+        md_table(summary),
+        "",
+        "### Variability-selected layer vs top layer",
+        "",
+        md_table(
+            selection_df[
+                [
+                    "model",
+                    "pooling",
+                    "selected_layer",
+                    "selected_dev_accuracy",
+                    "selected_test_accuracy",
+                    "top_layer",
+                    "top_dev_accuracy",
+                    "top_test_accuracy",
+                    "best_layer",
+                    "best_dev_accuracy",
+                    "best_test_accuracy",
+                    "spearman_nu_accuracy",
+                ]
+            ]
+        ),
+        "",
+        f"### Best probe per model (chosen on {cfg.train.dev_split})",
+        "",
+        md_table(best[["models", "layers", "pooling", "dev_accuracy", "test_accuracy", "test_macro_f1"]]),
+        "",
+        *ablation_section(train_df, include_embeddings=cfg.train.include_embeddings),
+        "![layers](layers.png)",
+        "",
+    ]
     write_section(out / "report.md", cfg.name, "## Train: heads on cached features", "\n".join(section))
     log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)

@@ -9,9 +9,22 @@ import pytest
 
 from bench.__main__ import main
 
-KEYS = ("extract_overhead", "extract_overhead/bert", "bucketing_speedup", "store_overhead", "scaling_extract", "scaling_extract_workers", "probe_speedup",
-        "train_stage_seconds",
-        "score_read_fraction", "score_peak_rss", "scaling_score", "cached_rerun_seconds", "train_seconds", "head_params")
+KEYS = (
+    "extract_overhead",
+    "extract_overhead/bert",
+    "bucketing_speedup",
+    "store_overhead",
+    "scaling_extract",
+    "scaling_extract_workers",
+    "probe_speedup",
+    "train_stage_seconds",
+    "score_read_fraction",
+    "score_peak_rss",
+    "scaling_score",
+    "cached_rerun_seconds",
+    "train_seconds",
+    "head_params",
+)
 
 
 @pytest.mark.slow

@@ -23,8 +23,14 @@ def _features(store, split: str, n: int, seed: int, label_names=None, model="ber
     hidden = rng.standard_normal((n, N_LAYERS + 1, WIDTH)).astype(np.float16)
     hidden[:, 4, 0] += np.where(labels == 1, 4.0, -4.0).astype(np.float16)
     dataset = {"name": "sst2", "split": split, **({"label_names": label_names} if label_names else {})}
-    desc = {"kind": "features", "dataset": dataset, "model": {"name": model}, "name": f"sst2/{split}/{model}",
-            "n_layers": N_LAYERS, "seed": seed}
+    desc = {
+        "kind": "features",
+        "dataset": dataset,
+        "model": {"name": model},
+        "name": f"sst2/{split}/{model}",
+        "n_layers": N_LAYERS,
+        "seed": seed,
+    }
     w = store.writer(fingerprint(desc), desc, n_shards=2)
     half = n // 2
     for i, (lo, hi) in enumerate(((0, half), (half, n))):
@@ -86,8 +92,14 @@ def test_load_features_ambiguous_and_missing(tmp_path):
 
 def test_importing_the_config_does_not_import_the_stages():
     code = "import sys, pipeline.config; import pipeline; print(any(m.startswith(('stages', 'torch', 'dask')) for m in sys.modules))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env={"PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PROJECT_ROOT,
+        env={"PYTHONPATH": str(PROJECT_ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.strip() == "False", proc.stderr
     import pipeline
 

@@ -8,15 +8,15 @@ import subprocess
 import sys
 
 import pytest
-
 from pipeline_helpers import PROJECT_ROOT
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("FEATURESTORE", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -31,8 +31,19 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 
 
 HELP_COMMANDS = [
-    [], ["extract"], ["score"], ["train"], ["run"], ["predict"],
-    ["store"], ["store", "ls"], ["store", "verify"], ["store", "gc"], ["store", "rm"], ["store", "push"], ["store", "pull"],
+    [],
+    ["extract"],
+    ["score"],
+    ["train"],
+    ["run"],
+    ["predict"],
+    ["store"],
+    ["store", "ls"],
+    ["store", "verify"],
+    ["store", "gc"],
+    ["store", "rm"],
+    ["store", "push"],
+    ["store", "pull"],
 ]
 
 
@@ -176,8 +187,13 @@ def test_console_script_is_the_cli():
 def test_store_ls_into_a_closed_pipe_exits_quietly(tmp_path):
     _store_with_entries(tmp_path / "s", 3)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "store", "ls", "--store", str(tmp_path / "s")], cwd=PROJECT_ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "store", "ls", "--store", str(tmp_path / "s")],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     proc.stdout.close()  # like `| head` that has already exited
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == "", err

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import DELETE, PROJECT_ROOT
 
 from pipeline.config import (
     COMPUTE_DTYPES,
@@ -19,17 +20,16 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigError, PipelineError
 
-from pipeline_helpers import DELETE, PROJECT_ROOT
-
-
 # --- the shipped configs ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["default.toml", "tiny.toml"])
 def test_shipped_configs_load(name):
     cfg = load_config(PROJECT_ROOT / "configs" / name)
     assert isinstance(cfg, ExperimentConfig)
-    assert [m.name for m in cfg.models] == (["llama", "bert", "mpnet", "roberta", "t5"] if name == "default.toml"
-                                            else ["llama", "bert", "roberta", "t5"])
+    assert [m.name for m in cfg.models] == (
+        ["llama", "bert", "mpnet", "roberta", "t5"] if name == "default.toml" else ["llama", "bert", "roberta", "t5"]
+    )
     assert cfg.data.splits[0] == "train"
     assert cfg.source.endswith(name)
     # every fusion block names a configured model
@@ -112,6 +112,7 @@ def test_field_help_covers_every_field():
 
 # --- unknown keys -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("key", "where", "some_allowed"),
     [
@@ -141,6 +142,7 @@ def test_config_error_is_caught_as_a_pipeline_error(make_config):
 
 
 # --- types, ranges, choices ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
@@ -234,6 +236,7 @@ def test_empty_lists_rejected(make_config, key, field):
 
 
 # --- file-level problems ------------------------------------------------------------------------
+
 
 def test_malformed_toml(make_config):
     path = make_config(raw="\n[extract\nmax_length = 3\n")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from pipeline_helpers import DEV_ROWS, PROJECT_ROOT, TRAIN_ROWS, write_rows
 
 from pipeline.config import DataConfig
 from pipeline.data import data_fingerprint, load_split, load_splits, split_path
 from pipeline.errors import DataError
-
-from pipeline_helpers import DEV_ROWS, PROJECT_ROOT, TRAIN_ROWS, write_rows
 
 FORMATS = [".tsv", ".csv", ".jsonl", ".parquet"]
 # quotes, commas, apostrophes and non-ASCII must survive every format unchanged
@@ -35,6 +34,7 @@ def assert_one_line_naming(err: pytest.ExceptionInfo, path) -> str:
 
 
 # --- formats and columns ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ext", FORMATS)
 def test_each_format_loads_the_same_texts_and_labels(tmp_path, ext):
@@ -113,6 +113,7 @@ def test_shipped_sst2_loads():
 
 # --- errors: one line, naming the file -----------------------------------------------------------
 
+
 def test_no_file_for_split(tmp_path):
     with pytest.raises(DataError) as e:
         load_split(cfg_for(path=str(tmp_path)), "train")
@@ -123,7 +124,9 @@ def test_no_file_for_split(tmp_path):
 def test_several_files_for_split(tmp_path):
     write_rows(tmp_path / "train.tsv", TRAIN_ROWS)
     write_rows(tmp_path / "train.csv", TRAIN_ROWS)
-    with pytest.raises(DataError, match=r"several files for split 'train'.*train.csv.*train.tsv|several files for split 'train'.*train.tsv.*train.csv"):
+    with pytest.raises(
+        DataError, match=r"several files for split 'train'.*train.csv.*train.tsv|several files for split 'train'.*train.tsv.*train.csv"
+    ):
         load_split(cfg_for(path=str(tmp_path)), "train")
 
 
@@ -225,7 +228,9 @@ def test_non_utf8_bytes(tmp_path, ext, payload):
     ],
 )
 def test_bad_labels(tmp_path, ext, label, fragment):
-    p = write_rows(tmp_path / f"train{ext}", [("first", label), ("second", "0" if isinstance(label, str) else 0.0 if isinstance(label, float) else 0)])
+    p = write_rows(
+        tmp_path / f"train{ext}", [("first", label), ("second", "0" if isinstance(label, str) else 0.0 if isinstance(label, float) else 0)]
+    )
     cfg = cfg_for(path=str(tmp_path))
     if fragment is None:
         assert load_split(cfg, "train").labels.tolist() == [1, 0]
@@ -269,6 +274,7 @@ def test_single_class_after_limit(tmp_path):
 
 
 # --- fingerprint ---------------------------------------------------------------------------------
+
 
 def test_fingerprint_stable_and_sensitive(tmp_path):
     texts = [t for t, _ in TRAIN_ROWS]
@@ -337,8 +343,7 @@ def test_parquet_int_labels_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("ext", [".tsv", ".csv", ".jsonl", ".parquet"])
 def test_string_labels_become_sorted_class_indices(tmp_path, ext):
-    write_splits(tmp_path, ext, train=[("a", "pos"), ("b", "neg"), ("c", " neutral "), ("d", "pos")],
-                 dev=[("x", "neg"), ("y", "pos")])
+    write_splits(tmp_path, ext, train=[("a", "pos"), ("b", "neg"), ("c", " neutral "), ("d", "pos")], dev=[("x", "neg"), ("y", "pos")])
     splits = load_splits(cfg_for(path=str(tmp_path), splits=("train", "dev")))
     train, dev = splits["train"], splits["dev"]
     assert train.label_names == dev.label_names == ("neg", "neutral", "pos")

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from pipeline_helpers import PROJECT_ROOT
 
 from pipeline.device import compute_dtype_name, cuda_available, device_type, resolve_device, resolve_dtype
 from pipeline.errors import ConfigError
-
-from pipeline_helpers import PROJECT_ROOT
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -48,8 +47,10 @@ def test_driver_probe_agrees_with_torch():
 
 def test_driver_probe_without_torch_agrees_with_torch():
     """The store key's dtype (decided before torch is imported) matches the device the run uses."""
-    code = ("import sys; from pipeline.device import cuda_available; a = cuda_available(); "
-            "assert 'torch' not in sys.modules; import torch; print(a, torch.cuda.is_available())")
+    code = (
+        "import sys; from pipeline.device import cuda_available; a = cuda_available(); "
+        "assert 'torch' not in sys.modules; import torch; print(a, torch.cuda.is_available())"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     probed, torch_says = out.stdout.split()

@@ -31,8 +31,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
-
-
 def save_tiny(folder, family="bert"):
     model, tok = random_model(family)
     model.save_pretrained(folder)
@@ -41,6 +39,7 @@ def save_tiny(folder, family="bert"):
 
 
 # --- resolve -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(EMBEDDED))
 def test_resolve_embedded(name, no_network):
@@ -209,11 +208,13 @@ def test_local_folder_with_unsupported_architecture(tmp_path):
 
 # --- families ----------------------------------------------------------------------------------
 
+
 def _config(model_type: str):
     from transformers import BertConfig, GPT2Config, LlamaConfig, MPNetConfig, RobertaConfig, T5Config
 
-    return {"llama": LlamaConfig, "bert": BertConfig, "roberta": RobertaConfig, "mpnet": MPNetConfig, "t5": T5Config,
-            "gpt2": GPT2Config}[model_type]()
+    return {"llama": LlamaConfig, "bert": BertConfig, "roberta": RobertaConfig, "mpnet": MPNetConfig, "t5": T5Config, "gpt2": GPT2Config}[
+        model_type
+    ]()
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -273,6 +274,7 @@ def test_tiny_model_forward(family):
 
 # --- tiny random models are deterministic --------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_tiny_random_is_deterministic(family):
     m1, t1 = random_model(family)
@@ -301,7 +303,9 @@ def test_tokenizer_conventions():
     _, bert_tok = random_model("bert")
     ids = bert_tok("Hello World")["input_ids"]
     assert ids[0] == bert_tok.cls_token_id and ids[-1] == bert_tok.sep_token_id
-    assert bert_tok.convert_ids_to_tokens(ids)[1:-1] == bert_tok.convert_ids_to_tokens(bert_tok("hello world")["input_ids"])[1:-1]  # lowercased
+    assert (
+        bert_tok.convert_ids_to_tokens(ids)[1:-1] == bert_tok.convert_ids_to_tokens(bert_tok("hello world")["input_ids"])[1:-1]
+    )  # lowercased
     _, t5_tok = random_model("t5")
     ids = t5_tok("a film")["input_ids"]
     assert ids[-1] == t5_tok.eos_token_id and t5_tok.pad_token_id == 0
@@ -324,6 +328,7 @@ def test_embedded_random_models_match_their_recipe():
 
 
 # --- the real embedded models (slow) -------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EMBEDDED))

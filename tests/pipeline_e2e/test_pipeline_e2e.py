@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 import tiny_pipeline as tp
+
 from store import Store
 
 
@@ -30,17 +30,29 @@ def test_report_has_score_and_train_sections(trained):
     cfg, store_dir, out = trained
     report = (out / "report.md").read_text()
     assert report.startswith("# e2e-tiny: scores on sst2/train")
-    assert report.index("## Hidden-state variability") < report.index("## FFN activation sparsity") < report.index("## Train: heads on cached features")
+    assert (
+        report.index("## Hidden-state variability")
+        < report.index("## FFN activation sparsity")
+        < report.index("## Train: heads on cached features")
+    )
     assert report.count("Random weights") == 2  # flagged in both the score and the train section
-    for name in ("variability.parquet", "sparsity.parquet", "neurons.parquet", "variability.png", "sparsity.png",
-                 "train.parquet", "layers.parquet", "selection.parquet", "layers.png"):
+    for name in (
+        "variability.parquet",
+        "sparsity.parquet",
+        "neurons.parquet",
+        "variability.png",
+        "sparsity.png",
+        "train.parquet",
+        "layers.parquet",
+        "selection.parquet",
+        "layers.png",
+    ):
         assert (out / name).is_file(), name
 
 
 def test_heads_entry_lineage_points_at_features_and_scores(trained):
-    from stages.entries import feature_requests
+    from stages.entries import feature_requests, heads_key
     from stages.predict import heads_entry
-    from stages.entries import heads_key
 
     cfg, store_dir, out = trained
     store = Store(str(store_dir))
@@ -86,7 +98,9 @@ def test_cli_run_then_predict_from_a_clean_store(tmp_path):
     a = pd.read_parquet(out / "train.parquet").drop(columns="fit_seconds")
     b = pd.read_parquet(tmp_path / "out2" / "train.parquet").drop(columns="fit_seconds")
     pd.testing.assert_frame_equal(a, b)
-    pred = _cli("predict", "--config", str(cfg_path), "--store", str(store), "--head", "fusion", "-q", "a great movie", "a dull movie", cwd=tp.ROOT)
+    pred = _cli(
+        "predict", "--config", str(cfg_path), "--store", str(store), "--head", "fusion", "-q", "a great movie", "a dull movie", cwd=tp.ROOT
+    )
     assert pred.returncode == 0, pred.stderr
     header, *lines = pred.stdout.strip().splitlines()
     assert header.split("\t")[-1] == "text" and header.split("\t")[0] == "label"

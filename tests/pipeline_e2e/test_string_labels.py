@@ -28,9 +28,11 @@ def test_string_labels_through_the_pipeline(tmp_path, capsys):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for step in (lambda: orchestrate.extract(cfg, str(store_dir), progress=False),
-                     lambda: orchestrate.score(cfg, str(store_dir), out, progress=False),
-                     lambda: orchestrate.train(cfg, str(store_dir), out, progress=False)):
+        for step in (
+            lambda: orchestrate.extract(cfg, str(store_dir), progress=False),
+            lambda: orchestrate.score(cfg, str(store_dir), out, progress=False),
+            lambda: orchestrate.train(cfg, str(store_dir), out, progress=False),
+        ):
             assert step() == 0
     finally:
         torch.set_num_threads(previous)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import Zygote, base_config, entry_dirs, store_digest, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

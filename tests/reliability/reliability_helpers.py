@@ -23,6 +23,7 @@ SST2 = ROOT / "data" / "sst2"
 
 # configs ----------------------------------------------------------------------------------------------
 
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -65,8 +66,12 @@ def base_config(data_path: str | Path = SST2, *, rows: int = 120, shard_rows: in
         "models": [{"name": "bert", "source": "tiny-random-bert"}],
         "extract": {"max_length": 64, "shard_rows": shard_rows},
         "score": {"keywords": str(ROOT / "configs" / "keywords" / "stem.txt"), "scheduler": "synchronous"},
-        "train": {"dev_split": "train", "test_split": "train", "Cs": [1.0],
-                  "fusion": {"inputs": ["bert:-1:mean", "bert:-1:first"], "average": [], "width": 8, "hidden": 8, "epochs": 2}},
+        "train": {
+            "dev_split": "train",
+            "test_split": "train",
+            "Cs": [1.0],
+            "fusion": {"inputs": ["bert:-1:mean", "bert:-1:first"], "average": [], "width": 8, "hidden": 8, "epochs": 2},
+        },
     }
 
 
@@ -85,6 +90,7 @@ def write_tsv(path: Path, rows, header=("text", "label")) -> Path:
 
 
 # running the CLI ------------------------------------------------------------------------------------
+
 
 @dataclass
 class Result:
@@ -113,8 +119,14 @@ class Zygote:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen([PYTHON, str(HERE / "crash_runner.py"), "serve"], cwd=ROOT, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.workdir / "zygote.err", "wb"))
+        self.proc = subprocess.Popen(
+            [PYTHON, str(HERE / "crash_runner.py"), "serve"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.workdir / "zygote.err", "wb"),
+        )
         self._buf = b""
         self._n = 0
         ev = self._event(timeout=300)
@@ -146,16 +158,31 @@ class Zygote:
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
-    def run(self, argv: list[str], *, kill: dict | None = None, kill_after: float | None = None,
-            env: dict | None = None, timeout: float = 300, on_running=None, pace: float = 0.0) -> Result:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        kill: dict | None = None,
+        kill_after: float | None = None,
+        env: dict | None = None,
+        timeout: float = 300,
+        on_running=None,
+        pace: float = 0.0,
+    ) -> Result:
         """Run the CLI in a fresh child; `kill` is a kill point (see crash_runner), `kill_after` a delay in
         seconds after the child first writes to the store, after which the test SIGKILLs it; `pace` seconds
         of sleep after each shard temporary spread the work out so random delays land inside it."""
         with self.lock:
             self._n += 1
             log = self.workdir / f"run{self._n}.err"
-            req = {"argv": [str(a) for a in argv], "log": str(log), "kill": kill, "announce": kill_after is not None, "pace": pace,
-                   "env": env or {}}
+            req = {
+                "argv": [str(a) for a in argv],
+                "log": str(log),
+                "kill": kill,
+                "announce": kill_after is not None,
+                "pace": pace,
+                "env": env or {},
+            }
             self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
             pid = None
@@ -184,11 +211,17 @@ class Zygote:
                         kill_at = started + kill_after
                 elif ev["event"] == "exit":
                     break
-            return Result(ev["code"], ev["signal"], Path(str(log) + ".out").read_text(errors="replace"),
-                          log.read_text(errors="replace"), None if started is None else time.monotonic() - started)
+            return Result(
+                ev["code"],
+                ev["signal"],
+                Path(str(log) + ".out").read_text(errors="replace"),
+                log.read_text(errors="replace"),
+                None if started is None else time.monotonic() - started,
+            )
 
 
 # store digests --------------------------------------------------------------------------------------
+
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()

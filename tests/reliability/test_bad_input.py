@@ -3,13 +3,18 @@ nothing committed in the store. Duplicates and over-long texts are warnings (exi
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-
 from reliability_helpers import (
-    SST2, assert_one_line_error, base_config, copy_store, entry_dirs, run_subprocess, write_config, write_tsv,
+    SST2,
+    assert_one_line_error,
+    base_config,
+    copy_store,
+    entry_dirs,
+    run_subprocess,
+    write_config,
+    write_tsv,
 )
 
 RUNNERS = ["fork", pytest.param("subprocess", marks=pytest.mark.slow)]
@@ -180,6 +185,7 @@ def test_long_texts_truncated_and_counted(noisy_run):
 
 
 # non-finite activations (in-process) ------------------------------------------------------------------
+
 
 def test_nonfinite_activations_commit_nothing(reference, tmp_path, monkeypatch):
     import torch

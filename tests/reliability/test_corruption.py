@@ -8,9 +8,14 @@ import os
 import shutil
 
 import pytest
-
 from reliability_helpers import (
-    assert_one_line_error, base_config, copy_store, entry_dirs, run_subprocess, store_digest, write_config,
+    assert_one_line_error,
+    base_config,
+    copy_store,
+    entry_dirs,
+    run_subprocess,
+    store_digest,
+    write_config,
 )
 
 
@@ -83,8 +88,10 @@ def swapped_shard(d, other_dir):
     return "shard_00002.h5", "mismatch"
 
 
-CORRUPTIONS = {f.__name__: f for f in (flip_byte, flip_byte_table, truncate, delete, manifest_not_json,
-                                       manifest_wrong_sha, manifest_escapes, swapped_shard)}
+CORRUPTIONS = {
+    f.__name__: f
+    for f in (flip_byte, flip_byte_table, truncate, delete, manifest_not_json, manifest_wrong_sha, manifest_escapes, swapped_shard)
+}
 RUNNERS = ["fork", pytest.param("subprocess", marks=pytest.mark.slow)]
 
 

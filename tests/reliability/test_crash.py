@@ -11,8 +11,7 @@ import random
 import threading
 
 import pytest
-
-from reliability_helpers import entry_dirs, entry_digest, run_subprocess, sha256_file
+from reliability_helpers import entry_digest, entry_dirs, run_subprocess, sha256_file
 
 SHARDS = 8  # 120 rows / 16 per shard
 
@@ -91,8 +90,10 @@ def test_deterministic_kill_point_then_resume(point, cli, reference, tmp_path):
 def test_kill_point_then_resume_with_real_cli(cli, reference, tmp_path):
     """The resume and the final `store verify` through fresh `python -m pipeline` interpreters."""
     store_path = tmp_path / "store"
-    killed = cli(["extract", "--config", reference.config, "--store", store_path, "-q"],
-                 kill={"op": "publish", "match": "shard_00005.h5", "when": "after"})
+    killed = cli(
+        ["extract", "--config", reference.config, "--store", store_path, "-q"],
+        kill={"op": "publish", "match": "shard_00005.h5", "when": "after"},
+    )
     assert killed.signal == 9
     inodes = check_after_kill(store_path, reference)
     assert 0 < len(inodes) < 2 * SHARDS
@@ -146,8 +147,10 @@ def crash_and_resume(seed: int, run, reference, window: float, tmp_path, kills: 
             inodes = check_after_kill(store_path, reference)
             n_files = sum(1 for n in inodes if n != "manifest.json")
             left = max(0.1, 1 - n_files / (2 * SHARDS))
-            outcomes.append(f"delay {delay:.2f}s -> {'killed' if res.signal else 'finished'} with {n_files}/{2 * SHARDS} shard files"
-                            + (", committed" if "manifest.json" in inodes else ""))
+            outcomes.append(
+                f"delay {delay:.2f}s -> {'killed' if res.signal else 'finished'} with {n_files}/{2 * SHARDS} shard files"
+                + (", committed" if "manifest.json" in inodes else "")
+            )
             assert res.signal == 9 or res.code == 0, res.stderr
         res = run(argv)
         assert res.code == 0, res.stderr

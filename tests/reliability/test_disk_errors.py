@@ -7,8 +7,7 @@ import errno
 import os
 
 import pytest
-
-from reliability_helpers import assert_one_line_error, entry_dirs, entry_digest
+from reliability_helpers import assert_one_line_error, entry_digest, entry_dirs
 
 
 @pytest.fixture
@@ -42,8 +41,7 @@ def _enospc_after(monkeypatch, which: str, n: int):
     return seen
 
 
-@pytest.mark.parametrize("which,n", [(".h5.", 4), (".parquet.", 8), ("manifest.json", 1)],
-                         ids=["shard-h5", "last-shard-table", "manifest"])
+@pytest.mark.parametrize("which,n", [(".h5.", 4), (".parquet.", 8), ("manifest.json", 1)], ids=["shard-h5", "last-shard-table", "manifest"])
 def test_disk_full_then_rerun(which, n, reference, tmp_path, monkeypatch, capsys, one_thread):
     from pipeline.cli import main
     from store import Store

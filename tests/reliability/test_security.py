@@ -6,10 +6,8 @@ from __future__ import annotations
 import ast
 import json
 import stat
-from pathlib import Path
 
 import pytest
-
 from reliability_helpers import ROOT
 
 READ_PATH_PACKAGES = ("store", "stages", "pipeline")
@@ -130,6 +128,7 @@ def test_a_short_hex_key_is_a_prefix_and_names_no_path(reference):
 
 def test_entry_files_are_only_those_in_the_manifest(reference, tmp_path):
     from reliability_helpers import copy_store
+
     from store import Store
 
     store = copy_store(reference.store, tmp_path / "store")

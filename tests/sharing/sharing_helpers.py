@@ -17,16 +17,39 @@ ROOT = Path(__file__).resolve().parents[2]
 def write_config(path: Path, *, models=("llama", "bert"), limit: int = 60, shard_rows: int = 16) -> Path:
     """A tiny experiment TOML with absolute data and keyword paths (tests run from any directory)."""
     lines = [
-        'name = "share-tiny"', "seed = 0", "",
-        "[data]", 'name = "sst2"', f'path = "{ROOT / "data" / "sst2"}"', 'splits = ["train", "dev", "test"]', f"limit = {limit}", "",
+        'name = "share-tiny"',
+        "seed = 0",
+        "",
+        "[data]",
+        'name = "sst2"',
+        f'path = "{ROOT / "data" / "sst2"}"',
+        'splits = ["train", "dev", "test"]',
+        f"limit = {limit}",
+        "",
     ]
     for m in models:
         lines += ["[[models]]", f'name = "{m}"', f'source = "tiny-random-{m}"', ""]
-    lines += ["[extract]", "max_length = 32", f"shard_rows = {shard_rows}", 'device = "cpu"', "",
-              "[score]", f'keywords = "{ROOT / "configs" / "keywords" / "stem.txt"}"', "rows_per_chunk = 24", "",
-              "[train]", "Cs = [1.0]", "",
-              "[train.fusion]", f'inputs = ["{models[0]}:-1:mean", "{models[-1]}:-1:first"]', "average = []",
-              "width = 8", "hidden = 8", "epochs = 3", ""]
+    lines += [
+        "[extract]",
+        "max_length = 32",
+        f"shard_rows = {shard_rows}",
+        'device = "cpu"',
+        "",
+        "[score]",
+        f'keywords = "{ROOT / "configs" / "keywords" / "stem.txt"}"',
+        "rows_per_chunk = 24",
+        "",
+        "[train]",
+        "Cs = [1.0]",
+        "",
+        "[train.fusion]",
+        f'inputs = ["{models[0]}:-1:mean", "{models[-1]}:-1:first"]',
+        "average = []",
+        "width = 8",
+        "hidden = 8",
+        "epochs = 3",
+        "",
+    ]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
@@ -34,15 +57,22 @@ def write_config(path: Path, *, models=("llama", "bert"), limit: int = 60, shard
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for `python -m pipeline` children: one torch thread each (they share 2 cores)."""
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        }
+    )
     env.update(extra)
     return env
 
 
 def start_cli(*args: str, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=cli_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def run_cli(*args: str, timeout: float = 180, **env: str) -> str:
@@ -57,7 +87,6 @@ def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-
 def make_entry(store, name: str = "bert", n_shards: int = 2, rows: int = 3):
     """A small committed features entry; returns its key."""
     from store import fingerprint
@@ -67,8 +96,12 @@ def make_entry(store, name: str = "bert", n_shards: int = 2, rows: int = 3):
     w = store.writer(key, desc, n_shards=n_shards)
     for i in range(n_shards):
         rng = np.random.default_rng(i)
-        w.write_shard(i, {"hidden/mean": rng.standard_normal((rows, 3, 4)).astype(np.float32)},
-                      pd.DataFrame({"row": np.arange(i * rows, (i + 1) * rows), "label": rng.integers(0, 2, rows)}), row_start=i * rows)
+        w.write_shard(
+            i,
+            {"hidden/mean": rng.standard_normal((rows, 3, 4)).astype(np.float32)},
+            pd.DataFrame({"row": np.arange(i * rows, (i + 1) * rows), "label": rng.integers(0, 2, rows)}),
+            row_start=i * rows,
+        )
     w.write_file("notes.json", b'{"hello": 1}')
     w.commit()
     return key

@@ -6,9 +6,9 @@ import os
 import stat
 
 import pytest
+from sharing_helpers import make_entry, tree_digest
 
 from pipeline.cli import main
-from sharing_helpers import make_entry, tree_digest
 from store import CorruptEntryError, Store, StoreError, commands
 from store.transfer import copy_entry
 

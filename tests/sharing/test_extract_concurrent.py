@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-
 from sharing_helpers import start_cli, write_config
+
 from store import Store, commands
 
 pytestmark = pytest.mark.slow

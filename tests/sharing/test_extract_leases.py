@@ -14,8 +14,8 @@ import torch
 from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
 from pipeline.models import resolve
-from stages.extract import runner
 from stages.entries import FeatureRequest
+from stages.extract import runner
 from stages.extract.runner import extract_entry, load_for_extract
 from store import Store
 
@@ -84,7 +84,8 @@ def test_takes_over_the_shard_of_a_crashed_writer(tmp_path, request_and_model, r
     store = Store(tmp_path)
     store.writer(request.key, request.description(), n_shards=3)
     (tmp_path / "leases" / f"{request.key}.shard_00000.json").write_text(
-        json.dumps({"owner": "crashed", "host": "another-machine", "pid": 1, "expires": time.time() - 1}))
+        json.dumps({"owner": "crashed", "host": "another-machine", "pid": 1, "expires": time.time() - 1})
+    )
     stats = extract_entry(request, store, lambda: loaded, progress=False)
     assert stats.committed and stats.rows == len(TEXTS)
     assert _shard_hashes(store, request.key) == reference

@@ -108,7 +108,10 @@ def test_threads_split_shards_exactly_once(tmp_path):
                     time.sleep(0.005)
                     import numpy as np
                     import pandas as pd
-                    w.write_shard(k, {"x": np.full((2, 3), k, dtype=np.float32)}, pd.DataFrame({"row": [2 * k, 2 * k + 1]}), row_start=2 * k)
+
+                    w.write_shard(
+                        k, {"x": np.full((2, 3), k, dtype=np.float32)}, pd.DataFrame({"row": [2 * k, 2 * k + 1]}), row_start=2 * k
+                    )
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
+from sharing_helpers import run_cli, tree_digest, write_config
 
 from pipeline.cli import main
-from sharing_helpers import run_cli, tree_digest, write_config
 from store import Store
 
 pytestmark = pytest.mark.slow
@@ -21,8 +20,7 @@ def _remote_digest(store: Store) -> dict[str, str]:
 
     sfs = store.fs
     root = sfs.join("entries")
-    return {sfs.rel(f["name"]).removeprefix("entries/"): hashlib.sha256(sfs.cat(f["name"])).hexdigest()
-            for f in sfs.walk_files(root)}
+    return {sfs.rel(f["name"]).removeprefix("entries/"): hashlib.sha256(sfs.cat(f["name"])).hexdigest() for f in sfs.walk_files(root)}
 
 
 def test_stages_on_s3_and_pull_push_round_trip(s3_server, tmp_path, capsys):
@@ -35,7 +33,7 @@ def test_stages_on_s3_and_pull_push_round_trip(s3_server, tmp_path, capsys):
 
     # a separate process configured only by the environment sees the same store
     out = run_cli("store", "ls", "--json", "--store", URL, timeout=120)
-    rows = json.loads(out[out.index("["):])
+    rows = json.loads(out[out.index("[") :])
     kinds = sorted(r["kind"] for r in rows)
     assert kinds.count("features") == 6 and "scores" in kinds and all(r["complete"] for r in rows)
     assert all(r["created_by"]["code_version"].startswith("layerstore ") for r in rows)
@@ -54,4 +52,3 @@ def test_stages_on_s3_and_pull_push_round_trip(s3_server, tmp_path, capsys):
     assert _remote_digest(Store(mirror)) == original
     assert main(["store", "push", "--store", str(local), "--to", mirror]) == 0
     assert f"0 copied, {len(rows)} already present" in capsys.readouterr().out
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from sharing_helpers import make_entry
+
 from store import Store, fingerprint
 
 

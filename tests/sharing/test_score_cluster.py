@@ -9,9 +9,9 @@ import time
 
 import pandas as pd
 import pytest
+from sharing_helpers import cli_env, write_config
 
 from pipeline.cli import main
-from sharing_helpers import ROOT, cli_env, write_config
 
 distributed = pytest.importorskip("distributed")
 
@@ -25,15 +25,47 @@ def cluster(tmp_path):
     """tcp:// address of a scheduler with two single-threaded worker processes."""
     sched_file = tmp_path / "scheduler.json"
     common = dict(cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--scheduler-file", str(sched_file),
-                               "--host", "127.0.0.1", "--port", "0", "--no-dashboard"], **common)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--scheduler-file",
+                str(sched_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+            ],
+            **common,
+        )
+    ]
     try:
         deadline = time.time() + 60
         while not sched_file.exists():
             assert time.time() < deadline and procs[0].poll() is None, "dask scheduler did not start"
             time.sleep(0.2)
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sched_file),
-                                       "--nworkers", "2", "--nthreads", "1", "--no-dashboard", "--memory-limit", "1GB"], **common))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    "--scheduler-file",
+                    str(sched_file),
+                    "--nworkers",
+                    "2",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--memory-limit",
+                    "1GB",
+                ],
+                **common,
+            )
+        )
         with distributed.Client(scheduler_file=str(sched_file), timeout="30s") as client:
             client.wait_for_workers(2, timeout=90)
             worker_pids = set(client.run(lambda: __import__("os").getpid()).values())

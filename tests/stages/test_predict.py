@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline_e2e"))
 import tiny_pipeline as tp  # noqa: E402
 
-from pipeline.errors import ConfigError, PipelineError  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
 from store import Store  # noqa: E402
 
 DEV_ROWS = [0, 3, 17, 41, 64, 79]  # across all three dev shards (32/32/16 rows)
@@ -32,12 +32,13 @@ def trained(tmp_path_factory):
 
 def _stored(cfg, store, blocks, rows) -> dict[str, np.ndarray]:
     """Features of ``rows`` of the dev split for ``blocks``, as the store holds them."""
-    from stages.entries import feature_requests
-    from stages.entries import open_features
+    from stages.entries import feature_requests, open_features
 
     reqs = {r.model.name: r for r in feature_requests(cfg) if r.split.name == cfg.train.dev_split}
-    return {str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[rows, b.layer, :], dtype=np.float32)
-            for b in blocks}
+    return {
+        str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[rows, b.layer, :], dtype=np.float32)
+        for b in blocks
+    }
 
 
 def _dev_texts(cfg) -> list[str]:
@@ -47,13 +48,17 @@ def _dev_texts(cfg) -> list[str]:
     return [split.texts[i] for i in DEV_ROWS]
 
 
-@pytest.mark.parametrize("head_name", [
-    "probe:llama:0:mean",  # truncated to one block
-    "probe:llama:1:mean",  # intermediate: must not see llama's final norm
-    "probe:llama:2:mean",  # top: must see it (no truncation)
-    "probe:t5:1:mean", "top:t5:mean",  # t5's encoder applies final_layer_norm to its last state
-    "fusion",  # blocks of two models, llama at two depths
-])
+@pytest.mark.parametrize(
+    "head_name",
+    [
+        "probe:llama:0:mean",  # truncated to one block
+        "probe:llama:1:mean",  # intermediate: must not see llama's final norm
+        "probe:llama:2:mean",  # top: must see it (no truncation)
+        "probe:t5:1:mean",
+        "top:t5:mean",  # t5's encoder applies final_layer_norm to its last state
+        "fusion",  # blocks of two models, llama at two depths
+    ],
+)
 def test_predict_texts_matches_head_on_stored_features(trained, head_name):
     from stages.predict import _head_blocks, heads_entry, predict_texts
 
@@ -72,8 +77,8 @@ def test_predict_texts_matches_head_on_stored_features(trained, head_name):
 
 def test_predict_block_features_equal_stored_bytes(trained):
     """The features themselves, not just the probabilities: predict rounds like extract stores."""
-    from stages.predict import block_features
     from pipeline.blocks import Block
+    from stages.predict import block_features
 
     cfg, store, _ = trained
     blocks = [Block(m, layer, p) for m in ("llama", "t5") for layer in (0, 1, 2) for p in ("mean", "first", "last")]
@@ -99,8 +104,20 @@ def test_predict_cli_prints_label_and_probabilities(trained, capsys):
     from pipeline.cli import main
 
     cfg, store, _ = trained
-    rc = main(["predict", "--config", cfg.source, "--store", store.url.removeprefix("file://"), "--head", "probe:t5:1:mean", "-q",
-               "a gripping film", "dull and lifeless"])
+    rc = main(
+        [
+            "predict",
+            "--config",
+            cfg.source,
+            "--store",
+            store.url.removeprefix("file://"),
+            "--head",
+            "probe:t5:1:mean",
+            "-q",
+            "a gripping film",
+            "dull and lifeless",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0 and len(out) == 3 and out[0] == "label\tp_0\tp_1\ttext"
     label, p0, p1, text = out[1].split("\t")
@@ -139,8 +156,12 @@ def test_predict_from_the_store_alone(trained, tmp_path, capsys, monkeypatch):
     assert _cli_rows(capsys, ["predict", "--config", str(gone), "--store", url, "--head", "fusion", "-q", *texts]) == want
     monkeypatch.chdir(tmp_path)  # no configs/default.toml here: the key alone must do
     assert _cli_rows(capsys, ["predict", "--store", url, "--head", f"{key[:10]}:fusion", "-q", *texts]) == want
-    from_stdin = _cli_rows(capsys, ["predict", "--store", url, "--head", f"{key[:10]}:fusion", "--file", "-", "--format", "jsonl", "-q"],
-                           stdin="a gripping film\nflat\n", monkeypatch=monkeypatch)
+    from_stdin = _cli_rows(
+        capsys,
+        ["predict", "--store", url, "--head", f"{key[:10]}:fusion", "--file", "-", "--format", "jsonl", "-q"],
+        stdin="a gripping film\nflat\n",
+        monkeypatch=monkeypatch,
+    )
     rows = [json.loads(line) for line in from_stdin]
     assert [r["text"] for r in rows] == ["a gripping film", "flat"]
     assert rows[0]["label"] == int(want[1].split("\t")[0]) and set(rows[0]["probabilities"]) == {"0", "1"}
@@ -156,7 +177,7 @@ def test_predict_refuses_empty_texts(trained, tmp_path):
         predict_texts(cfg, store, "fusion", ["fine", "  "])
     from pipeline.cli import read_lines
 
-    (tmp_path / "t.txt").write_bytes("ok\n\nlast\n".encode())
+    (tmp_path / "t.txt").write_bytes(b"ok\n\nlast\n")
     with pytest.raises(PipelineError, match="line 2 is empty"):
         read_lines(str(tmp_path / "t.txt"))
     (tmp_path / "b.txt").write_bytes(b"fine\nstill fine\nbad \xff here\n")
@@ -183,8 +204,9 @@ def test_changed_config_never_uses_stale_heads(trained):
 
     cfg, store, _ = trained
     llama_fusion = dataclasses.replace(cfg.train.fusion, inputs=("llama:-1:mean",), average=())
-    only_llama = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m.name == "llama"),
-                                     train=dataclasses.replace(cfg.train, fusion=llama_fusion))
+    only_llama = dataclasses.replace(
+        cfg, models=tuple(m for m in cfg.models if m.name == "llama"), train=dataclasses.replace(cfg.train, fusion=llama_fusion)
+    )
     with pytest.raises(PipelineError, match=r"no trained heads for 'e2e-tiny' with its current features.*make train"):
         predict_texts(only_llama, store, "probe:t5:1:mean", ["text"])
 

@@ -44,11 +44,13 @@ def shard_inputs(index: int, rows_per_shard: int = 5, n_layers: int = 3, width: 
         "hidden/first": rng.standard_normal((rows_per_shard, n_layers, width)).astype(np.float32),
         "ffn/fire_count": rng.integers(0, 10, (n_layers, ffn)).astype(np.int64),
     }
-    table = pd.DataFrame({
-        "id": np.arange(row_start, row_start + rows_per_shard),
-        "label": rng.integers(0, 2, rows_per_shard),
-        "text_sha256": [f"{i:064x}" for i in range(row_start, row_start + rows_per_shard)],
-    })
+    table = pd.DataFrame(
+        {
+            "id": np.arange(row_start, row_start + rows_per_shard),
+            "label": rng.integers(0, 2, rows_per_shard),
+            "text_sha256": [f"{i:064x}" for i in range(row_start, row_start + rows_per_shard)],
+        }
+    )
     attrs = {"ffn/fire_count": {"threshold": 0.0, "n_tokens": 10 * (index + 1)}}
     return arrays, table, row_start, attrs
 

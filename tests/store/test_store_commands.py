@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -118,4 +117,9 @@ def test_counts_read_as_english():
     from store.errors import plural
 
     assert [plural(1, "shard"), plural(3, "shard"), plural(1, "entry"), plural(2, "entry"), plural(0, "key")] == [
-        "1 shard", "3 shards", "1 entry", "2 entries", "0 keys"]
+        "1 shard",
+        "3 shards",
+        "1 entry",
+        "2 entries",
+        "0 keys",
+    ]

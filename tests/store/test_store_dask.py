@@ -15,8 +15,10 @@ def test_arrays_on_local_cluster_with_processes(tmp_path, write_entry):
     key, inputs, _ = write_entry(store, n_shards=4)
     entry = Store(tmp_path / "fs").open(key)
     expected = np.concatenate([i[0]["hidden/mean"] for i in inputs])
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        distributed.Client(cluster) as client,
+    ):
         mean = entry.array("hidden/mean", rows_per_chunk=3)
         np.testing.assert_array_equal(client.compute(mean).result(), expected)
         np.testing.assert_allclose(client.compute(mean.mean(axis=0)).result(), expected.mean(axis=0), rtol=1e-6)

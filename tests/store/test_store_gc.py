@@ -24,7 +24,11 @@ def _stale_store(tmp_path, write_entry, description):
     committed, _, _ = write_entry(store)
     unfinished, _, _ = write_entry(store, n_shards=4, description=description(max_length=64), commit=False)
     (tmp_path / "fs" / "tmp" / "crashed.part").write_bytes(b"half a shard")
-    for path in (tmp_path / "fs" / "entries" / committed, tmp_path / "fs" / "entries" / unfinished, tmp_path / "fs" / "tmp" / "crashed.part"):
+    for path in (
+        tmp_path / "fs" / "entries" / committed,
+        tmp_path / "fs" / "entries" / unfinished,
+        tmp_path / "fs" / "tmp" / "crashed.part",
+    ):
         _age(path, 2 * DAY)
     return store, committed, unfinished
 

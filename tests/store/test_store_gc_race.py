@@ -17,8 +17,21 @@ import pytest
 import store.lease as lease_mod
 from store import Store, fingerprint
 
-_OPS = ("exists", "cat", "open", "size", "sha256", "listdir", "write_bytes", "publish", "overwrite", "remove",
-        "makedirs", "ensure_writable", "open_random_access")
+_OPS = (
+    "exists",
+    "cat",
+    "open",
+    "size",
+    "sha256",
+    "listdir",
+    "write_bytes",
+    "publish",
+    "overwrite",
+    "remove",
+    "makedirs",
+    "ensure_writable",
+    "open_random_access",
+)
 # A writer waiting for gc's lock polls it: stop the writer after this many steps so gc can go on.
 SPIN_LIMIT = 400
 _FACTORIES: dict = {}

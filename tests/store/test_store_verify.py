@@ -118,11 +118,15 @@ def test_verify_command_rejects_bad_key(tmp_path):
         commands.verify(Store(tmp_path / "fs"), ["not-a-key"])
 
 
-@pytest.mark.parametrize("edit, where, reason", [
-    (lambda m: m["shards"][1].update(n_rows=4), "shard_00001.h5", "the file says n_rows 5, the manifest 4"),
-    (lambda m: m.update(n_rows=14), "manifest.json", "n_rows 14 but the shards hold 15"),
-    (lambda m: m["shards"][2].update(row_start=11), "shard_00002.h5", "the file says row_start 10, the manifest 11"),
-], ids=["shard-n_rows", "total-n_rows", "row_start"])
+@pytest.mark.parametrize(
+    "edit, where, reason",
+    [
+        (lambda m: m["shards"][1].update(n_rows=4), "shard_00001.h5", "the file says n_rows 5, the manifest 4"),
+        (lambda m: m.update(n_rows=14), "manifest.json", "n_rows 14 but the shards hold 15"),
+        (lambda m: m["shards"][2].update(row_start=11), "shard_00002.h5", "the file says row_start 10, the manifest 11"),
+    ],
+    ids=["shard-n_rows", "total-n_rows", "row_start"],
+)
 def test_edited_row_counts_fail_verify(entry_dir, edit, where, reason):
     """Hashes do not cover the manifest itself: its row counts are checked against the files."""
     store, key, d = entry_dir

@@ -44,7 +44,9 @@ def test_rows_per_chunk_splits_shards(tmp_path, write_entry):
 
 
 def test_files_carry_key_and_description(tmp_path, write_entry):
-    import h5py, json
+    import json
+
+    import h5py
 
     store = Store(tmp_path / "fs")
     key, _, _ = write_entry(store)

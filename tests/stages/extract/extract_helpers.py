@@ -11,7 +11,6 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
@@ -56,8 +55,16 @@ def make_split(texts=TEXTS, labels=None, name: str = "train", dataset: str = "to
     return Split(dataset, name, tuple(texts), labels, "<memory>")
 
 
-def make_request(family: str = "bert", *, split: Split | None = None, thresholds: tuple[float, ...] = (0.0,), spec=None,
-                 name: str | None = None, sink: str = "auto", **overrides) -> FeatureRequest:
+def make_request(
+    family: str = "bert",
+    *,
+    split: Split | None = None,
+    thresholds: tuple[float, ...] = (0.0,),
+    spec=None,
+    name: str | None = None,
+    sink: str = "auto",
+    **overrides,
+) -> FeatureRequest:
     model = ModelConfig(name=name or family, source=f"tiny-random-{family}", thresholds=tuple(thresholds), sink=sink)
     return FeatureRequest(split or make_split(), model, spec or resolve(model.source), _cfg(**overrides))
 
@@ -89,8 +96,9 @@ class CountingLoader:
 def entry_files(store_root: Path, key: str) -> dict[str, str]:
     """sha256 of every file of an entry directory except the manifest (which holds a timestamp)."""
     folder = Path(store_root) / "entries" / key
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
-            if p.is_file() and p.name != "manifest.json"}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"
+    }
 
 
 def replace_cfg(request: FeatureRequest, **overrides) -> FeatureRequest:

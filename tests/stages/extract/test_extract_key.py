@@ -8,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from extract_helpers import LABELS, TEXTS, CountingLoader, make_request, make_split, replace_cfg
+
 from pipeline.models import resolve
 from pipeline.models.random_init import random_model
 from stages.extract.runner import extract_entry
@@ -18,26 +18,41 @@ from store import Store
 BASE = make_request("bert")
 
 
-@pytest.mark.parametrize("overrides", [
-    {"device": "cuda"}, {"device": "cuda:1"}, {"device": "cpu"},
-    {"token_budget": 16}, {"token_budget": 100_000},
-    {"max_batch_size": 1}, {"max_batch_size": 999},
-    {"allow_nonfinite": True},
-    {"poolings": ("last", "first", "mean")}, {"ffn_poolings": ("max", "mean")},  # order is irrelevant
-], ids=str)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"device": "cuda"},
+        {"device": "cuda:1"},
+        {"device": "cpu"},
+        {"token_budget": 16},
+        {"token_budget": 100_000},
+        {"max_batch_size": 1},
+        {"max_batch_size": 999},
+        {"allow_nonfinite": True},
+        {"poolings": ("last", "first", "mean")},
+        {"ffn_poolings": ("max", "mean")},  # order is irrelevant
+    ],
+    ids=str,
+)
 def test_key_ignores_what_does_not_change_bytes(overrides):
     assert replace_cfg(BASE, **overrides).key == BASE.key
 
 
-@pytest.mark.parametrize("overrides", [
-    {"max_length": 23}, {"max_length": 128},
-    {"poolings": ("mean",)}, {"poolings": ("mean", "first")},
-    {"ffn_poolings": ("mean",)},
-    {"storage_dtype": "float32"},
-    {"special_tokens_in_mean": True},
-    {"compute_dtype": "bfloat16"},
-    {"shard_rows": 6},
-], ids=str)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"max_length": 23},
+        {"max_length": 128},
+        {"poolings": ("mean",)},
+        {"poolings": ("mean", "first")},
+        {"ffn_poolings": ("mean",)},
+        {"storage_dtype": "float32"},
+        {"special_tokens_in_mean": True},
+        {"compute_dtype": "bfloat16"},
+        {"shard_rows": 6},
+    ],
+    ids=str,
+)
 def test_key_changes_with_what_changes_bytes(overrides):
     assert replace_cfg(BASE, **overrides).key != BASE.key
 
@@ -129,9 +144,15 @@ def test_local_folder_extracts_same_values_as_tiny_model(tmp_path, local_models)
     np.testing.assert_array_equal(a.per_shard("ffn/fire_count").compute(), b.per_shard("ffn/fire_count").compute())
 
 
-@pytest.mark.parametrize("family, rule, thresholds", [
-    ("llama", "abs_gt", (0.1, 0.5)), ("bert", "gt", (0.0, 0.1)), ("roberta", "gt", (0.0, 0.1)), ("t5", "gt", (0.0,)),
-])
+@pytest.mark.parametrize(
+    "family, rule, thresholds",
+    [
+        ("llama", "abs_gt", (0.1, 0.5)),
+        ("bert", "gt", (0.0, 0.1)),
+        ("roberta", "gt", (0.0, 0.1)),
+        ("t5", "gt", (0.0,)),
+    ],
+)
 def test_firing_rule_and_default_thresholds_per_family(family, rule, thresholds):
     """Gated FFNs (Llama) fire on magnitude; empty threshold lists fall back to the family default."""
     req = make_request(family, thresholds=())

@@ -23,8 +23,8 @@ def _batch(padding: str, seed: int = 0):
     spans = []
     for r, n in enumerate(LENGTHS):
         a = 0 if padding == "right" else WIDTH - n
-        attention[r, a:a + n] = 1
-        special[r, a:a + n] = 0
+        attention[r, a : a + n] = 1
+        special[r, a : a + n] = 0
         if n >= 3:  # a leading and a trailing special token, like [CLS] ... [SEP]
             special[r, a] = special[r, a + n - 1] = 1
         elif n == 2:  # a leading special only, like <s> + one word
@@ -32,7 +32,7 @@ def _batch(padding: str, seed: int = 0):
         else:  # a single token that is special: the row must fall back to its real tokens
             special[r, a] = 1
         x[r, :a] = 1e4  # padding garbage far larger than any real value
-        x[r, a + n:] = 1e4
+        x[r, a + n :] = 1e4
         spans.append((a, a + n))
     return x, attention, special, spans
 
@@ -157,6 +157,7 @@ def test_masked_mean_ignores_non_finite_padding():
 
 
 # batching -----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("budget,max_batch", [(16, 128), (64, 4), (200, 8), (1000, 1)])

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from extract_helpers import FAMILIES, LONG_ROW, TEXTS, CountingLoader, make_request
+
 from pipeline.models.random_init import TINY, random_model
 from stages.extract.batching import plan_batches
 from stages.extract.runner import extract_entry
@@ -47,8 +47,10 @@ def _tokens(tokenizer, text: str, max_length: int):
 def _forward(model, family, input_ids, attention_mask, position_ids=None):
     """Hidden states (list of (B, T, H)) and FFN inputs (list of (B, T, F)) as float64 numpy."""
     captured = []
-    handles = [FFN_OUT[family](model, i).register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().clone()))
-               for i in range(N_LAYERS)]
+    handles = [
+        FFN_OUT[family](model, i).register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().clone()))
+        for i in range(N_LAYERS)
+    ]
     kwargs = {} if position_ids is None else {"position_ids": position_ids}
     try:
         with torch.no_grad():
@@ -75,8 +77,8 @@ def _per_text_tokens(model, family, toks, mode, pad_id):
     spans = []
     for r, (ids, _) in enumerate(toks):
         start = 0 if mode == "right" else width - len(ids)
-        input_ids[r, start:start + len(ids)] = torch.tensor(ids)
-        attention[r, start:start + len(ids)] = 1
+        input_ids[r, start : start + len(ids)] = torch.tensor(ids)
+        attention[r, start : start + len(ids)] = 1
         spans.append((start, start + len(ids)))
     position_ids = None
     if mode == "left" and family in ("llama", "bert"):
@@ -135,8 +137,10 @@ def reference(family: str, mode: str, *, max_length: int = 24, include_special: 
         model, tokenizer = _REF[(family, "model")]
         toks = [_tokens(tokenizer, t, max_length)[:2] for t in TEXTS]
         per_text = _per_text_tokens(model, family, toks, mode, tokenizer.pad_token_id)
-        pooled = [_pool(h, f, s, include_special=include_special, thresholds=thresholds, magnitude=MAGNITUDE[family])
-                  for (h, f), (_, s) in zip(per_text, toks)]
+        pooled = [
+            _pool(h, f, s, include_special=include_special, thresholds=thresholds, magnitude=MAGNITUDE[family])
+            for (h, f), (_, s) in zip(per_text, toks)
+        ]
         ref = {k: np.stack([p[k] for p in pooled]) for k in pooled[0]}
         ref["n_tokens"] = np.array([len(ids) for ids, _ in toks])
         ref["truncated"] = np.array([_tokens(tokenizer, t, max_length)[2] for t in TEXTS])
@@ -210,8 +214,13 @@ def test_stored_features_match_reference(tmp_path, family, variant):
         assert any(len(set(ref["n_tokens"][lo:hi][b])) > 1 for b in batches)
 
     rel = 1e-2 if cfg.storage_dtype == "float16" else 1e-5
-    expected_shapes = {"hidden/mean": (N_LAYERS + 1, HIDDEN), "hidden/first": (N_LAYERS + 1, HIDDEN), "hidden/last": (N_LAYERS + 1, HIDDEN),
-                       "ffn/mean": (N_LAYERS, FFN), "ffn/max": (N_LAYERS, FFN)}
+    expected_shapes = {
+        "hidden/mean": (N_LAYERS + 1, HIDDEN),
+        "hidden/first": (N_LAYERS + 1, HIDDEN),
+        "hidden/last": (N_LAYERS + 1, HIDDEN),
+        "ffn/mean": (N_LAYERS, FFN),
+        "ffn/max": (N_LAYERS, FFN),
+    }
     if MAGNITUDE[family]:
         expected_shapes["ffn/absmax"] = (N_LAYERS, FFN)
     else:
@@ -283,4 +292,6 @@ def test_cuda_bfloat16_matches_reference(tmp_path, family):
     for name in ("hidden/mean", "hidden/first", "hidden/last", "ffn/mean", "ffn/max"):
         assert_close(entry.array(name).compute(), ref[name], rel=1e-1, what=f"{family} cuda bf16 {name}")
     assert entry.table()["n_tokens"].tolist() == ref["n_tokens"].tolist()
-    assert [a["n_tokens"] for a in entry.shard_attrs("ffn/fire_count")] == [int(ref["n_counted"][lo:hi].sum()) for lo, hi in _shards(len(TEXTS), 5)]
+    assert [a["n_tokens"] for a in entry.shard_attrs("ffn/fire_count")] == [
+        int(ref["n_counted"][lo:hi].sum()) for lo, hi in _shards(len(TEXTS), 5)
+    ]

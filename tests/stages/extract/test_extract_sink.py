@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from extract_helpers import TEXTS, make_request
+
 from pipeline.errors import ModelError
 from pipeline.models.families import family_of, sink_token_id
 from pipeline.models.random_init import random_model
@@ -35,8 +35,9 @@ def _loader(model, tokenizer):
 def _reference(model, tokenizer, sink: bool, max_length: int = 24):
     """Per text: hidden mean over real tokens, last token, FFN fire counts at |a| > 0.05, norm ratio."""
     ffn = []
-    hooks = [model.layers[i].mlp.down_proj.register_forward_hook(lambda m, a, o: ffn.append(a[0][0].double()))
-             for i in range(len(model.layers))]
+    hooks = [
+        model.layers[i].mlp.down_proj.register_forward_hook(lambda m, a, o: ffn.append(a[0][0].double())) for i in range(len(model.layers))
+    ]
     rows = []
     try:
         for text in TEXTS:
@@ -48,13 +49,15 @@ def _reference(model, tokenizer, sink: bool, max_length: int = 24):
                 hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
             real = slice(1 if sink else 0, len(ids))
             norms = [h[0, real].double().norm(dim=-1).sort().values for h in hs]
-            rows.append({
-                "mean": np.stack([h[0, real].double().mean(0).numpy() for h in hs]),
-                "last": np.stack([h[0, -1].double().numpy() for h in hs]),
-                "fire": np.stack([(f[real].abs() > 0.05).sum(0).numpy() for f in ffn]),
-                "ratio": np.array([float(n[-1] / n[(len(n) - 1) // 2]) for n in norms]),
-                "n_tokens": len(ids),
-            })
+            rows.append(
+                {
+                    "mean": np.stack([h[0, real].double().mean(0).numpy() for h in hs]),
+                    "last": np.stack([h[0, -1].double().numpy() for h in hs]),
+                    "fire": np.stack([(f[real].abs() > 0.05).sum(0).numpy() for f in ffn]),
+                    "ratio": np.array([float(n[-1] / n[(len(n) - 1) // 2]) for n in norms]),
+                    "n_tokens": len(ids),
+                }
+            )
     finally:
         for h in hooks:
             h.remove()

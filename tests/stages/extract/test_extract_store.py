@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from extract_helpers import TEXTS, CountingLoader, entry_files, make_request, make_split
 
 import stages.extract.runner as runner
-from extract_helpers import TEXTS, CountingLoader, entry_files, loaded_model, make_request, make_split
 from pipeline.config import DataConfig, ExperimentConfig, ModelConfig, ScoreConfig, TrainConfig
 from stages.extract import NonFiniteError
 from stages.extract.runner import LoadedModel, extract_entry
@@ -206,9 +206,12 @@ def test_orchestrate_extract_second_run_loads_nothing(tmp_path, monkeypatch):
         rows = "".join(f"{t}\t{y % 2}\n" for y, t in enumerate(texts))
         (data / f"{split}.tsv").write_text("text\tlabel\n" + rows)
     cfg = ExperimentConfig(
-        name="toy", data=DataConfig(name="toy", path=str(data), splits=("train", "dev")),
-        models=(ModelConfig(name="bert", source="tiny-random-bert"),), extract=make_request().extract,
-        score=ScoreConfig(split="train"), train=TrainConfig(dev_split="dev", test_split="dev"),
+        name="toy",
+        data=DataConfig(name="toy", path=str(data), splits=("train", "dev")),
+        models=(ModelConfig(name="bert", source="tiny-random-bert"),),
+        extract=make_request().extract,
+        score=ScoreConfig(split="train"),
+        train=TrainConfig(dev_split="dev", test_split="dev"),
     )
     url = str(tmp_path / "store")
     assert orchestrate.extract(cfg, url, progress=False) == 0
@@ -232,8 +235,8 @@ TARGET_ROW = 6  # "not worth the time ." in shard 1
 
 def _nan_loader(family: str, row: int = TARGET_ROW):
     """A loader whose model writes NaN into the output of the last block's FFN for one text."""
-    from pipeline.models.random_init import random_model
     from pipeline.models.families import family_of
+    from pipeline.models.random_init import random_model
 
     def load() -> LoadedModel:
         model, tokenizer = random_model(family)
@@ -243,8 +246,12 @@ def _nan_loader(family: str, row: int = TARGET_ROW):
 
         def find_rows(module, args, kwargs):
             ids = kwargs["input_ids"]
-            hit[:] = [b for b in range(ids.shape[0]) if ids[b, : len(target)].tolist() == target
-                      and (ids.shape[1] == len(target) or ids[b, len(target)] == tokenizer.pad_token_id)]
+            hit[:] = [
+                b
+                for b in range(ids.shape[0])
+                if ids[b, : len(target)].tolist() == target
+                and (ids.shape[1] == len(target) or ids[b, len(target)] == tokenizer.pad_token_id)
+            ]
 
         def poison(module, args, output):
             output = output.clone()
@@ -288,9 +295,10 @@ def test_allow_nonfinite_commits_and_stores_the_nan(tmp_path):
 
 def test_float16_overflow_is_reported(tmp_path):
     """Finite float32 values beyond the float16 range become inf in storage: reported, not stored silently."""
+
     def load() -> LoadedModel:
-        from pipeline.models.random_init import random_model
         from pipeline.models.families import family_of
+        from pipeline.models.random_init import random_model
 
         model, tokenizer = random_model(FAMILY)
         fam = family_of(model.config)

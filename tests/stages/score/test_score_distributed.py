@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def client():
     """Two single-threaded worker processes, as the brief's cluster."""
-    with distributed.LocalCluster(n_workers=2, processes=True,
-                                  threads_per_worker=1,
-                                  dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as c:
+    with (
+        distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0") as cluster,
+        distributed.Client(cluster) as c,
+    ):
         yield c
 
 
@@ -28,16 +28,19 @@ def small_client():
     """Workers limited to 200 MB each. Pausing and spilling are off, so a
     worker that outgrows its limit is killed (at 95%) instead of waiting
     forever; a restart shows up as a changed worker set."""
-    no_pause = {"distributed.worker.memory.target": False,
-                "distributed.worker.memory.spill": False,
-                "distributed.worker.memory.pause": False}
-    with dask.config.set(no_pause), \
-            distributed.LocalCluster(n_workers=2, processes=True,
-                                     threads_per_worker=1, memory_limit="200MB",
-                                     dashboard_address=":0") as cluster, \
-            distributed.Client(cluster) as c:
-        assert all(c.run(lambda: dask.config.get(
-            "distributed.worker.memory.pause") is False).values())
+    no_pause = {
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": False,
+    }
+    with (
+        dask.config.set(no_pause),
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, memory_limit="200MB", dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        assert all(c.run(lambda: dask.config.get("distributed.worker.memory.pause") is False).values())
         yield c
 
 
@@ -55,21 +58,17 @@ def test_variability_same_numbers_as_threads(client):
 
 def test_sparsity_same_numbers_as_threads(client):
     rng = np.random.default_rng(1)
-    ffn_max = da.from_array(rng.normal(size=(300, 2, 40)).astype(np.float16),
-                            chunks=(70, 1, 40))
+    ffn_max = da.from_array(rng.normal(size=(300, 2, 40)).astype(np.float16), chunks=(70, 1, 40))
     fire = da.from_array(rng.integers(0, 50, size=(3, 2, 40)), chunks=(1, 2, 40))
-    args = (fire, [500, 600, 700], ffn_max, rng.integers(0, 3, 300),
-            rng.random(300) < 0.3, 0.5)
-    for a, b in zip(sparsity_stats(*args, scheduler="threads"),
-                    sparsity_stats(*args, scheduler=client)):
+    args = (fire, [500, 600, 700], ffn_max, rng.integers(0, 3, 300), rng.random(300) < 0.3, 0.5)
+    for a, b in zip(sparsity_stats(*args, scheduler="threads"), sparsity_stats(*args, scheduler=client)):
         assert a.equals(b)
 
 
 def test_array_far_larger_than_worker_memory(small_client):
     # 640 MB of lazily generated float64, 10 MB chunks, 200 MB per worker.
     n, n_layers, d = 20_000, 4, 1_000
-    X = da.random.default_rng(0).standard_normal((n, n_layers, d),
-                                                 chunks=(312, n_layers, d))
+    X = da.random.default_rng(0).standard_normal((n, n_layers, d), chunks=(312, n_layers, d))
     assert X.nbytes > 3 * 200e6
     y = np.arange(n) % 3
     workers = set(small_client.scheduler_info()["workers"])

@@ -79,7 +79,7 @@ def test_sparsity_plan_fuses_with_variability_pass():
     fire, ntok, ffn_max, _, kw = _ffn(4)
     plan = VariabilityPlan(arrays, y)
     sp = SparsityPlan(fire, ntok, da.from_array(ffn_max, chunks=(40, 2, 33)), y, kw, 0.25)
-    sums, = dask.compute(plan.first_pass())
+    (sums,) = dask.compute(plan.first_pass())
     sq, values = dask.compute(plan.second_pass(sums), sp.lazy())
     fused = plan.results(sq)
     for p, X in arrays.items():
@@ -113,20 +113,22 @@ def test_score_reads_each_chunk_at_most_twice(monkeypatch):
         return real(url, so, path, name, start, stop, expected)
 
     monkeypatch.setattr(entry_mod, "_read_block", counting)
+    import pathlib
+    import tempfile
     from types import SimpleNamespace as NS
 
+    from bench.score_bench import make_store
     from stages.score.runner import score_entry
     from store import Store
 
-    import pathlib
-    import tempfile
-
-    from bench.score_bench import make_store
-
     with tempfile.TemporaryDirectory() as tmp:
         url, key, rows = make_store(pathlib.Path(tmp) / "s", 1.0)
-        request = NS(split=NS(dataset="d", name="train"), model=NS(name="m", threshold=0.0),
-                     extract=NS(poolings=("mean", "first", "last"), ffn_poolings=("max",)), spec=NS(random_init=False))
+        request = NS(
+            split=NS(dataset="d", name="train"),
+            model=NS(name="m", threshold=0.0),
+            extract=NS(poolings=("mean", "first", "last"), ffn_poolings=("max",)),
+            spec=NS(random_init=False),
+        )
         score_entry(Store(url).open(key), request, ["physics"], rows_per_chunk=7, scheduler="threads")
     hidden = {k: v for k, v in reads.items() if k[0].startswith("hidden/")}
     assert hidden and set(hidden.values()) == {2}

@@ -25,8 +25,12 @@ def _entry(tmp_path):
     labels = np.arange(ROWS) % 3
     texts = tuple(f"sentence {i} about physics" if i % 7 == 0 else f"sentence {i}" for i in range(ROWS))
     split = Split("synth", "train", texts, labels, "<synthetic>")
-    request = FeatureRequest(split, ModelConfig(name="m", source="tiny-random-bert"), resolve("tiny-random-bert"),
-                             ExtractConfig(poolings=("mean",), shard_rows=SHARD))
+    request = FeatureRequest(
+        split,
+        ModelConfig(name="m", source="tiny-random-bert"),
+        resolve("tiny-random-bert"),
+        ExtractConfig(poolings=("mean",), shard_rows=SHARD),
+    )
     store = Store(tmp_path / "store")
     desc = {**request.description(), "n_layers": LAYERS, "hidden_size": HIDDEN, "ffn_size": FFN}
     writer = store.writer(request.key, desc, n_shards=ROWS // SHARD)
@@ -38,12 +42,23 @@ def _entry(tmp_path):
         hidden = rng.standard_normal((SHARD, LAYERS + 1, HIDDEN), dtype=np.float32)
         hidden += (np.linspace(0, 2, LAYERS + 1)[None, :, None] * direction[y][:, None, :]).astype(np.float32)
         ffn_max = np.maximum(rng.standard_normal((SHARD, LAYERS, FFN), dtype=np.float32) - 1.5, 0)
-        table = pd.DataFrame({"row": np.arange(lo, hi), "label": y, "text": list(texts[lo:hi]),
-                              "n_tokens": np.full(SHARD, 9), "truncated": np.zeros(SHARD, dtype=bool)})
+        table = pd.DataFrame(
+            {
+                "row": np.arange(lo, hi),
+                "label": y,
+                "text": list(texts[lo:hi]),
+                "n_tokens": np.full(SHARD, 9),
+                "truncated": np.zeros(SHARD, dtype=bool),
+            }
+        )
         fire = (ffn_max > 0).sum(axis=0).astype(np.int64)
-        writer.write_shard(k, {"hidden/mean": hidden.astype(np.float16), "ffn/max": ffn_max.astype(np.float16),
-                               "ffn/fire_count": fire}, table, row_start=lo,
-                           attrs={"ffn/fire_count": {"threshold": 0.0, "n_tokens": 9 * SHARD}})
+        writer.write_shard(
+            k,
+            {"hidden/mean": hidden.astype(np.float16), "ffn/max": ffn_max.astype(np.float16), "ffn/fire_count": fire},
+            table,
+            row_start=lo,
+            attrs={"ffn/fire_count": {"threshold": 0.0, "n_tokens": 9 * SHARD}},
+        )
         del hidden, ffn_max
     entry = writer.commit(expected_shards=ROWS // SHARD)
     return request, entry
@@ -53,11 +68,18 @@ def test_score_on_entry_three_times_worker_memory(tmp_path):
     request, entry = _entry(tmp_path)
     on_disk = sum(f["bytes"] for f in entry.manifest["shards"])
     assert on_disk > 3 * WORKER_LIMIT
-    no_pause = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
-                "distributed.worker.memory.pause": False}
-    with dask.config.set(no_pause), \
-            distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, memory_limit=WORKER_LIMIT,
-                                     dashboard_address=":0") as cluster, distributed.Client(cluster) as client:
+    no_pause = {
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": False,
+    }
+    with (
+        dask.config.set(no_pause),
+        distributed.LocalCluster(
+            n_workers=2, processes=True, threads_per_worker=1, memory_limit=WORKER_LIMIT, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         workers = set(client.scheduler_info()["workers"])
         remote = score_entry(entry, request, ["physics"], rows_per_chunk=256, scheduler=client)
         assert set(client.scheduler_info()["workers"]) == workers, "a worker was restarted: memory was not bounded"

@@ -23,8 +23,22 @@ from store import Store  # noqa: E402
 
 VARIABILITY_COLUMNS = ["dataset", "split", "model", "pooling", "layer", "variability", "n_rows", "n_classes"]
 SPARSITY_COLUMNS = ["dataset", "split", "model", "threshold", "rule", "layer", "n_neurons", "token_fire_fraction", "dead_fraction"]
-NEURON_COLUMNS = ["dataset", "split", "model", "threshold", "layer", "neuron", "token_fire_rate", "sentence_fire_rate", "keyword_score",
-                  "keyword_base_rate", "keyword_lift", "keyword_p_value", "selectivity", "top_class"]
+NEURON_COLUMNS = [
+    "dataset",
+    "split",
+    "model",
+    "threshold",
+    "layer",
+    "neuron",
+    "token_fire_rate",
+    "sentence_fire_rate",
+    "keyword_score",
+    "keyword_base_rate",
+    "keyword_lift",
+    "keyword_p_value",
+    "selectivity",
+    "top_class",
+]
 N_THRESHOLDS = {"llama": 2, "t5": 1}  # family defaults: gated |a| > 0.1, 0.5; ReLU a > 0
 
 
@@ -75,7 +89,7 @@ def brute_force_nu(X: np.ndarray, y: np.ndarray) -> float:
     for mu in mus:
         sigma_b += np.outer(mu - mu_bar, mu - mu_bar)
     sigma_b /= K
-    scale = np.sqrt((X ** 2).sum(axis=1).mean())
+    scale = np.sqrt((X**2).sum(axis=1).mean())
     if max(np.abs(mu - mu_bar).max() for mu in mus) <= 1e-9 * scale:
         return float("inf")
     evals, evecs = np.linalg.eigh(sigma_b)

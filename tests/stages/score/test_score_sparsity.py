@@ -20,9 +20,9 @@ def make_tokens(seed, n_rows=41, n_layers=3, ffn=23):
     labels = rng.integers(0, 3, n_rows)
     has_kw = rng.random(n_rows) < 0.4
     shift = rng.normal(-1.5, 1.0, size=(n_layers, ffn))
-    shift[:, :4] = -50.0                      # dead everywhere
+    shift[:, :4] = -50.0  # dead everywhere
     class_shift = np.zeros((3, n_layers, ffn))
-    class_shift[1, :, 4:7] = 2.0              # fire mostly for class 1
+    class_shift[1, :, 4:7] = 2.0  # fire mostly for class 1
     sentences = []
     for i in range(n_rows):
         length = rng.integers(1, 12)
@@ -70,13 +70,18 @@ def brute_force(sentences, labels, has_kw, thresholds=(THRESHOLD,), magnitude=Fa
     for t in thresholds:
         for layer in range(n_layers):
             tok_fire = (tokens[:, layer] > t).sum(axis=0)
-            sent_fire = np.array([[(s[:, layer, f] > t).any() for f in range(ffn)]
-                                  for s in sentences])
-            layer_rows.append(dict(
-                threshold=t, rule=rule, layer=layer, n_neurons=ffn,
-                token_fire_fraction=tok_fire.sum() / (len(tokens) * ffn),
-                dead_fraction=np.mean(tok_fire == 0),
-                sentence_fire_fraction=sent_fire.mean()))
+            sent_fire = np.array([[(s[:, layer, f] > t).any() for f in range(ffn)] for s in sentences])
+            layer_rows.append(
+                dict(
+                    threshold=t,
+                    rule=rule,
+                    layer=layer,
+                    n_neurons=ffn,
+                    token_fire_fraction=tok_fire.sum() / (len(tokens) * ffn),
+                    dead_fraction=np.mean(tok_fire == 0),
+                    sentence_fire_fraction=sent_fire.mean(),
+                )
+            )
             for f in range(ffn):
                 fires = sent_fire[:, f]
                 rates = np.array([fires[labels == c].mean() for c in classes])
@@ -84,18 +89,23 @@ def brute_force(sentences, labels, has_kw, thresholds=(THRESHOLD,), magnitude=Fa
                 others = np.delete(rates, rates.argmax()).mean()
                 n, k = int(fires.sum()), int((fires & has_kw).sum())
                 score = k / n if n else np.nan
-                neuron_rows.append(dict(
-                    threshold=t, layer=layer, neuron=f,
-                    token_fire_rate=tok_fire[f] / len(tokens),
-                    sentence_fire_rate=fires.mean(),
-                    n_fire_sentences=n,
-                    n_keyword_fire_sentences=k,
-                    keyword_score=score,
-                    keyword_base_rate=base,
-                    keyword_lift=score / base,
-                    keyword_p_value=hypergeom_sf(k, n, int(has_kw.sum()), n_rows) if n else np.nan,
-                    selectivity=(top - others) / (top + others) if top > 0 else 0.0,
-                    top_class=classes[rates.argmax()] if n else -1))
+                neuron_rows.append(
+                    dict(
+                        threshold=t,
+                        layer=layer,
+                        neuron=f,
+                        token_fire_rate=tok_fire[f] / len(tokens),
+                        sentence_fire_rate=fires.mean(),
+                        n_fire_sentences=n,
+                        n_keyword_fire_sentences=k,
+                        keyword_score=score,
+                        keyword_base_rate=base,
+                        keyword_lift=score / base,
+                        keyword_p_value=hypergeom_sf(k, n, int(has_kw.sum()), n_rows) if n else np.nan,
+                        selectivity=(top - others) / (top + others) if top > 0 else 0.0,
+                        top_class=classes[rates.argmax()] if n else -1,
+                    )
+                )
     return pd.DataFrame(layer_rows), pd.DataFrame(neuron_rows)
 
 
@@ -105,16 +115,19 @@ def test_every_column_matches_brute_force(seed, thresholds, magnitude):
     fire, ntok, ffn_max = extract_like(sentences, [9, 20, 12], thresholds, magnitude)
     chunks = (1, 3, 23) if thresholds is None else (1, 2, 3, 23)
     layers, neurons = sparsity_stats(
-        da.from_array(fire, chunks=chunks), ntok,
-        da.from_array(ffn_max, chunks=(9, 2, 10)), labels, has_kw, thresholds or THRESHOLD,
-        rule="abs_gt" if magnitude else "gt")
+        da.from_array(fire, chunks=chunks),
+        ntok,
+        da.from_array(ffn_max, chunks=(9, 2, 10)),
+        labels,
+        has_kw,
+        thresholds or THRESHOLD,
+        rule="abs_gt" if magnitude else "gt",
+    )
     want_layers, want_neurons = brute_force(sentences, labels, has_kw, thresholds or (THRESHOLD,), magnitude)
     assert list(layers.columns) == list(want_layers.columns)
-    pd.testing.assert_frame_equal(layers, want_layers, check_dtype=False,
-                                  rtol=1e-12)
+    pd.testing.assert_frame_equal(layers, want_layers, check_dtype=False, rtol=1e-12)
     assert list(neurons.columns) == list(want_neurons.columns)
-    pd.testing.assert_frame_equal(neurons, want_neurons, check_dtype=False,
-                                  rtol=1e-12)
+    pd.testing.assert_frame_equal(neurons, want_neurons, check_dtype=False, rtol=1e-12)
     # the data exercise every branch (under |a| > t the "dead" neurons, far below zero, fire everywhere)
     if magnitude:
         assert (layers["dead_fraction"] == 0).all() and not layers.equals(brute_force(sentences, labels, has_kw, thresholds)[0])
@@ -128,8 +141,7 @@ def test_every_column_matches_brute_force(seed, thresholds, magnitude):
 def test_numpy_inputs_and_single_class():
     sentences, labels, has_kw = make_tokens(3, n_rows=10)
     fire, ntok, ffn_max = extract_like(sentences, [10])
-    _, neurons = sparsity_stats(fire, ntok, ffn_max, np.zeros(10, int),
-                                has_kw, THRESHOLD)
+    _, neurons = sparsity_stats(fire, ntok, ffn_max, np.zeros(10, int), has_kw, THRESHOLD)
     assert neurons["selectivity"].isna().all()
 
 
@@ -140,23 +152,19 @@ def test_threshold_compared_in_float64():
     threshold = float(v) - 1e-6
     assert np.float16(threshold) == v
     ffn_max = np.full((2, 1, 1), v, dtype=np.float16)
-    _, neurons = sparsity_stats(np.zeros((1, 1, 1), np.int64), [3], ffn_max,
-                                [0, 1], [True, False], threshold)
+    _, neurons = sparsity_stats(np.zeros((1, 1, 1), np.int64), [3], ffn_max, [0, 1], [True, False], threshold)
     assert neurons["sentence_fire_rate"].iloc[0] == 1.0
 
 
 def test_shape_checks():
     with pytest.raises(ValueError, match="disagree"):
-        sparsity_stats(np.zeros((1, 2, 3), np.int64), [1],
-                       np.zeros((4, 2, 5)), np.zeros(4), np.zeros(4, bool), 0.0)
+        sparsity_stats(np.zeros((1, 2, 3), np.int64), [1], np.zeros((4, 2, 5)), np.zeros(4), np.zeros(4, bool), 0.0)
     with pytest.raises(ValueError, match="per shard"):
-        sparsity_stats(np.zeros((2, 2, 3), np.int64), [1],
-                       np.zeros((4, 2, 3)), np.zeros(4), np.zeros(4, bool), 0.0)
+        sparsity_stats(np.zeros((2, 2, 3), np.int64), [1], np.zeros((4, 2, 3)), np.zeros(4), np.zeros(4, bool), 0.0)
 
 
 def test_keyword_mask():
-    texts = ["Quantum PHYSICS rocks", "astrophysics is fun", "I like math.",
-             "Machine\tlearning!", "machine-learning", "nothing here", ""]
+    texts = ["Quantum PHYSICS rocks", "astrophysics is fun", "I like math.", "Machine\tlearning!", "machine-learning", "nothing here", ""]
     mask = keyword_mask(texts, ["physics", "math", "machine learning", "  "])
     assert mask.tolist() == [True, False, True, True, False, False, False]
     # a hyphen joins words: science-fiction is not science; case and a possessive do not matter
@@ -172,10 +180,17 @@ def test_top_keyword_neurons_rank_by_significance_not_score():
     n = np.array([6, 200, 30, 2, 50, 50])
     k = np.array([3, 40, 3, 2, 0, 10])
     from stages.score.sparsity import keyword_p_values
-    df = pd.DataFrame({
-        "layer": [0, 0, 0, 0, 1, 1], "neuron": [0, 1, 2, 3, 0, 1], "n_fire_sentences": n,
-        "keyword_score": k / n, "keyword_lift": k / n / 0.05, "keyword_p_value": keyword_p_values(k, n, n_kw, n_total),
-    })
+
+    df = pd.DataFrame(
+        {
+            "layer": [0, 0, 0, 0, 1, 1],
+            "neuron": [0, 1, 2, 3, 0, 1],
+            "n_fire_sentences": n,
+            "keyword_score": k / n,
+            "keyword_lift": k / n / 0.05,
+            "keyword_p_value": keyword_p_values(k, n, n_kw, n_total),
+        }
+    )
     for i in range(len(n)):
         assert df["keyword_p_value"][i] == pytest.approx(hypergeom_sf(int(k[i]), int(n[i]), n_kw, n_total), rel=1e-9)
     top = top_keyword_neurons(df, 2)
@@ -186,6 +201,7 @@ def test_top_keyword_neurons_rank_by_significance_not_score():
 
 def test_stem_keyword_list_loads():
     from pathlib import Path
+
     path = Path(__file__).resolve().parents[3] / "configs" / "keywords" / "stem.txt"
     words = [w.strip() for w in path.read_text().splitlines() if w.strip()]
     assert len(words) >= 50 and len(set(words)) == len(words)

@@ -57,8 +57,7 @@ def test_known_answer_1d_two_classes():
     X = np.array([[0.0], [2.0], [4.0], [6.0], [8.0]])
     y = np.array([0, 0, 1, 1, 1])
     res = variability(X, y)
-    assert res == VariabilityResult(nu=pytest.approx(11 / 75, rel=1e-12),
-                                    n_rows=5, n_classes=2, rank=1)
+    assert res == VariabilityResult(nu=pytest.approx(11 / 75, rel=1e-12), n_rows=5, n_classes=2, rank=1)
 
 
 @pytest.mark.parametrize("sizes", [(40, 90), (10, 200, 35, 17, 60, 8)])
@@ -96,8 +95,7 @@ def test_by_layer_matches_per_layer_reference():
     rng = np.random.default_rng(5)
     n, L, d = 157, 4, 40
     y = rng.integers(0, 3, n)
-    X = rng.normal(size=(n, L, d)) + rng.normal(size=(3, L, d))[y] * \
-        np.array([0.0, 0.1, 1.0, 5.0])[None, :, None]
+    X = rng.normal(size=(n, L, d)) + rng.normal(size=(3, L, d))[y] * np.array([0.0, 0.1, 1.0, 5.0])[None, :, None]
     X[:, 0, :] = rng.normal(size=d)  # layer 0: every row identical
     Xd = da.from_array(X.astype(np.float16), chunks=(30, 3, 17))
     results = variability_by_layer(Xd, y)
@@ -129,15 +127,13 @@ def test_identical_rows_float16_is_inf():
 @pytest.mark.parametrize("scale", [1e-3, 7.0, 1e4])
 def test_invariant_to_scaling(scale):
     X, y = make_data((30, 50, 20), d=20, seed=1)
-    assert variability(X * scale, y).nu == pytest.approx(
-        variability(X, y).nu, rel=1e-10)
+    assert variability(X * scale, y).nu == pytest.approx(variability(X, y).nu, rel=1e-10)
 
 
 def test_invariant_to_offset():
     X, y = make_data((30, 50, 20), d=20, seed=1)
     offset = np.random.default_rng(9).normal(size=20) * 1e3
-    assert variability(X + offset, y).nu == pytest.approx(
-        variability(X, y).nu, rel=1e-8)
+    assert variability(X + offset, y).nu == pytest.approx(variability(X, y).nu, rel=1e-8)
 
 
 def test_separation_orders_nu():

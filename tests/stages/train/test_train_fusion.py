@@ -74,9 +74,7 @@ def test_avg_keys_average_is_fed_to_the_mlp(fusion_kwargs):
     X = {f"llama/L-{i}": rng.normal(size=(120, 5)) for i in (1, 2, 3)}
     X["bert/first"] = rng.normal(size=(120, 4))
     y = (X["llama/L-1"][:, 0] + X["llama/L-2"][:, 0] > 0).astype(int)
-    head = FusionHead(**fusion_kwargs(epochs=3, width=8, hidden=8)).fit(
-        X, y, X, y, avg_keys=["llama/L-1", "llama/L-2"]
-    )
+    head = FusionHead(**fusion_kwargs(epochs=3, width=8, hidden=8)).fit(X, y, X, y, avg_keys=["llama/L-1", "llama/L-2"])
     assert head.avg_keys_ == ["llama/L-1", "llama/L-2"]
     m = 4
     assert head.net_.mlp[0].in_features == m * (m + 1) // 2 + m * 8 + 5
@@ -98,9 +96,7 @@ def test_wrong_blocks_at_predict_name_the_block(xor_data, fitted_fusion, make_he
         head, owner = fitted_fusion, "FusionHead"
     else:
         head, owner = ConcatHead(Cs=(1.0,)).fit(Xtr, ytr, Xdv, ydv), "ConcatHead"
-    with pytest.raises(ValueError, match=re.escape(
-        f"{owner}: block 'b' has 5 features, but {owner} was fitted with 6 features for it"
-    )):
+    with pytest.raises(ValueError, match=re.escape(f"{owner}: block 'b' has 5 features, but {owner} was fitted with 6 features for it")):
         head.predict({"a": Xte["a"], "b": Xte["b"][:, :5]})
     with pytest.raises(ValueError, match=re.escape(f"{owner}: missing input block(s) ['b']")):
         head.predict_proba({"a": Xte["a"]})

@@ -96,8 +96,10 @@ def test_save_load_round_trip(tiny_blocks, tmp_path):
         FusionHead.from_bytes(head.to_bytes())
 
 
-@pytest.mark.parametrize(("param", "value", "allowed"), [("hidden", (), "non-empty sequence of ints"), ("width", -1, "an int >= 0"),
-                                                         ("dropout", 1.0, "[0.0, 1.0)")])
+@pytest.mark.parametrize(
+    ("param", "value", "allowed"),
+    [("hidden", (), "non-empty sequence of ints"), ("width", -1, "an int >= 0"), ("dropout", 1.0, "[0.0, 1.0)")],
+)
 def test_bad_parameters_name_the_parameter(tiny_blocks, param, value, allowed):
     (Xtr, ytr), _ = tiny_blocks
     with pytest.raises(ValueError, match=rf"LLMEmbedHead: parameter {param}=.* is invalid; expected .*{__import__('re').escape(allowed)}"):

@@ -42,8 +42,15 @@ def test_plot_layers_needs_columns(tmp_path):
 def test_layers_figure_marks_chance_and_chosen_layers():
     from stages.train.plots import layers_figure
 
-    df = pd.DataFrame({"model": ["bert"] * 4, "layer": [0, 1, 2, 3], "test_accuracy": [0.5, 0.7, 0.8, 0.75],
-                       "dev_accuracy": [0.5, 0.8, 0.7, 0.7], "nu": [3.0, 1.0, 1.2, 1.5]})
+    df = pd.DataFrame(
+        {
+            "model": ["bert"] * 4,
+            "layer": [0, 1, 2, 3],
+            "test_accuracy": [0.5, 0.7, 0.8, 0.75],
+            "dev_accuracy": [0.5, 0.8, 0.7, 0.7],
+            "nu": [3.0, 1.0, 1.2, 1.5],
+        }
+    )
     fig = layers_figure(df, title="sst2: probes", chance=0.52, marks={"bert": {"lowest nu": 1, "best on dev": 1}})
     ax = fig.axes[0]
     labels = ax.get_legend_handles_labels()[1]

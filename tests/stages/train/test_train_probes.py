@@ -49,8 +49,14 @@ def test_probe_layers_finds_the_separable_layer(layered):
     feats, (ytr, ydv, yte) = layered
     df = probe_layers(feats, ytr, ydv, yte)
     assert list(df.columns) == [
-        "layer", "C", "dev_accuracy", "dev_macro_f1",
-        "test_accuracy", "test_macro_f1", "n_params", "fit_seconds",
+        "layer",
+        "C",
+        "dev_accuracy",
+        "dev_macro_f1",
+        "test_accuracy",
+        "test_macro_f1",
+        "n_params",
+        "fit_seconds",
     ]
     assert df["layer"].tolist() == list(range(6))
     best = df.loc[df["dev_accuracy"].idxmax()]

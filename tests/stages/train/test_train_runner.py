@@ -32,9 +32,11 @@ SHARD_ROWS = 64
 ALPHA_AMPLITUDE = [0.3, 1.2, 5.0, 0.6, 0.0]
 # delta: the best layer on test (2) is not the best on dev (1), and the embedding output (0) separates best of all
 DELTA_AMPLITUDE = {"train": [6.0, 3.0, 1.0, 0.0], "dev": [6.0, 3.0, 1.0, 0.0], "test": [6.0, 0.0, 3.0, 0.0]}
-MODELS = {"alpha": dict(source="tiny-random-bert", n_layers=4, hidden=16, ffn=8, amplitude=ALPHA_AMPLITUDE),
-          "beta": dict(source="tiny-random-roberta", n_layers=3, hidden=12, ffn=8, amplitude=[0.0] * 4),
-          "delta": dict(source="tiny-random-llama", n_layers=3, hidden=16, ffn=8, amplitude=DELTA_AMPLITUDE)}
+MODELS = {
+    "alpha": dict(source="tiny-random-bert", n_layers=4, hidden=16, ffn=8, amplitude=ALPHA_AMPLITUDE),
+    "beta": dict(source="tiny-random-roberta", n_layers=3, hidden=12, ffn=8, amplitude=[0.0] * 4),
+    "delta": dict(source="tiny-random-llama", n_layers=3, hidden=16, ffn=8, amplitude=DELTA_AMPLITUDE),
+}
 
 CONFIG = """\
 name = "synthetic"
@@ -69,22 +71,33 @@ patience = 3
 """
 
 
-def write_config(folder: Path, *, models=("alpha", "beta"), fusion_inputs=("alpha:-1:mean", "beta:-1:mean"),
-                 extra_models: dict | None = None) -> Path:
+def write_config(
+    folder: Path, *, models=("alpha", "beta"), fusion_inputs=("alpha:-1:mean", "beta:-1:mean"), extra_models: dict | None = None
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data"
     if not data.exists():
         data.mkdir()
         for i, (split, n) in enumerate(SPLIT_ROWS.items()):
             labels = np.random.default_rng(10 + i).permutation(np.arange(n) % 2)
-            lines = ["text\tlabel"] + [f"{split} sentence number {j} about physics\t{y}" if j % 5 == 0 else f"{split} sentence number {j}\t{y}"
-                                       for j, y in enumerate(labels)]
+            lines = ["text\tlabel"] + [
+                f"{split} sentence number {j} about physics\t{y}" if j % 5 == 0 else f"{split} sentence number {j}\t{y}"
+                for j, y in enumerate(labels)
+            ]
             (data / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     sources = {**{m: MODELS[m]["source"] for m in models}, **(extra_models or {})}
     model_toml = "".join(f'[[models]]\nname = "{m}"\nsource = "{s}"\n\n' for m, s in sources.items())
     path = folder / "synthetic.toml"
-    path.write_text(CONFIG.format(data=data, models=model_toml, shard_rows=SHARD_ROWS, keywords=KEYWORDS,
-                                  fusion_inputs="[" + ", ".join(f'"{b}"' for b in fusion_inputs) + "]"), encoding="utf-8")
+    path.write_text(
+        CONFIG.format(
+            data=data,
+            models=model_toml,
+            shard_rows=SHARD_ROWS,
+            keywords=KEYWORDS,
+            fusion_inputs="[" + ", ".join(f'"{b}"' for b in fusion_inputs) + "]",
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -116,10 +129,22 @@ def write_synthetic_store(cfg, store: Store) -> None:
             lo, hi = k * SHARD_ROWS, min((k + 1) * SHARD_ROWS, len(labels))
             n_tokens = np.full(hi - lo, 6, dtype=np.int64)
             fire = (arrays["ffn/max"][lo:hi] > 0).sum(axis=0).astype(np.int64) * 3  # (n_layers, ffn)
-            table = pd.DataFrame({"row": np.arange(lo, hi, dtype=np.int64), "label": labels[lo:hi],
-                                  "text": list(r.split.texts[lo:hi]), "n_tokens": n_tokens, "truncated": np.zeros(hi - lo, dtype=bool)})
-            writer.write_shard(k, {**{name: a[lo:hi] for name, a in arrays.items()}, "ffn/fire_count": fire}, table, row_start=lo,
-                               attrs={"ffn/fire_count": {"threshold": 0.0, "n_tokens": int(n_tokens.sum()), "special_tokens_counted": False}})
+            table = pd.DataFrame(
+                {
+                    "row": np.arange(lo, hi, dtype=np.int64),
+                    "label": labels[lo:hi],
+                    "text": list(r.split.texts[lo:hi]),
+                    "n_tokens": n_tokens,
+                    "truncated": np.zeros(hi - lo, dtype=bool),
+                }
+            )
+            writer.write_shard(
+                k,
+                {**{name: a[lo:hi] for name, a in arrays.items()}, "ffn/fire_count": fire},
+                table,
+                row_start=lo,
+                attrs={"ffn/fire_count": {"threshold": 0.0, "n_tokens": int(n_tokens.sum()), "special_tokens_counted": False}},
+            )
         writer.commit(expected_shards=n_shards)
 
 
@@ -160,6 +185,7 @@ def trained(tmp_path_factory):
         def to_bytes(self):
             captured.by_class.setdefault(name, []).append(self)
             return real(self)
+
         return to_bytes
 
     with pytest.MonkeyPatch.context() as mp:
@@ -255,18 +281,19 @@ def test_ablation_verdict_compares_dev_chosen_heads(trained):
 
 
 def _stored_inputs(cfg, store, blocks, split: str) -> dict[str, np.ndarray]:
-    from stages.entries import feature_requests
-    from stages.entries import open_features
+    from stages.entries import feature_requests, open_features
 
     reqs = {r.model.name: r for r in feature_requests(cfg) if r.split.name == split}
-    return {str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[:, b.layer, :], dtype=np.float32)
-            for b in blocks}
+    return {
+        str(b): np.asarray(open_features(store, reqs[b.model]).array(f"hidden/{b.pooling}").compute()[:, b.layer, :], dtype=np.float32)
+        for b in blocks
+    }
 
 
 def test_saved_heads_reload_and_predict_identically(trained):
+    from pipeline.blocks import Block
     from stages.entries import feature_requests
     from stages.predict import _head_blocks, heads_entry
-    from pipeline.blocks import Block
 
     cfg, store, out, train_df, captured = trained
     entry = heads_entry(cfg, store)
@@ -288,7 +315,11 @@ def test_saved_heads_reload_and_predict_identically(trained):
         X = inputs if name in captured.fused else inputs[str(blocks[0])]
         np.testing.assert_allclose(head.predict_proba(X), original.predict_proba(X), rtol=0, atol=1e-12, err_msg=name)
         # and the reloaded head reproduces the recorded test accuracy
-        y = store.open(next(r.key for r in feature_requests(cfg) if r.split.name == "test" and r.model.name == "alpha")).table()["label"].to_numpy()
+        y = (
+            store.open(next(r.key for r in feature_requests(cfg) if r.split.name == "test" and r.model.name == "alpha"))
+            .table()["label"]
+            .to_numpy()
+        )
         kind, *rest = name.split(":")
         row = train_df[(train_df["split"] == "test") & (train_df["head"] == kind)]
         if kind == "probe":
@@ -326,8 +357,10 @@ def test_fusion_input_model_not_in_config_is_a_clear_error(trained):
     cfg, store, out, _, _ = trained
     # caught when the config is built, before any store access
     with pytest.raises(ConfigError, match=r"'gamma'.*not in \[\[models\]\].*configured: \['alpha', 'beta'\].*make extract"):
-        dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, fusion=dataclasses.replace(cfg.train.fusion, inputs=("alpha:-1:mean", "gamma:-1:mean"))))
+        dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(cfg.train, fusion=dataclasses.replace(cfg.train.fusion, inputs=("alpha:-1:mean", "gamma:-1:mean"))),
+        )
 
 
 def test_model_in_config_but_not_in_store_says_run_extract(trained, tmp_path):
