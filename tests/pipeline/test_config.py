@@ -36,6 +36,18 @@ def test_shipped_configs_load(name):
     assert {b.split(":")[0] for b in cfg.train.fusion.inputs} <= {m.name for m in cfg.models}
 
 
+def test_trec_config_carves_dev_and_fuses_the_real_models():
+    """TREC has no dev file: the config carves 10% of train as dev; all three models are real, so all are fused."""
+    from pipeline.models import EMBEDDED
+
+    cfg = load_config(PROJECT_ROOT / "configs" / "trec.toml")
+    assert cfg.data.splits == ("train", "test") and cfg.data.dev_fraction == 0.1
+    assert cfg.split_names == ("train", "test", "dev")
+    assert [m.name for m in cfg.models] == ["llama", "bert", "mpnet"]
+    assert all(m.source in EMBEDDED and not EMBEDDED[m.source].random_init for m in cfg.models)
+    assert Path(cfg.data.path) == PROJECT_ROOT / "data" / "trec"
+
+
 def test_agnews_config_loads_a_topical_set_with_real_models():
     """AG News: 4 topics in a stratified 4,000/1,000/1,900 subset, where STEM keywords are common (mostly Sci/Tech)."""
     import numpy as np

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 from pipeline_helpers import DEV_ROWS, PROJECT_ROOT, TRAIN_ROWS, write_rows
 
 from pipeline.config import DataConfig
-from pipeline.data import data_fingerprint, load_split, load_splits, split_path
+from pipeline.data import Split, carve_dev, data_fingerprint, load_split, load_splits, split_path
 from pipeline.errors import DataError
 
 FORMATS = [".tsv", ".csv", ".jsonl", ".parquet"]
@@ -389,3 +391,101 @@ def test_non_utf8_error_names_the_real_line_and_offset(tmp_path, ext):
     with pytest.raises(DataError) as e:
         load_split(cfg_for(path=str(tmp_path)), "train")
     assert f"not valid UTF-8 (line {line}, byte offset {offset})" in assert_one_line_naming(e, p)
+
+
+# --- a dev split carved from train (data.dev_fraction) --------------------------------------------
+
+
+def _unbalanced_train() -> Split:
+    """200 rows with unique texts, 4 classes of 100, 60, 30 and 10 rows, interleaved."""
+    labels = np.array([0] * 100 + [1] * 60 + [2] * 30 + [3] * 10, dtype=np.int64)
+    labels = labels[np.random.default_rng(123).permutation(len(labels))]
+    return Split("toy", "train", tuple(f"text {i}" for i in range(len(labels))), labels, "<memory>")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_carve_dev_is_a_stratified_disjoint_partition_in_file_order(fraction):
+    train = _unbalanced_train()
+    rest, dev = carve_dev(train, fraction, seed=0)
+    assert (rest.name, dev.name) == ("train", "dev") and rest.dataset == dev.dataset == "toy"
+    # a partition of the training rows: disjoint, nothing lost, each part in file order
+    assert not set(rest.texts) & set(dev.texts)
+    assert sorted(rest.texts + dev.texts) == sorted(train.texts)
+    index = {t: i for i, t in enumerate(train.texts)}
+    for part in (rest, dev):
+        rows = [index[t] for t in part.texts]
+        assert rows == sorted(rows)
+        assert part.labels.tolist() == train.labels[rows].tolist()
+    # stratified: round(fraction * class size) of every class, at least one in dev and one left
+    for label, size in zip(range(4), (100, 60, 30, 10)):
+        want = min(size - 1, max(1, round(fraction * size)))
+        assert int((dev.labels == label).sum()) == want
+        assert int((rest.labels == label).sum()) == size - want
+    assert len(dev) == sum(min(n - 1, max(1, round(fraction * n))) for n in (100, 60, 30, 10))
+    assert rest.carved == dev.carved == {"dev_fraction": fraction, "seed": 0, "from": "train"}
+
+
+def test_carve_dev_keeps_a_row_of_each_class_on_both_sides():
+    """A class of two rows with a tiny fraction: one row goes to dev, one stays."""
+    train = Split("toy", "train", ("a", "b", "c", "d", "e"), np.array([0, 0, 0, 1, 1]), "<memory>")
+    rest, dev = carve_dev(train, 0.01, seed=3)
+    assert sorted(dev.labels.tolist()) == [0, 1] and sorted(rest.labels.tolist()) == [0, 0, 1]
+
+
+def test_carve_dev_is_deterministic_for_a_seed_and_changes_with_it():
+    train = _unbalanced_train()
+    first = carve_dev(train, 0.2, seed=7)
+    again = carve_dev(train, 0.2, seed=7)
+    assert first[1].texts == again[1].texts and first[0].texts == again[0].texts
+    assert first[1].fingerprint == again[1].fingerprint
+    other = carve_dev(train, 0.2, seed=8)
+    assert other[1].texts != first[1].texts and other[1].fingerprint != first[1].fingerprint
+    assert len(other[1]) == len(first[1])  # same per-class sizes, other rows
+    assert other[1].carved["seed"] == 8
+
+
+def test_load_splits_carves_dev_with_the_experiment_seed():
+    """The shipped TREC (no dev file): train 5,452 -> 10% of each of its six classes as dev, the test split untouched."""
+    cfg = cfg_for(path=str(PROJECT_ROOT / "data" / "trec"), splits=("train", "test"), dev_fraction=0.1)
+    whole = load_split(cfg_for(path=str(PROJECT_ROOT / "data" / "trec")), "train")
+    splits = load_splits(cfg, seed=0)
+    assert list(splits) == ["train", "test", "dev"]
+    assert len(splits["train"]) + len(splits["dev"]) == len(whole) == 5452 and len(splits["test"]) == 500
+    counts = np.bincount(whole.labels)
+    assert len(counts) == 6
+    assert np.bincount(splits["dev"].labels, minlength=6).tolist() == [round(0.1 * n) for n in counts]
+    assert splits["test"].carved is None and splits["test"].fingerprint == load_split(cfg, "test").fingerprint
+    assert load_splits(cfg, seed=0)["dev"].fingerprint == splits["dev"].fingerprint
+    assert load_splits(cfg, seed=1)["dev"].fingerprint != splits["dev"].fingerprint
+
+
+def test_dev_fraction_and_seed_enter_the_features_key():
+    """The carved splits' features keys record the cut: another fraction or seed is another key, and a
+    carved train split never shares a key with the whole one."""
+    from pipeline.config import ExtractConfig, ModelConfig
+    from pipeline.models import resolve
+    from stages.entries import FeatureRequest
+
+    model = ModelConfig(name="bert", source="tiny-random-bert")
+    spec = resolve(model.source)
+
+    def key(split: Split) -> str:
+        return FeatureRequest(split, model, spec, ExtractConfig()).key
+
+    train = _unbalanced_train()
+    keys = {}
+    for fraction, seed in ((0.1, 0), (0.2, 0), (0.1, 1)):
+        rest, dev = carve_dev(train, fraction, seed)
+        assert FeatureRequest(dev, model, spec, ExtractConfig()).key_material()["carved"] == {
+            "dev_fraction": fraction,
+            "seed": seed,
+            "from": "train",
+        }
+        keys[(fraction, seed)] = (key(rest), key(dev))
+    keys["whole"] = (key(train),)
+    flat = [k for ks in keys.values() for k in ks]
+    assert len(set(flat)) == len(flat) == 7
+    # the record itself is in the key: the same rows with another recorded fraction are another entry
+    rest, dev = carve_dev(train, 0.1, 0)
+    relabelled = dataclasses.replace(dev, carved={**dev.carved, "dev_fraction": 0.11})
+    assert relabelled.fingerprint == dev.fingerprint and key(relabelled) != key(dev)

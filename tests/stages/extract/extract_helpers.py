@@ -18,7 +18,7 @@ from pipeline.models import resolve
 from stages.entries import FeatureRequest
 from stages.extract.runner import LoadedModel, load_for_extract
 
-FAMILIES = ("llama", "bert", "roberta", "t5")
+FAMILIES = ("llama", "bert", "roberta", "mpnet", "t5")
 
 # Very different lengths (2..46 tokens); the 4th is longer than MAX_LENGTH and gets truncated;
 # many words are outside the tiny 1000-word vocabulary (unknown tokens are fine).

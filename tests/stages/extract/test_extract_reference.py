@@ -22,6 +22,7 @@ from store import Store
 FFN_OUT = {
     "bert": lambda m, i: m.encoder.layer[i].output.dense,
     "roberta": lambda m, i: m.encoder.layer[i].output.dense,
+    "mpnet": lambda m, i: m.encoder.layer[i].output.dense,
     "t5": lambda m, i: m.encoder.block[i].layer[1].DenseReluDense.wo,
     "llama": lambda m, i: m.layers[i].mlp.down_proj,
 }
@@ -33,7 +34,7 @@ NEAR = 1e-5
 # reference exactly, with no slack at all, for every threshold of one extract pass.
 CANDIDATE_THRESHOLDS = (0.012, 0.03, 0.05, 0.08, 0.1, 0.2, 0.3)
 # The firing rule each family must get: a > t, except |a| > t for gated FFNs (Llama's silu(gate) * up).
-MAGNITUDE = {"llama": True, "bert": False, "roberta": False, "t5": False}
+MAGNITUDE = {"llama": True, "bert": False, "roberta": False, "mpnet": False, "t5": False}
 DEFAULT_THRESHOLDS = (0.0, 0.05)
 N_LAYERS, HIDDEN, FFN = TINY.layers, TINY.hidden, TINY.ffn
 
@@ -83,8 +84,9 @@ def _per_text_tokens(model, family, toks, mode, pad_id):
     position_ids = None
     if mode == "left" and family in ("llama", "bert"):
         # Absolute positions (BERT) and RoPE (Llama) are taken from 0..T-1, not from the mask:
-        # give real tokens the positions they have when run alone. RoBERTa derives positions
-        # from non-pad ids itself; T5 uses relative positions only.
+        # give real tokens the positions they have when run alone. RoBERTa and MPNet derive
+        # absolute positions from non-pad ids themselves (MPNet's relative attention bias depends
+        # on j - i only); T5 uses relative positions only.
         position_ids = (attention.cumsum(dim=1) - 1).clamp_min(0)
     hs, ffn = _forward(model, family, input_ids, attention, position_ids)
     return [(np.stack([h[r, a:b] for h in hs]), np.stack([f[r, a:b] for f in ffn])) for r, (a, b) in enumerate(spans)]
@@ -295,3 +297,97 @@ def test_cuda_bfloat16_matches_reference(tmp_path, family):
     assert [a["n_tokens"] for a in entry.shard_attrs("ffn/fire_count")] == [
         int(ref["n_counted"][lo:hi].sum()) for lo, hi in _shards(len(TEXTS), 5)
     ]
+
+
+# The pooler block -----------------------------------------------------------------------------------
+# A checkpoint with trained pooler weights (BERT's, MPNet's) gets its pooler output stored as
+# ``hidden/pooler`` (LLMEmbed reads BERT's). Random-weight models never store it. The tiny models
+# saved to a folder are "local" checkpoints whose safetensors hold pooler.dense.*, so they qualify.
+POOLER_FAMILIES = ("bert", "mpnet")
+
+
+@pytest.fixture(scope="module")
+def pooler_folders(tmp_path_factory):
+    """The tiny BERT and MPNet (same seed-0 weights as ``random_model``) saved with their pooler, and a
+    BERT saved without one (transformers would initialise it at random: it must not be stored)."""
+    from transformers import BertModel
+
+    root = tmp_path_factory.mktemp("pooler-models")
+    out = {}
+    for family in POOLER_FAMILIES:
+        model, tok = random_model(family)
+        assert model.pooler is not None
+        model.save_pretrained(root / family)
+        tok.save_pretrained(root / family)
+        out[family] = root / family
+    model, tok = random_model("bert")
+    headless = BertModel(model.config, add_pooling_layer=False)
+    headless.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")})
+    headless.save_pretrained(root / "bert-no-pooler")
+    tok.save_pretrained(root / "bert-no-pooler")
+    out["bert-no-pooler"] = root / "bert-no-pooler"
+    return out
+
+
+def _pooler_reference(family: str, max_length: int = 24) -> np.ndarray:
+    """tanh(W h + b) of each text's first token of the last layer, each text run alone, in float64."""
+    model, tokenizer = random_model(family)
+    w = model.pooler.dense.weight.detach().double().numpy()
+    b = model.pooler.dense.bias.detach().double().numpy()
+    rows = []
+    for text in TEXTS:
+        ids, _, _ = _tokens(tokenizer, text, max_length)
+        x = torch.tensor([ids])
+        hidden, _ = _forward(model, family, x, torch.ones_like(x))
+        rows.append(np.tanh(w @ hidden[-1][0, 0] + b))
+    return np.stack(rows)[:, None, :]
+
+
+@pytest.mark.parametrize("family", POOLER_FAMILIES)
+def test_stored_pooler_block_matches_reference(tmp_path, pooler_folders, family):
+    """A checkpoint with pooler weights: ``hidden/pooler`` is tanh(W [CLS] + b) of the last layer, and every
+    other block, pooling and fire count is the same as the family's brute-force reference."""
+    from pipeline.models import resolve
+    from stages.extract.runner import load_for_extract
+
+    spec = resolve(str(pooler_folders[family]))
+    assert spec.kind == "local" and not spec.random_init
+    request = make_request(family, spec=spec, storage_dtype="float32", thresholds=DEFAULT_THRESHOLDS)
+    assert request.pooler and request.key_material()["pooler"] == "pooler_output"
+    store = Store(tmp_path)
+    assert extract_entry(request, store, load_for_extract(request.model, request.spec, request.extract), progress=False).committed
+    entry = store.open(request.key)
+
+    stored = entry.array("hidden/pooler").compute()
+    assert stored.shape == (len(TEXTS), 1, HIDDEN) and stored.dtype == np.float32
+    expected = _pooler_reference(family)
+    assert_close(stored, expected, rel=1e-5, what=f"{family} pooler")
+    # The pooler is neither the raw [CLS] state nor tanh of the mean: a wrong hook or pooling fails.
+    ref = reference(family, "single")
+    for wrong in (ref["hidden/first"][:, -1:], ref["hidden/mean"][:, -1:], np.tanh(ref["hidden/mean"][:, -1:])):
+        assert np.abs(stored - wrong).max() > 1e-2
+    assert np.abs(stored).max() < 1.0  # tanh output
+
+    for name in ("hidden/mean", "hidden/first", "hidden/last", "ffn/mean", "ffn/max"):
+        assert_close(entry.array(name).compute(), ref[name], rel=1e-5, what=f"{family} local {name}")
+    fire = entry.per_shard("ffn/fire_count").compute()
+    for s, (lo, hi) in enumerate(_shards(len(TEXTS), request.extract.shard_rows)):
+        assert_fire_counts(fire[s], ref["fire"][lo:hi].sum(axis=0), ref["near"][lo:hi].sum(axis=0), f"{family} local shard {s}")
+
+
+def test_no_pooler_block_without_trained_pooler_weights(tmp_path, pooler_folders):
+    """Random-weight models and checkpoints without pooler weights store no pooler block, and their key says so."""
+    from pipeline.models import resolve
+    from stages.extract.runner import load_for_extract
+
+    for family in ("bert", "roberta", "mpnet", "llama", "t5"):
+        request = make_request(family)
+        assert not request.pooler and "pooler" not in request.key_material()
+    store = Store(tmp_path)
+    request = make_request("bert", spec=resolve(str(pooler_folders["bert-no-pooler"])), storage_dtype="float32")
+    assert not request.pooler
+    extract_entry(request, store, load_for_extract(request.model, request.spec, request.extract), progress=False)
+    assert "hidden/pooler" not in store.open(request.key).datasets()
+    tiny = make_request("bert", storage_dtype="float32")
+    extract_entry(tiny, store, CountingLoader("bert"), progress=False)
+    assert "hidden/pooler" not in store.open(tiny.key).datasets()
