@@ -27,6 +27,7 @@ ORDER = (
     "scaling_score",
     "cached_rerun_seconds",
     "train_seconds",
+    "fused_heads",
     "probe_speedup",
     "train_stage_seconds",
 )
@@ -82,13 +83,15 @@ def run(plan: common.Plan, only: set[str] | None, cached_store: str | None) -> d
                 results.update(step("score_peak_rss", lambda: score_bench.score_peak_rss(plan, got[1])) or {})
         if want("scaling_score"):
             results.update(step("scaling_score", lambda: score_bench.scaling_score(plan, tmp)) or {})
-        if any(want(k) for k in ("cached_rerun_seconds", "train_seconds", "probe_speedup", "train_stage_seconds")):
+        if any(want(k) for k in ("cached_rerun_seconds", "train_seconds", "fused_heads", "probe_speedup", "train_stage_seconds")):
             got = step("cached_rerun_seconds", lambda: cached_bench.cached_rerun(plan, tmp, cached_store))
             if got:
                 results.update(got[0])
                 fill = got[0]["cached_rerun_seconds"]["details"]["first_run_seconds"]
                 if want("train_seconds"):
                     results.update(step("train_seconds", lambda: train_bench.train_seconds(got[1], got[2], fill)) or {})
+                if want("fused_heads"):
+                    results.update(step("fused_heads", lambda: train_bench.fused_heads(got[1], got[2], fill, tmp)) or {})
                 if want("probe_speedup"):
                     results.update(
                         step("probe_speedup", lambda: train_bench.probe_speedup(plan, *train_bench.probe_config(plan, tmp, got[1], got[2])))

@@ -53,6 +53,9 @@ average = ["llama:-1:mean", "llama:-2:mean"]
 width = 8
 hidden = 8
 epochs = 2
+
+[train.llmembed]
+epochs = 2
 """
 
 

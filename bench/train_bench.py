@@ -147,6 +147,132 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
     }
 
 
+def fused_head_shapes(cfg_path: Path = ROOT / "configs" / "default.toml", n_classes: int = 2) -> dict:
+    """Every fused head's trainable parameters for ``cfg_path``'s real models, from shapes alone (no features, no
+    fitting), against the frozen parameters of the models it reads: LLMEmbed's ~4% comparison.
+
+    Blocks as the train stage derives them: a llama's last 4 layers (averaged) plus every other real model's top
+    layer; ``fusion_nu`` reads ``nu_layers`` layers of each model (which ones does not change a width); ``llmembed``
+    the llama's last ``train.llmembed.layers`` layers (averaged) plus one block per other model.
+    """
+    from pipeline.config import load_config
+    from pipeline.models import resolve
+    from stages.entries import model_dims
+    from stages.entries.features import spec_family
+    from stages.train.fused import DERIVED_LLAMA_LAYERS, make_head
+
+    cfg = load_config(cfg_path)
+    real = {m.name: resolve(m.source) for m in cfg.models if not resolve(m.source).random_init}
+    width = {m: model_dims(spec)[1] for m, spec in real.items()}
+    llama = {m for m, spec in real.items() if spec_family(spec).name == "llama"}
+
+    def blocks(k_llama: int, k_other: int) -> tuple[list[str], list[int], list[int]]:
+        names, dims, avg = [], [], []
+        for m in real:
+            for _ in range(k_llama if m in llama else k_other):
+                if m in llama:
+                    avg.append(len(names))
+                names.append(m)
+                dims.append(width[m])
+        return names, dims, avg
+
+    fc = cfg.train.fusion
+    plans = {
+        "concat": blocks(DERIVED_LLAMA_LAYERS, 1),
+        "concat_mlp": blocks(DERIVED_LLAMA_LAYERS, 1),
+        "fusion_no_cooc": blocks(DERIVED_LLAMA_LAYERS, 1),
+        "fusion": blocks(DERIVED_LLAMA_LAYERS, 1),
+        "fusion_nu": blocks(fc.nu_layers, fc.nu_layers),
+    }
+    if llama:
+        plans["llmembed"] = blocks(cfg.train.llmembed.layers, 1)
+    frozen = {m: safetensors_params(Path(spec.path) / "model.safetensors") for m, spec in real.items()}
+    out = {}
+    for head, (names, dims, avg) in plans.items():
+        if head == "concat":  # one logistic regression on the concatenated blocks
+            params = (sum(dims) + 1) * (1 if n_classes == 2 else n_classes)
+        else:
+            net = make_head(head, cfg)._build_net(dims, avg, n_classes)
+            params = int(sum(p.numel() for p in net.parameters() if p.requires_grad))
+        read = sum(frozen[m] for m in dict.fromkeys(names))
+        out[head] = {"blocks": len(names), "params": params, "frozen_params": read, "ratio": round(params / read, 6)}
+    return {"config": str(cfg_path.relative_to(ROOT)), "n_classes": n_classes, "frozen_params": frozen, "heads": out}
+
+
+def fused_heads(cfg_path: Path, store_url: str, extract_seconds: float, tmp: Path) -> dict:
+    """Each fused head the train stage fits (its own ``plan_heads`` and ``fit_fused``), timed on cached features,
+    with its trainable parameters against the frozen parameters of the models it reads.
+
+    ``fused_heads/<head>``: the benchmark's config (quick: tiny random models, so the ratio is not LLMEmbed's;
+    full: configs/default.toml); value = fit seconds, reference = extracting the config's features, ratio = head
+    params / frozen params read. ``fused_heads``: configs/default.toml's real models from shapes alone, the head
+    with the largest parameter ratio among every fused head (LLMEmbed reports ~4%).
+    """
+    from pipeline import orchestrate
+    from pipeline.config import load_config
+    from stages.entries import config_scores_key, load_scores, open_features, train_requests
+    from stages.train.fused import fit_fused, plan_heads
+    from stages.train.runner import FeatureCache
+    from store import Store
+
+    cfg = load_config(cfg_path)
+    orchestrate.score(cfg, store_url, tmp / "fused-heads-out", progress=False)  # fusion_nu's nu table; cached afterwards
+    store = Store(store_url)
+    splits = (cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split)
+    requests = train_requests(cfg)
+    entries = {(r.model.name, r.split.name): open_features(store, r, verify=False) for r in requests}
+    nu = load_scores(store, config_scores_key(cfg, requests))
+    plans = plan_heads(cfg, requests, entries, splits[0], nu)
+    first = requests[0].model.name
+    y = {s: entries[(first, s)].table()["label"].to_numpy() for s in splits}
+    rows: dict[str, dict] = {}
+
+    def add_rows(head, models, layers, pooling, metrics, n_params, seconds):
+        rows[head] = {"models": models, "blocks": layers.count(",") + 1, "params": n_params, "seconds": seconds, **metrics}
+
+    fit_fused(cfg, FeatureCache(entries), plans, y, splits, add_rows)
+    spec = {r.model.name: r.spec for r in requests}
+    frozen_of = {m: frozen_params(spec[m]) for m in dict.fromkeys(b.model for p in plans for b in p.blocks)}
+    shapes = fused_head_shapes()
+    config = str(cfg_path.relative_to(ROOT)) if cfg_path.is_relative_to(ROOT) else cfg_path.name
+    out = {}
+    for plan in plans:
+        r = rows[plan.head]
+        read = {m: frozen_of[m] for m in dict.fromkeys(b.model for b in plan.blocks)}
+        details = {
+            "config": config,
+            "train_rows": int(len(y[splits[0]])),
+            "fit_seconds": round(r["seconds"], 3),
+            "params": int(r["params"]),
+            "frozen_params": read,
+            "blocks": r["blocks"],
+            "dev_accuracy": round(float(r["dev_accuracy"]), 4),
+            "test_accuracy": round(float(r["test_accuracy"]), 4),
+            "default_config_shapes": shapes["heads"].get(plan.head),
+        }
+        out[f"fused_heads/{plan.head}"] = result(
+            r["seconds"],
+            extract_seconds,
+            "seconds (head fit on cached features; reference = extracting them); ratio = head params / frozen params read",
+            details,
+            ratio=r["params"] / sum(read.values()),
+        )
+    worst = max(shapes["heads"], key=lambda h: shapes["heads"][h]["ratio"])
+    w = shapes["heads"][worst]
+    out["fused_heads"] = result(
+        w["params"],
+        w["frozen_params"],
+        "parameters (largest-ratio fused head / frozen models it reads; configs/default.toml real models, shapes)",
+        {
+            "head": worst,
+            **shapes,
+            "fit_on_bench_config": {h: {k: out[f"fused_heads/{h}"]["details"][k] for k in ("fit_seconds", "params")} for h in rows},
+            "llmembed_claim": "~4% of a GPT-3 baseline's parameters",
+        },
+    )
+    return out
+
+
 # MiniLM over an SST-2 slice for the quick probe benchmark (full mode reads configs/default.toml's store).
 PROBE_TOML = """name = "bench-probes"
 seed = 0

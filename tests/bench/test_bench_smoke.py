@@ -24,6 +24,9 @@ KEYS = (
     "cached_rerun_seconds",
     "train_seconds",
     "head_params",
+    "fused_heads",
+    "fused_heads/fusion",
+    "fused_heads/concat",
 )
 
 
@@ -39,6 +42,15 @@ def test_smoke_run_writes_every_result(tmp_path):
         assert isinstance(rec["details"], dict), name
         for field in ("value", "reference", "ratio"):
             assert isinstance(rec[field], (int, float)) and math.isfinite(rec[field]), (name, field, rec[field])
+    # fused heads: each fit timed, its parameters against the frozen ones it reads; the real models' figure from shapes
+    for head in ("concat", "concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu", "llmembed"):
+        rec = results[f"fused_heads/{head}"]
+        assert rec["value"] == pytest.approx(rec["details"]["fit_seconds"], abs=1e-3) and rec["value"] > 0, head
+        read = sum(rec["details"]["frozen_params"].values())
+        assert rec["ratio"] == pytest.approx(rec["details"]["params"] / read, rel=1e-3, abs=1e-6), head
+    shapes = results["fused_heads"]["details"]["heads"]
+    assert set(shapes) == {"concat", "concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu", "llmembed"}
+    assert results["fused_heads"]["ratio"] == max(h["ratio"] for h in shapes.values()) < 0.04
     readme = (tmp_path / "README.md").read_text()
     assert "| `cached_rerun_seconds` |" in readme and "mode: smoke" in readme
     assert json.loads((tmp_path / "machine.json").read_text())["cores"] >= 1
