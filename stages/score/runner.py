@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipeline.blocks import candidate_layers
 from pipeline.config import ExperimentConfig
-from pipeline.data import load_split
+from pipeline.data import load_splits
 from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
 from pipeline.outputs import parquet_bytes, write_atomic, write_parquet
@@ -149,7 +149,7 @@ def score_entry(
 
 
 def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "threads", progress: bool = True) -> ScoreResult:
-    split = load_split(cfg.data, cfg.score.split)
+    split = load_splits(cfg.data, cfg.seed)[cfg.score.split]  # a carved split (data.dev_fraction) as extract cut it
     _check_train_split(split)
     requests = feature_requests(cfg, splits={split.name: split})
     keywords = load_keywords(cfg.score.keywords)
