@@ -35,11 +35,12 @@ class Plan:
     probe_reps: int = 1  # interleaved (scikit-learn, batched) pairs
     threads: int = 0  # torch threads (0 = torch's default)
     workers_limit: int = 600  # rows per split of configs/tiny.toml for scaling_extract_workers (0 = all)
+    extract_rows_for: tuple[tuple[str, int], ...] = ()  # (model source, rows) overriding extract_rows for that model
 
 
 QUICK = Plan(
     "quick",
-    ("all-minilm-l6-v2",),
+    ("all-minilm-l6-v2", "smollm2-135m-instruct"),
     96,
     3,
     "all-minilm-l6-v2",
@@ -54,6 +55,7 @@ QUICK = Plan(
     ("all-minilm-l6-v2",),
     1500,
     2,
+    extract_rows_for=(("smollm2-135m-instruct", 24),),  # one decoder (llama family) too, on fewer rows
 )
 FULL = Plan(
     "full",
@@ -77,7 +79,7 @@ FULL = Plan(
 # The test suite's smoke run: tiny random models, a handful of rows; numbers are meaningless.
 SMOKE = Plan(
     "smoke",
-    ("tiny-random-bert",),
+    ("tiny-random-bert", "tiny-random-llama"),
     16,
     1,
     "tiny-random-bert",

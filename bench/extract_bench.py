@@ -69,12 +69,15 @@ def request(b: Bundle, split):
 
 
 def planned_batches(b: Bundle, texts: list[str]):
-    """Exactly the padded batches extract builds: (inputs, special mask, real tokens) each."""
+    """Exactly the padded batches extract builds: (inputs, special mask, real tokens) each, with the
+    attention-sink token extract prepends (decoders whose tokenizer adds no BOS, e.g. SmolLM2)."""
+    from pipeline.models.families import SINK_AUTO, sink_token_id
     from stages.extract.batching import plan_batches
     from stages.extract.runner import _pad, tokenize
 
     cfg, L = b.extract_cfg, b.loaded
-    ids, special, _ = tokenize(L.tokenizer, texts, cfg.max_length)
+    sink = sink_token_id(L.tokenizer, L.family, getattr(b.model_cfg, "sink", SINK_AUTO), getattr(L.model, "config", None))
+    ids, special, _ = tokenize(L.tokenizer, texts, cfg.max_length, sink)
     lengths = np.array([len(x) for x in ids])
     out = []
     for idx in plan_batches(lengths, cfg.token_budget, cfg.max_batch_size):
@@ -148,7 +151,7 @@ def extract_overhead(plan: Plan, tmp: Path) -> tuple[dict, Path | None]:
     keep: Path | None = None
     for source in plan.extract_models:
         b = load(source)
-        split = train_split(plan.extract_rows)
+        split = train_split(dict(plan.extract_rows_for).get(source, plan.extract_rows))
         batches = planned_batches(b, list(split.texts))
         tokens = sum(n for _, _, n in batches)
         bare_forward(b, batches)  # warm-up (allocator, kernels)
