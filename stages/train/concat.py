@@ -13,10 +13,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.head_params import CS, DEFAULT_CS, integer, validate_params
 from stages.train import _serial
 from stages.train._blocks import check_against_fitted, check_blocks, check_labels
-from stages.train._params import integer, real_sequence, validate_params
-from stages.train.probes import DEFAULT_CS, fit_probe, probe_from_arrays, probe_to_arrays
+from stages.train.probes import fit_probe, probe_from_arrays, probe_to_arrays
 
 __all__ = ["ConcatHead"]
 
@@ -58,7 +58,7 @@ class ConcatHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints = {
-        "Cs": real_sequence(0.0),
+        "Cs": CS,
         "seed": integer(0),
         "max_iter": integer(1),
     }

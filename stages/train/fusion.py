@@ -42,9 +42,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from pipeline.head_params import FIT_CONSTRAINTS, FUSION, FUSION_CONSTRAINTS, Constraint, boolean, validate_params
 from stages.train import _serial
 from stages.train._blocks import check_against_fitted, check_blocks, check_labels, check_names
-from stages.train._params import Constraint, integer, real, validate_params
 from stages.train.concat import ConcatHead
 
 __all__ = ["FusionHead", "ConcatHead"]
@@ -162,16 +162,16 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     ----------
     width : int, default=256
         Common projection width.
-    sigma : float, default=1.0
+    sigma : float, default=0.01
         Scale inside the sigmoid. Dot products of the projected vectors grow with
         ``width``: at ``width=256`` on standardised inputs they are ~15 at initialisation,
         so ``sigma=1`` saturates nearly every co-occurrence value at 1 (a constant
         feature). Use ``sigma`` around ``1 / width`` to keep them informative.
     dropout : float, default=0.1
-        Dropout after each projection and in the MLP.
+        Dropout after each projection and in the MLP (at most 0.95).
     hidden : int, default=256
         MLP hidden width.
-    epochs : int, default=30
+    epochs : int, default=40
         Maximum passes over the training set.
     lr : float, default=1e-3
         Adam learning rate.
@@ -224,18 +224,10 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict[str, Constraint] = {
-        "width": integer(1),
-        "sigma": real(0.0, low_open=True),
-        "dropout": real(0.0, 1.0, high_open=True),
-        "hidden": integer(1),
-        "epochs": integer(1),
-        "lr": real(0.0, low_open=True),
-        "weight_decay": real(0.0),
-        "batch_size": integer(1),
-        "patience": integer(1),
-        "seed": integer(0),
-        "cooccurrence": Constraint(lambda v: isinstance(v, bool), "True or False"),
-        "projection": Constraint(lambda v: isinstance(v, bool), "True or False"),
+        **FUSION_CONSTRAINTS,
+        **FIT_CONSTRAINTS,
+        "cooccurrence": boolean(),
+        "projection": boolean(),
         "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
     }
     _format = FUSION_FORMAT
@@ -243,15 +235,15 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        width: int = 256,
-        sigma: float = 1.0,
-        dropout: float = 0.1,
-        hidden: int = 256,
-        epochs: int = 30,
-        lr: float = 1e-3,
+        width: int = FUSION.width,
+        sigma: float = FUSION.sigma,
+        dropout: float = FUSION.dropout,
+        hidden: int = FUSION.hidden,
+        epochs: int = FUSION.epochs,
+        lr: float = FUSION.lr,
         weight_decay: float = 0.0,
-        batch_size: int = 64,
-        patience: int = 5,
+        batch_size: int = FUSION.batch_size,
+        patience: int = FUSION.patience,
         seed: int = 0,
         cooccurrence: bool = True,
         projection: bool = True,

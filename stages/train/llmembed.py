@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.train._params import Constraint, integer, real
+from pipeline.head_params import FIT_CONSTRAINTS, LLMEMBED, LLMEMBED_CONSTRAINTS, Constraint, validate_params
 from stages.train.fusion import FusionHead, _is_device
 
 __all__ = ["LLMEmbedHead", "REFERENCE_HIDDEN", "reference_width"]
 
 LLMEMBED_FORMAT = "llmembed-head"
-REFERENCE_HIDDEN = (1024, 256)
+REFERENCE_HIDDEN = LLMEMBED.hidden
 
 
 def reference_width(dims: Sequence[int], avg_idx: Sequence[int]) -> int:
@@ -116,24 +116,8 @@ class LLMEmbedHead(FusionHead):
     """
 
     _parameter_constraints: dict[str, Constraint] = {
-        "width": integer(0),
-        "sigma": real(0.0, low_open=True),
-        "hidden": Constraint(
-            lambda v: (
-                not isinstance(v, (str, bytes))
-                and hasattr(v, "__iter__")
-                and len(list(v)) > 0
-                and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v)
-            ),
-            "a non-empty sequence of ints >= 1",
-        ),
-        "dropout": real(0.0, 1.0, high_open=True),
-        "epochs": integer(1),
-        "lr": real(0.0, low_open=True),
-        "weight_decay": real(0.0),
-        "batch_size": integer(1),
-        "patience": integer(1),
-        "seed": integer(0),
+        **LLMEMBED_CONSTRAINTS,
+        **FIT_CONSTRAINTS,
         "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
     }
     _format = LLMEMBED_FORMAT
@@ -141,15 +125,15 @@ class LLMEmbedHead(FusionHead):
     def __init__(
         self,
         *,
-        width: int = 0,
-        sigma: float = 0.01,
-        hidden: Sequence[int] = REFERENCE_HIDDEN,
-        dropout: float = 0.5,
-        epochs: int = 300,
-        lr: float = 1e-4,
+        width: int = LLMEMBED.width,
+        sigma: float = LLMEMBED.sigma,
+        hidden: Sequence[int] = LLMEMBED.hidden,
+        dropout: float = LLMEMBED.dropout,
+        epochs: int = LLMEMBED.epochs,
+        lr: float = LLMEMBED.lr,
         weight_decay: float = 0.0,
-        batch_size: int = 1024,
-        patience: int = 30,
+        batch_size: int = LLMEMBED.batch_size,
+        patience: int = LLMEMBED.patience,
         seed: int = 0,
         device: str = "cpu",
     ):
@@ -172,8 +156,6 @@ class LLMEmbedHead(FusionHead):
         )
 
     def _validate(self, owner: str) -> None:
-        from stages.train._params import validate_params
-
         validate_params(owner, self.get_params(), self._parameter_constraints)
 
     @staticmethod

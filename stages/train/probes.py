@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
+from pipeline.head_params import CS, DEFAULT_CS
 from stages.train import _serial
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 SOLVERS = ("torch", "sklearn")
 DEFAULT_BATCH_BYTES = 1 << 30
 """Cap on the float32 train features :func:`probe_layers` stacks into one batched fit."""
@@ -102,10 +101,11 @@ def _make_probe(C: float, seed: int, max_iter: int, tol: float = 1e-4) -> Pipeli
 
 
 def _check_Cs(Cs: Sequence[float]) -> list[float]:
-    Cs = [float(c) for c in Cs]
-    if not Cs or any(not math.isfinite(c) or c <= 0 for c in Cs):
-        raise ValueError(f"Cs must be a non-empty sequence of finite positive floats, got {Cs!r}")
-    return sorted(set(Cs))
+    """The distinct ``Cs``, ascending; checked against the constraint ``train.Cs`` has at config load."""
+    Cs = tuple(Cs) if hasattr(Cs, "__iter__") and not isinstance(Cs, (str, bytes)) else Cs
+    if not CS.check(Cs):
+        raise ValueError(f"Cs must be {CS.allowed}, got {Cs!r}")
+    return sorted({float(c) for c in Cs})
 
 
 def fit_probe(

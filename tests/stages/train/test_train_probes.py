@@ -110,7 +110,7 @@ def test_fit_probe_ties_go_to_the_smaller_C():
 @pytest.mark.parametrize("Cs", [(), (0.0,), (-1.0, 1.0), (float("inf"),)])
 def test_fit_probe_rejects_bad_Cs(Cs):
     X, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
-    with pytest.raises(ValueError, match="Cs must be a non-empty sequence of finite positive floats"):
+    with pytest.raises(ValueError, match=re.escape("Cs must be a non-empty sequence of finite reals > 0.0")):
         fit_probe(X, y, X, y, Cs=Cs)
 
 
