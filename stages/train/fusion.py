@@ -43,7 +43,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from pipeline.head_params import FIT_CONSTRAINTS, FUSION, FUSION_CONSTRAINTS, Constraint, boolean, validate_params
-from stages.train import _serial
+from stages.entries import heads_format
 from stages.train._blocks import check_against_fitted, check_blocks, check_labels, check_names
 from stages.train.concat import ConcatHead
 
@@ -147,7 +147,7 @@ def _seeded(seed: int, device: torch.device):
             torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
-class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
+class FusionHead(ClassifierMixin, BaseEstimator):
     """LLMEmbed-style fused classifier over named feature blocks.
 
     Each block is standardised with its train mean/std and projected to ``width``
@@ -449,7 +449,7 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
             "format": self._format,
             "version": FUSION_FORMAT_VERSION,
             "params": self.get_params(),
-            "classes": _serial.labels_to_json(self.classes_),
+            "classes": heads_format.labels_to_json(self.classes_),
             "block_names": self.block_names_,
             "block_dims": self.block_dims_,
             "avg_keys": self.avg_keys_,
@@ -460,23 +460,20 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
             "history": self.history_,
             "torch_version": torch.__version__,
         }
-        return _serial.pack(arrays, meta)
+        return heads_format.pack(arrays, meta)
 
     @classmethod
     def from_bytes(cls, blobs: Mapping[str, bytes], *, device: str | None = None) -> FusionHead:
         """Rebuild a head from :meth:`to_bytes` output; ``device`` overrides the saved one."""
-        arrays, meta = _serial.unpack(blobs)
-        if meta.get("format") != cls._format or meta.get("version") != FUSION_FORMAT_VERSION:
-            raise ValueError(
-                f"not a {cls._format} v{FUSION_FORMAT_VERSION} head: format={meta.get('format')!r} version={meta.get('version')!r}"
-            )
+        arrays, meta = heads_format.unpack(blobs)
+        heads_format.check_format(meta, cls._format, FUSION_FORMAT_VERSION)
         params = dict(meta["params"])
         params["device"] = device or "cpu"
         head = cls(**params)
         names = list(meta["block_names"])
         dims = {k: int(v) for k, v in meta["block_dims"].items()}
         avg = list(meta["avg_keys"])
-        classes = _serial.labels_from_json(meta["classes"])
+        classes = heads_format.labels_from_json(meta["classes"])
         net = head._build_net([dims[n] for n in names], [names.index(k) for k in avg], classes.size)
         net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
         head.classes_ = classes
