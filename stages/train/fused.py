@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.blocks import Block
+from pipeline.head_params import FUSION_CONSTRAINTS, LLMEMBED_CONSTRAINTS
 from stages.entries import heads_format
 from stages.train.metrics import metric_rows
 
@@ -135,41 +136,20 @@ def llmembed_blocks(cfg, requests, entries, train_split, models, averaged) -> Fu
 
 
 def make_head(name: str, cfg):
-    """An unfitted head for ``name``, configured from ``cfg.train``."""
+    """An unfitted head for ``name``, configured from ``cfg.train`` (its fields are the heads' own parameters)."""
     from stages.train.concat import ConcatHead
     from stages.train.fusion import FusionHead
     from stages.train.llmembed import LLMEmbedHead
 
-    fc, lc = cfg.train.fusion, cfg.train.llmembed
     if name == "concat":
         return ConcatHead(Cs=cfg.train.Cs, seed=cfg.seed)
     if name == "llmembed":
-        return LLMEmbedHead(
-            width=lc.width,
-            sigma=lc.sigma,
-            hidden=tuple(lc.hidden),
-            dropout=lc.dropout,
-            epochs=lc.epochs,
-            lr=lc.lr,
-            batch_size=lc.batch_size,
-            patience=lc.patience,
-            seed=cfg.seed,
-        )
+        params = {k: getattr(cfg.train.llmembed, k) for k in LLMEMBED_CONSTRAINTS}
+        return LLMEmbedHead(**params, seed=cfg.seed)
     switches = {"fusion": (True, True), "fusion_nu": (True, True), "fusion_no_cooc": (False, True), "concat_mlp": (False, False)}
     cooc, proj = switches[name]
-    return FusionHead(
-        width=fc.width,
-        sigma=fc.sigma,
-        dropout=fc.dropout,
-        hidden=fc.hidden,
-        epochs=fc.epochs,
-        lr=fc.lr,
-        batch_size=fc.batch_size,
-        patience=fc.patience,
-        seed=cfg.seed,
-        cooccurrence=cooc,
-        projection=proj,
-    )
+    params = {k: getattr(cfg.train.fusion, k) for k in FUSION_CONSTRAINTS}
+    return FusionHead(**params, seed=cfg.seed, cooccurrence=cooc, projection=proj)
 
 
 def head_class(name: str):

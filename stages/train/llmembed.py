@@ -137,17 +137,20 @@ class LLMEmbedHead(FusionHead):
         seed: int = 0,
         device: str = "cpu",
     ):
-        self.width = width
-        self.sigma = sigma
-        self.hidden = hidden
-        self.dropout = dropout
-        self.epochs = epochs
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.patience = patience
-        self.seed = seed
-        self.device = device
+        # FusionHead stores every parameter (its cooccurrence/projection switches are unused here)
+        super().__init__(
+            width=width,
+            sigma=sigma,
+            hidden=hidden,
+            dropout=dropout,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            patience=patience,
+            seed=seed,
+            device=device,
+        )
 
     def _build_net(self, dims: Sequence[int], avg_idx: Sequence[int], n_classes: int) -> _LLMEmbedNet:
         width = self.width or reference_width(dims, avg_idx)

@@ -94,6 +94,19 @@ class ProbeTables:
     blobs: dict[str, bytes] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    """What the outputs folder and the report are written from."""
+
+    train_df: pd.DataFrame  # one row per head and reported split (TRAIN_COLUMNS)
+    layers_df: pd.DataFrame  # one row per probed layer, with its nu
+    selection_df: pd.DataFrame  # one row per (model, pooling): nu-selected, top and dev-best layers
+    key: str  # the heads entry
+    random_models: list[str]  # "name (source)" of the models with random weights
+    chance: float  # test accuracy of the train split's majority class
+    label_names: list[str] | None
+
+
 def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True) -> pd.DataFrame:
     data = open_inputs(cfg, store)
     probes = fit_all_probes(cfg, data, progress=progress)
@@ -105,8 +118,16 @@ def run_train(cfg: ExperimentConfig, store, out: Path, *, progress: bool = True)
     train_split, _, test_split = data.splits
     chance = float(np.mean(data.y[test_split] == _majority(data.y[train_split])))
     random_models = [f"{r.model.name} ({r.spec.source})" for r in data.train_models.values() if r.spec.random_init]
-    layers_df, selection_df = pd.concat(probes.layers, ignore_index=True), pd.DataFrame(probes.selection)
-    _write_outputs(cfg, out, train_df, layers_df, selection_df, random_models, key, chance=chance, label_names=lineage["label_names"])
+    result = TrainResult(
+        train_df=train_df,
+        layers_df=pd.concat(probes.layers, ignore_index=True),
+        selection_df=pd.DataFrame(probes.selection),
+        key=key,
+        random_models=random_models,
+        chance=chance,
+        label_names=lineage["label_names"],
+    )
+    _write_outputs(cfg, out, result)
     return train_df
 
 
@@ -281,26 +302,14 @@ def best_probes(probes: pd.DataFrame, *, include_embeddings: bool = False) -> pd
     return order.groupby("models", sort=False).head(1)
 
 
-def _write_outputs(
-    cfg,
-    out: Path,
-    train_df: pd.DataFrame,
-    layers_df: pd.DataFrame,
-    selection_df: pd.DataFrame,
-    random_models,
-    key: str,
-    *,
-    chance: float = float("nan"),
-    label_names: list[str] | None = None,
-) -> None:
+def _write_outputs(cfg, out: Path, result: TrainResult) -> None:
     """The tables, one plot per pooling and the train section of report.md."""
     out.mkdir(parents=True, exist_ok=True)
-    train_df.to_parquet(out / "train.parquet", index=False)
-    layers_df.to_parquet(out / "layers.parquet", index=False)
-    selection_df.to_parquet(out / "selection.parquet", index=False)
-    _plot_layers(cfg, out, layers_df, selection_df, chance)
-    section = train_section(cfg, train_df, selection_df, random_models, key, chance=chance, label_names=label_names)
-    write_section(out / "report.md", cfg.name, "## Train: heads on cached features", section)
+    result.train_df.to_parquet(out / "train.parquet", index=False)
+    result.layers_df.to_parquet(out / "layers.parquet", index=False)
+    result.selection_df.to_parquet(out / "selection.parquet", index=False)
+    _plot_layers(cfg, out, result.layers_df, result.selection_df, result.chance)
+    write_section(out / "report.md", cfg.name, "## Train: heads on cached features", train_section(cfg, result))
     log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)
 
 
@@ -319,17 +328,9 @@ def _plot_layers(cfg, out: Path, layers_df: pd.DataFrame, selection_df: pd.DataF
         )
 
 
-def train_section(
-    cfg,
-    train_df: pd.DataFrame,
-    selection_df: pd.DataFrame,
-    random_models,
-    key: str,
-    *,
-    chance: float = float("nan"),
-    label_names: list[str] | None = None,
-) -> str:
+def train_section(cfg, result: TrainResult) -> str:
     """The train section of report.md (Markdown): the summary, layer selection, best probes and ablation tables."""
+    train_df, selection_df, chance = result.train_df, result.selection_df, result.chance
     wide = train_df.pivot_table(index=["head", "models", "layers", "pooling"], columns="split", values="accuracy", sort=False).reset_index()
     wide = wide.rename(columns={"dev": "dev_accuracy", "test": "test_accuracy"})
     meta = train_df[train_df["split"] == "test"][["head", "models", "layers", "pooling", "macro_f1", "n_params", "fit_seconds"]]
@@ -339,14 +340,14 @@ def train_section(
     ]
     best = best_probes(wide[wide["head"] == "probe"], include_embeddings=cfg.train.include_embeddings)
     among = "all hidden states 0..L" if cfg.train.include_embeddings else "block outputs 1..L"
-    section = [f"## Train: heads on cached features (store entry {key[:12]})", ""]
-    if random_models:
+    section = [f"## Train: heads on cached features (store entry {result.key[:12]})", ""]
+    if result.random_models:
         section += [
-            f"> **Random weights:** {', '.join(random_models)}; their heads show the pipeline works, not what a trained model does.",
+            f"> **Random weights:** {', '.join(result.random_models)}; their heads show the pipeline works, not what a trained model does.",
             "",
         ]
-    if label_names:
-        section += ["Classes: " + ", ".join(f"{i} = {n}" for i, n in enumerate(label_names)), ""]
+    if result.label_names:
+        section += ["Classes: " + ", ".join(f"{i} = {n}" for i, n in enumerate(result.label_names)), ""]
     section += [
         f"Selection protocol: every choice is made without the {cfg.train.test_split} split. A probe's C is chosen on "
         f"{cfg.train.dev_split}; the variability-selected layer is the lowest nu (on {cfg.score.split}) and the best layer "
