@@ -140,9 +140,12 @@ def open_inputs(cfg: ExperimentConfig, store) -> TrainInputs:
     skey = config_scores_key(cfg, requests)
     if not store.exists(skey):
         raise PipelineError(f"no scores for this config in {store.url}; run `{rerun_hint('score', cfg.source, store.url)}` first")
+    nu_table = load_scores(store, skey)
     first = next(r.model.name for r in requests if r.split.name == splits[0])
     y = {s: _labels(entries[(first, s)]) for s in splits}
-    return TrainInputs(requests, entries, FeatureCache(entries), splits, y, skey, load_scores(store, skey))
+    return TrainInputs(
+        requests=requests, entries=entries, cache=FeatureCache(entries), splits=splits, y=y, scores_key=skey, nu_table=nu_table
+    )
 
 
 def fit_all_probes(cfg: ExperimentConfig, data: TrainInputs, *, progress: bool = True) -> ProbeTables:
