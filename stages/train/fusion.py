@@ -65,6 +65,13 @@ def _is_device(value) -> bool:
     return True
 
 
+TORCH_FIT_CONSTRAINTS: dict[str, Constraint] = {
+    **FIT_CONSTRAINTS,
+    "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
+}
+"""What the torch heads take beyond their config fields: weight decay, seed, device."""
+
+
 class _Standardize(nn.Module):
     """Fixed ``(x - mean) / scale``; buffers so they travel with the state dict."""
 
@@ -225,10 +232,9 @@ class FusionHead(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: dict[str, Constraint] = {
         **FUSION_CONSTRAINTS,
-        **FIT_CONSTRAINTS,
+        **TORCH_FIT_CONSTRAINTS,
         "cooccurrence": boolean(),
         "projection": boolean(),
-        "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
     }
     _format = FUSION_FORMAT
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.head_params import FIT_CONSTRAINTS, LLMEMBED, LLMEMBED_CONSTRAINTS, Constraint, validate_params
-from stages.train.fusion import FusionHead, _is_device
+from pipeline.head_params import LLMEMBED, LLMEMBED_CONSTRAINTS, Constraint, validate_params
+from stages.train.fusion import TORCH_FIT_CONSTRAINTS, FusionHead
 
 __all__ = ["LLMEmbedHead", "REFERENCE_HIDDEN", "reference_width"]
 
@@ -115,11 +115,7 @@ class LLMEmbedHead(FusionHead):
     17
     """
 
-    _parameter_constraints: dict[str, Constraint] = {
-        **LLMEMBED_CONSTRAINTS,
-        **FIT_CONSTRAINTS,
-        "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
-    }
+    _parameter_constraints: dict[str, Constraint] = {**LLMEMBED_CONSTRAINTS, **TORCH_FIT_CONSTRAINTS}
     _format = LLMEMBED_FORMAT
 
     def __init__(
