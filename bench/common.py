@@ -113,6 +113,23 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
+def scaling_result(times: dict[int, list[float]], details: dict) -> dict:
+    """The time at 4x the data against 4 x the time at 1x (1.0 = linear), with the median seconds per size."""
+    t1, t4 = median(times[1]), median(times[4])
+    seconds = {f"{k}x": round(median(v), 3) for k, v in times.items()}
+    return result(t4, 4 * t1, "seconds (4x data vs 4 x time at 1x)", {**details, "seconds": seconds, "goal": "~1.0 (linear)"})
+
+
+def write_sst2_config(path: Path, name: str, limit: int, models: dict[str, str], sections: str = "") -> Path:
+    """A bench config over the first ``limit`` rows of each SST-2 split; ``models`` maps name to source,
+    ``sections`` is the TOML of the stage tables."""
+    head = f'name = "{name}"\nseed = 0\n\n[data]\nname = "sst2"\npath = "{ROOT / "data" / "sst2"}"\n'
+    head += f'splits = ["train", "dev", "test"]\nlimit = {limit}\n\n'
+    tables = "".join(f'[[models]]\nname = "{m}"\nsource = "{s}"\n\n' for m, s in models.items())
+    path.write_text(head + tables + sections, encoding="utf-8")
+    return path
+
+
 @dataclass
 class Timer:
     """Wall and CPU time of a block (CPU time of the whole process: every torch thread)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, Plan, Timer, median, paired_ratio, result
+from bench.common import ROOT, Plan, Timer, median, paired_ratio, result, scaling_result
 
 log = logging.getLogger("bench")
 FIXED_BATCH, FIXED_LENGTH = 32, 128  # the LLMEmbed reference code: batch 32, padded to max length 128
@@ -296,18 +296,14 @@ def scaling_extract(plan: Plan, tmp: Path) -> dict:
             shutil.rmtree(path)
     t1, t4 = median(times[1]), median(times[4])
     return {
-        "scaling_extract": result(
-            t4,
-            4 * t1,
-            "seconds (4x data vs 4 x time at 1x)",
+        "scaling_extract": scaling_result(
+            times,
             {
                 "model": plan.scale_model,
                 "rows_1x": plan.scale_rows,
                 "tokens": {f"{k}x": v for k, v in tokens.items()},
-                "seconds": {f"{k}x": round(median(v), 3) for k, v in times.items()},
                 "token_normalised_ratio": round((t4 / tokens[4]) / (t1 / tokens[1]), 4),
                 "note": "rows are the first N of SST-2 train, so token counts are not exactly proportional; see token_normalised_ratio",
-                "goal": "~1.0 (linear)",
             },
         )
     }

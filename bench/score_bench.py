@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, Plan, Timer, env, median, result
+from bench.common import ROOT, Plan, Timer, env, median, result, scaling_result
 
 LAYERS, HIDDEN, FFN, SHARD_ROWS = 6, 384, 1536, 2048
 POOLINGS = ("mean", "first", "last")
@@ -263,17 +263,8 @@ def scaling_score(plan: Plan, tmp: Path) -> dict:
             with Timer() as t:
                 run_score(url, key, plan.score_rows_per_chunk)
             times[k].append(t.wall)
-    t1, t4 = median(times[1]), median(times[4])
     return {
-        "scaling_score": result(
-            t4,
-            4 * t1,
-            "seconds (4x data vs 4 x time at 1x)",
-            {
-                "rows": {f"{k}x": v[2] for k, v in stores.items()},
-                "seconds": {f"{k}x": round(median(v), 3) for k, v in times.items()},
-                "rows_per_chunk": plan.score_rows_per_chunk,
-                "goal": "~1.0 (linear)",
-            },
+        "scaling_score": scaling_result(
+            times, {"rows": {f"{k}x": v[2] for k, v in stores.items()}, "rows_per_chunk": plan.score_rows_per_chunk}
         )
     }

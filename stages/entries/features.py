@@ -99,6 +99,7 @@ class FeatureRequest:
             "compute_dtype": compute_dtype_name(cfg.compute_dtype, cfg.device),
             "firing": {"rule": self.fire_rule, "thresholds": list(self.thresholds)},
             "sink": self.sink,
+            **({"first": "after_sink"} if self.sink != SINK_NONE else {}),
             "shard_rows": cfg.shard_rows,
             "padding": "right",
             **({"pooler": "pooler_output"} if self.pooler else {}),

@@ -119,11 +119,14 @@ def forward_features(
     poolings: tuple[str, ...],
     include_special: bool,
     pooler: bool = False,
+    skip_sink: bool = False,
 ) -> BatchFeatures:
     """Run one batch and reduce everything the store keeps, all on the model's device.
 
     With ``pooler``, the model's own pooler output (BERT's tanh(W [CLS]), which LLMEmbed uses)
     is kept as ``hidden/pooler`` of shape (B, 1, H): one "layer", so it reads like any other block.
+    With ``skip_sink`` (every row starts with a prepended attention sink), ``first`` is the token
+    after it: in a causal model the sink's own state is the same vector for every text.
     """
     attention = inputs["attention_mask"]
     mask = pooling.token_masks(attention, special_tokens_mask, include_special)
@@ -132,6 +135,8 @@ def forward_features(
     hidden = out.hidden_states
     with _pooling_threads(attention.device):
         first, last = pooling.first_last_index(attention)
+        if skip_sink:
+            first = torch.minimum(first + 1, last)
         rows = torch.arange(attention.shape[0], device=attention.device)
         arrays: dict[str, torch.Tensor] = {}
         if "mean" in poolings:

@@ -178,6 +178,7 @@ def extract_shard(
                 poolings=cfg.poolings,
                 include_special=cfg.special_tokens_in_mean,
                 pooler=request.pooler,
+                skip_sink=sink is not None,
             )
             with _pooling_threads(torch.device(loaded.device)):  # small passes: few threads
                 for name, t in feats.arrays.items():

@@ -84,8 +84,9 @@ class _Problem:
             self.onehot = torch.nn.functional.one_hot(y, n_classes).to(Z.dtype).view(1, n, 1, n_classes)
             curvature = 1.0 / n_classes
         gram = torch.bmm(Z.transpose(1, 2), Z) / n
-        evals, self.V = _eigh(gram)  # (L, d), (L, d, d)
-        evals = evals.clamp_min(0)
+        evals, V = _eigh(gram.double())  # (L, d), (L, d, d)
+        self.V = V.to(Z.dtype)
+        evals = evals.clamp_min(0).to(Z.dtype)
         # (L, d, m, 1): inverse square root of the Hessian at W = 0 along each eigenvector.
         self.D = (curvature * evals.unsqueeze(2) + self.lam.view(1, 1, -1)).rsqrt().unsqueeze(-1)
         self.Db = curvature**-0.5
@@ -120,8 +121,33 @@ class _Problem:
 
 
 def _eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh``; on a CPU in one thread, since threaded LAPACK eigh on a busy
-    machine was measured 20x slower than the same call single-threaded."""
+    """``torch.linalg.eigh`` of the float64 Gram matrices, robust to constant features.
+
+    On the default run LAPACK failed to converge (in float32 and in float64) on a SmolLM2
+    Gram matrix whose features were constant but for 7 of 576: the zero rows of constant
+    features give hundreds of repeated zero eigenvalues. Where the batched call fails, each
+    layer is decomposed on its non-constant block, with unit eigenvectors (eigenvalue 0) for
+    the constant features, which is the same decomposition.
+    """
+    try:
+        return _eigh_single_thread(A)
+    except torch.linalg.LinAlgError:
+        logger.debug("batched eigh did not converge; decomposing each layer's non-constant block")
+    L, d, _ = A.shape
+    evals = A.new_zeros(L, d)
+    V = torch.eye(d, dtype=A.dtype, device=A.device).repeat(L, 1, 1)
+    for i in range(L):
+        live = torch.nonzero(A[i].diagonal() > 0).flatten()
+        if live.numel():
+            e, v = _eigh_single_thread(A[i][live][:, live])
+            evals[i, live] = e
+            V[i][live.unsqueeze(1), live] = v
+    return evals, V
+
+
+def _eigh_single_thread(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """On a CPU in one thread, since threaded LAPACK eigh on a busy machine was measured
+    20x slower than the same call single-threaded."""
     if A.device.type != "cpu":
         return torch.linalg.eigh(A)
     previous = torch.get_num_threads()

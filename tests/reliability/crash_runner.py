@@ -167,6 +167,9 @@ def child(req: dict, proto_fd: int) -> None:
         os.dup2(out, 1)
         os.dup2(log, 2)
         sys.stdin = open(os.devnull)
+        # Ctrl-C as in a terminal: a runner started in the background (`cmd &` in a script, CI)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if req.get("pace"):
             install_pace(float(req["pace"]))
         if req.get("kill"):

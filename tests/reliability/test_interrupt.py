@@ -25,9 +25,7 @@ def test_ctrl_c_during_extract_keeps_the_work_and_a_rerun_resumes(cli, reference
 
         threading.Thread(target=watch, daemon=True).start()
 
-    # pace leaves about a second between the second shard and the commit, so the SIGINT lands
-    # inside the run even when a loaded machine delays the watcher thread.
-    res = cli(argv, on_running=interrupt_after_first_shard, pace=0.2)
+    res = cli(argv, on_running=interrupt_after_first_shard, pace=0.05)
     assert res.code == 130, res
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted: the shards written so far are kept"), res.stderr

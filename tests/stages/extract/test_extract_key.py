@@ -63,6 +63,7 @@ def test_key_changes_with_thresholds_sink_and_model_identity():
     assert replace_cfg(make_request("bert", thresholds=()), thresholds=(0.0, 0.3)).key != make_request("bert", thresholds=()).key
     llama = make_request("llama")
     assert make_request("llama", sink="none").key != llama.key
+    assert llama.key_material()["first"] == "after_sink" and "first" not in make_request("llama", sink="none").key_material()
     assert make_request("llama", sink="<unk>").key != llama.key
     # 'auto' means nothing for an encoder: the same key as 'none'
     assert make_request("bert", sink="none").key == BASE.key

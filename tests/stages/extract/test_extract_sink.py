@@ -33,7 +33,7 @@ def _loader(model, tokenizer):
 
 
 def _reference(model, tokenizer, sink: bool, max_length: int = 24):
-    """Per text: hidden mean over real tokens, last token, FFN fire counts at |a| > 0.05, norm ratio."""
+    """Per text: hidden mean over real tokens, first real and last token, FFN fire counts at |a| > 0.05, norm ratio."""
     ffn = []
     hooks = [
         model.layers[i].mlp.down_proj.register_forward_hook(lambda m, a, o: ffn.append(a[0][0].double())) for i in range(len(model.layers))
@@ -52,6 +52,7 @@ def _reference(model, tokenizer, sink: bool, max_length: int = 24):
             rows.append(
                 {
                     "mean": np.stack([h[0, real].double().mean(0).numpy() for h in hs]),
+                    "first": np.stack([h[0, real.start].double().numpy() for h in hs]),
                     "last": np.stack([h[0, -1].double().numpy() for h in hs]),
                     "fire": np.stack([(f[real].abs() > 0.05).sum(0).numpy() for f in ffn]),
                     "ratio": np.array([float(n[-1] / n[(len(n) - 1) // 2]) for n in norms]),
@@ -73,8 +74,10 @@ def test_sink_is_prepended_and_kept_out_of_pooling(tmp_path, sink):
     entry = store.open(request.key)
     ref = _reference(model, tokenizer, sink=sink == "auto")
     mean, last = entry.array("hidden/mean").compute(), entry.array("hidden/last").compute()
+    first = entry.array("hidden/first").compute()
     for r, want in enumerate(ref):
         np.testing.assert_allclose(mean[r], want["mean"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(first[r], want["first"], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(last[r], want["last"], rtol=1e-4, atol=1e-4)
     assert entry.table()["n_tokens"].tolist() == [w["n_tokens"] for w in ref]
     fire = entry.per_shard("ffn/fire_count").compute().sum(axis=0)[0]
@@ -87,6 +90,8 @@ def test_sink_is_prepended_and_kept_out_of_pooling(tmp_path, sink):
     if sink == "auto":  # the sink's states really are out of the mean: it differs from a run without a sink
         plain = _reference(model, tokenizer, sink=False)
         assert not np.allclose(mean[0], plain[0]["mean"], atol=1e-3)
+        # `first` is the first real token, not the sink, whose causal state is one vector for every text.
+        assert not np.allclose(first[0, 1:], first[1, 1:], atol=1e-3)
 
 
 def test_sink_token_choice():

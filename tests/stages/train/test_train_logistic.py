@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from stages.train._logistic import fit_batched, standardise
+from stages.train._logistic import _eigh, fit_batched, standardise
 
 CS = [0.01, 0.1, 1.0, 10.0]
 
@@ -99,3 +99,49 @@ def test_fit_batched_on_cuda_matches_cpu():
     gpu = fit_batched(standardise(torch.from_numpy(X.copy()).cuda())[0], torch.from_numpy(y), 3, CS)
     assert gpu.coef.device.type == "cuda"
     torch.testing.assert_close(gpu.coef.cpu(), cpu.coef, atol=1e-3, rtol=1e-3)
+
+
+def test_fit_batched_survives_an_eigh_that_does_not_converge(monkeypatch):
+    """On the default run LAPACK's batched eigh failed to converge on a SmolLM2 Gram matrix;
+    here every batched or float32 call fails the same way and the fit must still be right."""
+    real_eigh = torch.linalg.eigh
+
+    def eigh(A, *args, **kwargs):
+        if A.dtype != torch.float64 or A.dim() > 2:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (simulated)")
+        return real_eigh(A, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    X, y = _layers(2)
+    Z, _, _ = standardise(torch.from_numpy(X.copy()))
+    fit = fit_batched(Z, torch.from_numpy(y), 2, CS, tol=1e-5)
+    assert fit.converged.all() and fit.coef.dtype == torch.float32
+    Zs = StandardScaler().fit_transform(X[2].astype(np.float64))
+    ref = LogisticRegression(C=1.0, solver="lbfgs", tol=1e-8, max_iter=10_000).fit(Zs, y)
+    np.testing.assert_allclose(fit.coef[2, 2].double().numpy(), ref.coef_, atol=2e-3 * max(1.0, np.abs(ref.coef_).max()))
+
+
+def test_eigh_of_a_gram_matrix_that_lapack_could_not_decompose():
+    """The layer of the default run that failed: 569 of 576 standardised features constant (the
+    first pooling of SmolLM2 read the prepended BOS), the 7 others nearly collinear."""
+    a, b, c, e = 1.0000028610229492, -0.0013745306059718132, -0.3906186521053314, 0.921085774898529
+    u, w = 0.9999983310699463, 1.0000029802322388
+    block = torch.tensor(
+        [
+            [a, b, b, c, a, -a, a],
+            [b, u, u, e, b, -b, b],
+            [b, u, u, e, b, -b, b],
+            [c, e, e, w, c, -c, c],
+            [a, b, b, c, a, -a, a],
+            [-a, -b, -b, -c, -a, a, -a],
+            [a, b, b, c, a, -a, a],
+        ],
+        dtype=torch.float64,
+    )
+    live = torch.tensor([0, 14, 281, 398, 440, 461, 523])
+    G = torch.zeros(2, 576, 576, dtype=torch.float64)
+    G[0][live.unsqueeze(1), live] = block
+    G[1] = torch.eye(576, dtype=torch.float64)
+    evals, V = _eigh(G)
+    np.testing.assert_allclose((V @ torch.diag_embed(evals) @ V.transpose(1, 2)).numpy(), G.numpy(), atol=1e-10)
+    np.testing.assert_allclose((V.transpose(1, 2) @ V).numpy(), np.broadcast_to(np.eye(576), (2, 576, 576)), atol=1e-10)
