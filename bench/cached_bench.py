@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import ROOT, Plan, env, median, result
+from bench.common import ROOT, Plan, env, median, result, write_sst2_config
 
 GOAL_SECONDS = 2.0
 
@@ -17,30 +17,12 @@ def config_path(plan: Plan, tmp: Path) -> Path:
     if not plan.cached_config.startswith("tiny:"):
         return ROOT / plan.cached_config
     limit = int(plan.cached_config.split(":", 1)[1])
-    out = tmp / "bench-tiny.toml"
-    out.write_text(SMOKE_TOML.format(limit=limit, data=ROOT / "data" / "sst2"), encoding="utf-8")
-    return out
+    models = {"llama": "tiny-random-llama", "bert": "tiny-random-bert"}
+    return write_sst2_config(tmp / "bench-tiny.toml", "bench-smoke", limit, models, SMOKE_SECTIONS)
 
 
 # configs/tiny.toml cut down for the smoke test: two tiny models, a few rows, a 2-epoch head.
-SMOKE_TOML = """name = "bench-smoke"
-seed = 0
-
-[data]
-name = "sst2"
-path = "{data}"
-splits = ["train", "dev", "test"]
-limit = {limit}
-
-[[models]]
-name = "llama"
-source = "tiny-random-llama"
-
-[[models]]
-name = "bert"
-source = "tiny-random-bert"
-
-[extract]
+SMOKE_SECTIONS = """[extract]
 max_length = 64
 shard_rows = 64
 

@@ -35,11 +35,12 @@ class Plan:
     probe_reps: int = 1  # interleaved (scikit-learn, batched) pairs
     threads: int = 0  # torch threads (0 = torch's default)
     workers_limit: int = 600  # rows per split of configs/tiny.toml for scaling_extract_workers (0 = all)
+    extract_rows_for: tuple[tuple[str, int], ...] = ()  # (model source, rows) overriding extract_rows for that model
 
 
 QUICK = Plan(
     "quick",
-    ("all-minilm-l6-v2",),
+    ("all-minilm-l6-v2", "smollm2-135m-instruct"),
     96,
     3,
     "all-minilm-l6-v2",
@@ -54,6 +55,7 @@ QUICK = Plan(
     ("all-minilm-l6-v2",),
     1500,
     2,
+    extract_rows_for=(("smollm2-135m-instruct", 24),),  # one decoder (llama family) too, on fewer rows
 )
 FULL = Plan(
     "full",
@@ -77,7 +79,7 @@ FULL = Plan(
 # The test suite's smoke run: tiny random models, a handful of rows; numbers are meaningless.
 SMOKE = Plan(
     "smoke",
-    ("tiny-random-bert",),
+    ("tiny-random-bert", "tiny-random-llama"),
     16,
     1,
     "tiny-random-bert",
@@ -109,6 +111,23 @@ def _num(x):
 
 def median(xs) -> float:
     return float(statistics.median(xs))
+
+
+def scaling_result(times: dict[int, list[float]], details: dict) -> dict:
+    """The time at 4x the data against 4 x the time at 1x (1.0 = linear), with the median seconds per size."""
+    t1, t4 = median(times[1]), median(times[4])
+    seconds = {f"{k}x": round(median(v), 3) for k, v in times.items()}
+    return result(t4, 4 * t1, "seconds (4x data vs 4 x time at 1x)", {**details, "seconds": seconds, "goal": "~1.0 (linear)"})
+
+
+def write_sst2_config(path: Path, name: str, limit: int, models: dict[str, str], sections: str = "") -> Path:
+    """A bench config over the first ``limit`` rows of each SST-2 split; ``models`` maps name to source,
+    ``sections`` is the TOML of the stage tables."""
+    head = f'name = "{name}"\nseed = 0\n\n[data]\nname = "sst2"\npath = "{ROOT / "data" / "sst2"}"\n'
+    head += f'splits = ["train", "dev", "test"]\nlimit = {limit}\n\n'
+    tables = "".join(f'[[models]]\nname = "{m}"\nsource = "{s}"\n\n' for m, s in models.items())
+    path.write_text(head + tables + sections, encoding="utf-8")
+    return path
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, Plan, Timer, median, paired_ratio, result
+from bench.common import ROOT, Plan, Timer, median, paired_ratio, result, scaling_result
 
 log = logging.getLogger("bench")
 FIXED_BATCH, FIXED_LENGTH = 32, 128  # the LLMEmbed reference code: batch 32, padded to max length 128
@@ -69,12 +69,15 @@ def request(b: Bundle, split):
 
 
 def planned_batches(b: Bundle, texts: list[str]):
-    """Exactly the padded batches extract builds: (inputs, special mask, real tokens) each."""
+    """Exactly the padded batches extract builds: (inputs, special mask, real tokens) each, with the
+    attention-sink token extract prepends (decoders whose tokenizer adds no BOS, e.g. SmolLM2)."""
+    from pipeline.models.families import SINK_AUTO, sink_token_id
     from stages.extract.batching import plan_batches
     from stages.extract.runner import _pad, tokenize
 
     cfg, L = b.extract_cfg, b.loaded
-    ids, special, _ = tokenize(L.tokenizer, texts, cfg.max_length)
+    sink = sink_token_id(L.tokenizer, L.family, getattr(b.model_cfg, "sink", SINK_AUTO), getattr(L.model, "config", None))
+    ids, special, _ = tokenize(L.tokenizer, texts, cfg.max_length, sink)
     lengths = np.array([len(x) for x in ids])
     out = []
     for idx in plan_batches(lengths, cfg.token_budget, cfg.max_batch_size):
@@ -148,7 +151,7 @@ def extract_overhead(plan: Plan, tmp: Path) -> tuple[dict, Path | None]:
     keep: Path | None = None
     for source in plan.extract_models:
         b = load(source)
-        split = train_split(plan.extract_rows)
+        split = train_split(dict(plan.extract_rows_for).get(source, plan.extract_rows))
         batches = planned_batches(b, list(split.texts))
         tokens = sum(n for _, _, n in batches)
         bare_forward(b, batches)  # warm-up (allocator, kernels)
@@ -293,18 +296,14 @@ def scaling_extract(plan: Plan, tmp: Path) -> dict:
             shutil.rmtree(path)
     t1, t4 = median(times[1]), median(times[4])
     return {
-        "scaling_extract": result(
-            t4,
-            4 * t1,
-            "seconds (4x data vs 4 x time at 1x)",
+        "scaling_extract": scaling_result(
+            times,
             {
                 "model": plan.scale_model,
                 "rows_1x": plan.scale_rows,
                 "tokens": {f"{k}x": v for k, v in tokens.items()},
-                "seconds": {f"{k}x": round(median(v), 3) for k, v in times.items()},
                 "token_normalised_ratio": round((t4 / tokens[4]) / (t1 / tokens[1]), 4),
                 "note": "rows are the first N of SST-2 train, so token counts are not exactly proportional; see token_normalised_ratio",
-                "goal": "~1.0 (linear)",
             },
         )
     }

@@ -77,7 +77,7 @@ INTRO = """# Benchmarks
 
 `make bench` (or `.venv/bin/python -m bench`) runs the full set: all four embedded models, the
 whole SST-2 training split; it takes long on a CPU. `make bench QUICK=1` (`python -m bench --quick`)
-uses all-MiniLM-L6-v2, the tiny random models and SST-2 subsets and finishes in about 3 minutes on
+uses all-MiniLM-L6-v2 (and SmolLM2-135M on 24 rows for `extract_overhead/llama`), the tiny random models and SST-2 subsets and finishes in about 3 minutes on
 2 cores. Both write `bench/results.json` (one object: name -> {value, reference, ratio, unit,
 details}), `bench/machine.json` and this file. `--only a,b` runs a subset; `--cached-store PATH`
 (full mode) reuses a store that already holds `configs/default.toml`'s features.
@@ -94,8 +94,8 @@ suite never asserts speed; `tests/bench/test_bench_smoke.py` only checks that th
 | `store_overhead` | bytes on disk of an extract entry (HDF5 shards, row tables, manifest) / raw bytes of its arrays - 1 | goal 0.05 |
 | `scaling_extract`, `scaling_score` | time at 4x the data | 4 x time at 1x (ratio 1 = linear) |
 | `scaling_extract_workers` | `extract --scheduler` of configs/tiny.toml on a local Dask cluster with 2 worker processes (1 thread each) | the same with 1 worker; ratio = speed-up (at most 2 on 2 cores) |
-| `score_read_fraction` | effective MiB/s of score (variability for every pooling + sparsity, Dask threads) over a synthetic entry of MiniLM shapes, >= 3x the memory limit | plain sequential h5py read of every dataset of the same shard files |
-| `score_peak_rss` | peak RSS increase of that score run in a subprocess | threads x largest chunk + accumulators; status checks it stays below the memory limit |
+| `score_read_fraction` | effective MiB/s of score (variability for every pooling + sparsity, Dask threads, and the sha256 of every shard byte, which score checks as it reads) over a synthetic entry of MiniLM shapes, >= 3x the memory limit; details hold `sha256_seconds` and `ratio_if_only_hashing` (the ceiling a whole-file hash leaves on this CPU) | plain sequential h5py read of every dataset of the same shard files |
+| `score_peak_rss` | peak RSS increase of that score run in a subprocess (baseline after the imports, dask, distributed and scipy.stats included, and the row table) | threads x largest chunk + accumulators; status checks it stays below the memory limit |
 | `cached_rerun_seconds` | wall time of `python -m pipeline extract` with everything cached (subprocess) | goal 2 s |
 | `train_seconds`, `head_params` | fitting a probe and the fusion head on cached features; fusion head parameters | extract time of those features; frozen parameters of the models the head reads |
 | `fused_heads[/head]` | `/head`: each fused head of the train stage (concat, concat_mlp, fusion_no_cooc, fusion, fusion_nu, llmembed) fitted on the cached config's features, fit seconds; details: params, frozen params read, dev/test accuracy. Unsuffixed: the largest-ratio fused head's parameters for `configs/default.toml`'s real models, from shapes | `/head`: extracting the features; ratio = head params / frozen params of the models it reads. Unsuffixed: frozen parameters of the models that head reads (LLMEmbed: ~4%) |

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, median, paired_ratio, result
+from bench.common import ROOT, median, paired_ratio, result, write_sst2_config
 
 
 def safetensors_params(path: Path) -> int:
@@ -66,7 +66,7 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
     from pipeline.blocks import Block
     from pipeline.config import load_config
     from stages.entries import feature_requests, open_features
-    from stages.train.fusion import FusionHead
+    from stages.train.fused import make_head
     from stages.train.probes import fit_probe
     from stages.train.runner import FeatureCache
     from store import Store
@@ -89,17 +89,7 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
     probe = fit_probe(cache.layer(probe_block, tr), y[tr], cache.layer(probe_block, dev), y[dev], Cs=cfg.train.Cs, seed=cfg.seed)
     probe_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    head = FusionHead(
-        width=fc.width,
-        sigma=fc.sigma,
-        dropout=fc.dropout,
-        hidden=fc.hidden,
-        epochs=fc.epochs,
-        lr=fc.lr,
-        batch_size=fc.batch_size,
-        patience=fc.patience,
-        seed=cfg.seed,
-    )
+    head = make_head("fusion", cfg)  # configured exactly as train configures it
     head.fit(inputs[tr], y[tr], inputs[dev], y[dev], avg_keys=avg)
     fusion_s = time.perf_counter() - t0
 
@@ -274,20 +264,7 @@ def fused_heads(cfg_path: Path, store_url: str, extract_seconds: float, tmp: Pat
 
 
 # MiniLM over an SST-2 slice for the quick probe benchmark (full mode reads configs/default.toml's store).
-PROBE_TOML = """name = "bench-probes"
-seed = 0
-
-[data]
-name = "sst2"
-path = "{data}"
-splits = ["train", "dev", "test"]
-limit = {limit}
-
-[[models]]
-name = "bert"
-source = "all-minilm-l6-v2"
-
-[extract]
+PROBE_SECTIONS = """[extract]
 max_length = 128
 storage_dtype = "float16"
 """
@@ -299,8 +276,7 @@ def probe_config(plan, tmp: Path, cfg_path: Path, store_url: str) -> tuple[Path,
         return cfg_path, store_url
     from bench.cached_bench import fill
 
-    path = tmp / "bench-probes.toml"
-    path.write_text(PROBE_TOML.format(data=ROOT / "data" / "sst2", limit=plan.probe_rows), encoding="utf-8")
+    path = write_sst2_config(tmp / "bench-probes.toml", "bench-probes", plan.probe_rows, {"bert": "all-minilm-l6-v2"}, PROBE_SECTIONS)
     store = str(tmp / "probe-store")
     fill(path, store)
     return path, store

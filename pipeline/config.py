@@ -22,6 +22,7 @@ from typing import Any
 import tomllib
 
 from pipeline.errors import ConfigError
+from pipeline.head_params import CS, DEFAULT_CS, FUSION, FUSION_CONSTRAINTS, LLMEMBED, LLMEMBED_CONSTRAINTS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ def _field(default: Any = dataclasses.MISSING, help: str = "", **constraints: An
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _head_field(defaults: Any, constraints: dict, name: str, help: str) -> Any:
+    """A field a head also takes: its default and constraint are the head's own (pipeline/head_params.py)."""
+    return _field(getattr(defaults, name), help=help, constraint=constraints[name])
 
 
 @dataclass(frozen=True)
@@ -137,16 +143,19 @@ class FusionConfig:
         (), help="Blocks (among inputs) whose average is concatenated before the MLP; with derived inputs, the llama layers."
     )
     nu_layers: int = _field(4, help="fusion_nu: fuse each model's this many lowest-nu layers (score stage, train split).", min=1)
-    width: int = _field(256, help="Common projection width.", min=1)
-    sigma: float = _field(
-        0.01, help="Scale of the co-occurrence term 2*sigmoid(sigma*P) - 1; about 1/width keeps it from saturating.", min=0.0, finite=True
+    width: int = _head_field(FUSION, FUSION_CONSTRAINTS, "width", help="Common projection width.")
+    sigma: float = _head_field(
+        FUSION,
+        FUSION_CONSTRAINTS,
+        "sigma",
+        help="Scale of the co-occurrence term 2*sigmoid(sigma*P) - 1; about 1/width keeps it from saturating.",
     )
-    hidden: int = _field(256, help="MLP hidden width.", min=1)
-    dropout: float = _field(0.1, help="Dropout after projection and in the MLP.", min=0.0, max=0.95)
-    epochs: int = _field(40, help="Max epochs; early stopping on dev accuracy.", min=1)
-    patience: int = _field(5, help="Epochs without dev improvement before stopping.", min=1)
-    lr: float = _field(1e-3, help="Adam learning rate.", min=0.0, finite=True)
-    batch_size: int = _field(64, help="Mini-batch size.", min=1)
+    hidden: int = _head_field(FUSION, FUSION_CONSTRAINTS, "hidden", help="MLP hidden width.")
+    dropout: float = _head_field(FUSION, FUSION_CONSTRAINTS, "dropout", help="Dropout after projection and in the MLP.")
+    epochs: int = _head_field(FUSION, FUSION_CONSTRAINTS, "epochs", help="Max epochs; early stopping on dev accuracy.")
+    patience: int = _head_field(FUSION, FUSION_CONSTRAINTS, "patience", help="Epochs without dev improvement before stopping.")
+    lr: float = _head_field(FUSION, FUSION_CONSTRAINTS, "lr", help="Adam learning rate.")
+    batch_size: int = _head_field(FUSION, FUSION_CONSTRAINTS, "batch_size", help="Mini-batch size.")
 
 
 @dataclass(frozen=True)
@@ -154,18 +163,28 @@ class LLMEmbedConfig:
     """The reference LLMEmbed head (ChunLiu-cs/LLMEmbed-ACL2024), with logits into the loss and early stopping on dev."""
 
     layers: int = _field(5, help="Last llama layers, mean-pooled, compressed and averaged (the reference uses 5).", min=1)
-    width: int = _field(
-        0, help="Common width; 0 = the widest non-llama block (the reference: 1024, bert/roberta-large's own width).", min=0
+    width: int = _head_field(
+        LLMEMBED,
+        LLMEMBED_CONSTRAINTS,
+        "width",
+        help="Common width; 0 = the widest non-llama block (the reference: 1024, bert/roberta-large's own width).",
     )
-    sigma: float = _field(
-        0.01, help="SIGMA in 2*sigmoid(SIGMA*P) - 1 (a command-line argument of the reference, no published default).", min=0.0, finite=True
+    sigma: float = _head_field(
+        LLMEMBED,
+        LLMEMBED_CONSTRAINTS,
+        "sigma",
+        help="SIGMA in 2*sigmoid(SIGMA*P) - 1 (a command-line argument of the reference, no published default).",
     )
-    hidden: tuple[int, ...] = _field((1024, 256), help="MLP hidden widths (the reference: 1024, 256).", nonempty=True, min=1)
-    dropout: float = _field(0.5, help="Dropout after each compression and MLP layer (the reference: 0.5).", min=0.0, max=0.95)
-    epochs: int = _field(300, help="Max epochs; early stopping on dev accuracy (the reference has no dev split).", min=1)
-    patience: int = _field(30, help="Epochs without dev improvement before stopping.", min=1)
-    lr: float = _field(1e-4, help="Adam learning rate (the reference: 1e-4).", min=0.0, finite=True)
-    batch_size: int = _field(1024, help="Mini-batch size (the reference: 1024).", min=1)
+    hidden: tuple[int, ...] = _head_field(LLMEMBED, LLMEMBED_CONSTRAINTS, "hidden", help="MLP hidden widths (the reference: 1024, 256).")
+    dropout: float = _head_field(
+        LLMEMBED, LLMEMBED_CONSTRAINTS, "dropout", help="Dropout after each compression and MLP layer (the reference: 0.5)."
+    )
+    epochs: int = _head_field(
+        LLMEMBED, LLMEMBED_CONSTRAINTS, "epochs", help="Max epochs; early stopping on dev accuracy (the reference has no dev split)."
+    )
+    patience: int = _head_field(LLMEMBED, LLMEMBED_CONSTRAINTS, "patience", help="Epochs without dev improvement before stopping.")
+    lr: float = _head_field(LLMEMBED, LLMEMBED_CONSTRAINTS, "lr", help="Adam learning rate (the reference: 1e-4).")
+    batch_size: int = _head_field(LLMEMBED, LLMEMBED_CONSTRAINTS, "batch_size", help="Mini-batch size (the reference: 1024).")
 
 
 @dataclass(frozen=True)
@@ -174,7 +193,7 @@ class TrainConfig:
 
     poolings: tuple[str, ...] = _field(POOLINGS, help="Hidden poolings to probe per layer.", choices=POOLINGS, nonempty=True)
     Cs: tuple[float, ...] = _field(
-        (0.01, 0.1, 1.0, 10.0), help="Inverse regularisation strengths tried for logistic probes (chosen on dev).", nonempty=True, min=0.0
+        DEFAULT_CS, help="Inverse regularisation strengths tried for logistic probes (chosen on dev).", nonempty=True, constraint=CS
     )
     include_embeddings: bool = _field(
         False,
@@ -288,6 +307,9 @@ def _check_constraints(where: str, value: Any, meta: dict) -> None:
         raise ConfigError(f"{where}: must not be empty")
     if meta.get("nonempty_str") and isinstance(value, str) and not value.strip():
         raise ConfigError(f"{where}: must not be empty")
+    if "constraint" in meta and not meta["constraint"].check(value):
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"{where}: {shown!r} is invalid; expected {meta['constraint'].allowed}")
     if "max_items" in meta and isinstance(value, tuple) and len(value) > meta["max_items"]:
         raise ConfigError(f"{where}: {len(value)} values given; at most {meta['max_items']} allowed")
     if meta.get("unique") and isinstance(value, tuple) and len(set(value)) != len(value):

@@ -20,7 +20,7 @@ from pipeline.config import ExperimentConfig, from_record
 from pipeline.data import Split
 from pipeline.errors import DataError, PipelineError, rerun_hint
 from pipeline.models import resolve
-from stages.entries import FeatureRequest, expected_heads_key
+from stages.entries import FeatureRequest, expected_heads_key, heads_format
 from stages.extract import extract_shard, load_for_extract
 from stages.train.fused import FUSED_HEADS, head_class
 from stages.train.probes import probe_from_bytes
@@ -107,7 +107,7 @@ def _head_blocks(name: str, entry) -> tuple[object, list[Block]]:
     if name not in index:
         raise PipelineError(f"--head {name!r} not found; available: {', '.join(sorted(index))}")
     stem = index[name]
-    blobs = {"head.safetensors": entry.read_file(f"{stem}.safetensors"), "head.json": entry.read_file(f"{stem}.json")}
+    blobs = heads_format.read_entry_head(entry, stem)
     if name in FUSED_HEADS:
         head = head_class(name).from_bytes(blobs)
         return head, [Block.parse(b) for b in head.block_names_]

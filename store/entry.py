@@ -7,6 +7,7 @@ cleanly to dask.distributed workers and no h5py handle ever crosses a process bo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,37 @@ class Entry:
         if not self.n_shards:
             raise StoreError(f"entry {self.key} has no shards (files: {self.files}); use read_file()")
         return [self._path(s["file"]) for s in self.manifest["shards"]]
+
+    def check_sizes(self) -> None:
+        """Every file of the manifest is there with its committed size (a stat each, no read).
+
+        The cheap part of ``Store.verify``: readers that hash as they read (``shard_sources`` with
+        ``store.scan``) call it first, so a missing or truncated file fails before any work.
+        """
+        for name, _, size in mf.file_records(self.manifest):
+            path = self._path(name)
+            try:
+                actual = self._sfs.size(path)
+            except FileNotFoundError:
+                raise CorruptEntryError(f"{path}: missing") from None
+            if actual != size:
+                raise CorruptEntryError(f"{path}: {'size mismatch (truncated?)' if actual < size else 'size mismatch'}")
+
+    def shard_sources(self) -> list[dict[str, Any]]:
+        """Per shard, what a Dask task needs to scan it (``store.scan.scan_shard``): plain, picklable values."""
+        return [
+            {
+                "url": self._sfs.url,
+                "storage_options": self._sfs.storage_options,
+                "path": path,
+                "sha256": shard["sha256"],
+                "size": shard["bytes"],
+                "index": shard["index"],
+                "row_start": shard["row_start"],
+                "n_rows": shard["n_rows"],
+            }
+            for shard, path in zip(self.manifest["shards"], self._shard_paths())
+        ]
 
     @property
     def files(self) -> list[str]:
@@ -186,15 +218,27 @@ class Entry:
                 out.append(_attrs_dict(f[name].attrs))
         return out
 
-    def table(self) -> pd.DataFrame:
-        """Row table: the shard Parquet tables concatenated, or the 'table.parquet' file of a non-sharded entry."""
+    def table(self, *, verify: bool = False) -> pd.DataFrame:
+        """Row table: the shard Parquet tables concatenated, or the 'table.parquet' file of a non-sharded entry.
+
+        ``verify=True`` hashes each shard table from the bytes it parses (one read) and raises
+        CorruptEntryError naming the file if it differs from the manifest.
+        """
         import pandas as pd
         import pyarrow.parquet as pq
 
         if self.n_shards:
             parts = []
             for shard in self.manifest["shards"]:
-                with self._sfs.open(self._path(shard["table"]), "rb") as fh:
+                path = self._path(shard["table"])
+                if verify:
+                    data = self._sfs.cat(path)
+                    if len(data) != shard["table_bytes"] or hashlib.sha256(data).hexdigest() != shard["table_sha256"]:
+                        reason = "sha256 mismatch" if len(data) == shard["table_bytes"] else "size mismatch"
+                        raise CorruptEntryError(f"{path}: {reason}: the row table changed after it was committed")
+                    parts.append(pq.read_table(io.BytesIO(data)).to_pandas())
+                    continue
+                with self._sfs.open(path, "rb") as fh:
                     parts.append(pq.read_table(fh).to_pandas())
             return pd.concat(parts, ignore_index=True)
         if "table.parquet" in self.files:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("store", "pipeline", "stages")
 FOUNDATION = {
     "pipeline.config",
+    "pipeline.head_params",
     "pipeline.data",
     "pipeline.models",
     "pipeline.device",

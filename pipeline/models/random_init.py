@@ -45,6 +45,10 @@ def shipped_texts() -> list[str]:
     return texts
 
 
+_ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+_ROBERTA_NAMES = dict(
+    bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>"
+)
 _CONVENTIONS = {
     # family: (special tokens in id order, template, lowercase, token names for transformers)
     "bert": (
@@ -53,22 +57,8 @@ _CONVENTIONS = {
         True,
         dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"),
     ),
-    "roberta": (
-        ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        "<s> $A </s>",
-        False,
-        dict(
-            bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>"
-        ),
-    ),
-    "mpnet": (
-        ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        "<s> $A </s>",
-        True,
-        dict(
-            bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>"
-        ),
-    ),
+    "roberta": (_ROBERTA_SPECIALS, "<s> $A </s>", False, _ROBERTA_NAMES),
+    "mpnet": (_ROBERTA_SPECIALS, "<s> $A </s>", True, _ROBERTA_NAMES),  # RoBERTa's tokens, lower-cased like BERT
     "t5": (["<pad>", "</s>", "<unk>"], "$A </s>", False, dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")),
     "llama": (["<unk>", "<s>", "</s>"], "<s> $A", False, dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")),
 }
@@ -128,44 +118,22 @@ def _init(family, tokenizer, size: Size, vocab: int, pad: int):
         T5EncoderModel,
     )
 
+    # what every family but T5 names the same way
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": size.hidden,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "intermediate_size": size.ffn,
+        "pad_token_id": pad,
+    }
+    ends = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if family == "bert":
-        cfg = BertConfig(
-            vocab_size=vocab,
-            hidden_size=size.hidden,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            intermediate_size=size.ffn,
-            max_position_embeddings=512,
-            pad_token_id=pad,
-        )
-        model = BertModel(cfg)
+        model = BertModel(BertConfig(**common, max_position_embeddings=512))
     elif family == "roberta":
-        cfg = RobertaConfig(
-            vocab_size=vocab,
-            hidden_size=size.hidden,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            intermediate_size=size.ffn,
-            max_position_embeddings=514,
-            pad_token_id=pad,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            type_vocab_size=1,
-        )
-        model = RobertaModel(cfg)
+        model = RobertaModel(RobertaConfig(**common, **ends, max_position_embeddings=514, type_vocab_size=1))
     elif family == "mpnet":
-        cfg = MPNetConfig(
-            vocab_size=vocab,
-            hidden_size=size.hidden,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            intermediate_size=size.ffn,
-            max_position_embeddings=514,
-            pad_token_id=pad,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = MPNetModel(cfg)
+        model = MPNetModel(MPNetConfig(**common, **ends, max_position_embeddings=514))
     elif family == "t5":
         cfg = T5Config(
             vocab_size=vocab,
@@ -183,19 +151,7 @@ def _init(family, tokenizer, size: Size, vocab: int, pad: int):
         )
         model = T5EncoderModel(cfg)
     elif family == "llama":
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=size.hidden,
-            intermediate_size=size.ffn,
-            num_hidden_layers=size.layers,
-            num_attention_heads=size.heads,
-            num_key_value_heads=max(1, size.heads // 2),
-            max_position_embeddings=512,
-            pad_token_id=pad,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        model = LlamaModel(cfg)
+        model = LlamaModel(LlamaConfig(**common, **ends, num_key_value_heads=max(1, size.heads // 2), max_position_embeddings=512))
     else:
         raise ValueError(f"no random-init recipe for family {family!r}")
     return model.eval()

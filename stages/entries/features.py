@@ -198,11 +198,13 @@ def feature_requests(
     return out
 
 
-def open_features(store, request: FeatureRequest, *, verify: bool = True, config: str = ""):
+def open_features(store, request: FeatureRequest, *, verify: bool | str = True, config: str = ""):
     """The committed entry for a request, verified; a missing or corrupt one is a clear error.
 
-    ``config`` (the config file's path) is named in the error, so the user knows which
-    ``make extract`` run provides the entry.
+    ``verify=True`` rehashes every file first; ``verify="sizes"`` checks the manifest and every
+    file's size only, for a reader that hashes the shards from the bytes it reads (score) and
+    reports a mismatch through ``corrupt_features_error``. ``config`` (the config file's path) is
+    named in the error, so the user knows which ``make extract`` run provides the entry.
     """
     name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
     if not store.exists(request.key):
@@ -210,8 +212,17 @@ def open_features(store, request: FeatureRequest, *, verify: bool = True, config
             f"no features for {name} in {store.url} (key {request.key[:12]}); run `{rerun_hint('extract', config, store.url)}` first"
         )
     try:
-        return store.open(request.key, verify=verify)
+        entry = store.open(request.key, verify=verify is True)
+        if verify == "sizes":
+            entry.check_sizes()
+        return entry
     except CorruptEntryError as e:
-        raise PipelineError(
-            f"features for {name} are corrupt: {e}; remove it (`store rm {request.key[:12]}`) and run `{rerun_hint('extract', config, store.url)}` to rebuild it"
-        ) from None
+        raise corrupt_features_error(store, request, e, config) from None
+
+
+def corrupt_features_error(store, request: FeatureRequest, error: Exception, config: str = "") -> PipelineError:
+    """The one-line error for a corrupt features entry: which file, and how to rebuild it."""
+    name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
+    return PipelineError(
+        f"features for {name} are corrupt: {error}; remove it (`store rm {request.key[:12]}`) and run `{rerun_hint('extract', config, store.url)}` to rebuild it"
+    )

@@ -1,6 +1,7 @@
 """Score stage: variability and sparsity per model and layer, from store entries only.
 
-Every entry is verified before it is read, arrays are read lazily in row chunks, and the
+Every shard is hashed from the bytes score reads (one read per shard file, checked against the
+manifest; ``store verify`` stays the explicit full check), arrays are read in row pieces, and the
 result tables are written to ``--out`` and recorded in the store as a ``scores`` entry
 so teammates can reuse them.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +26,14 @@ from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
 from pipeline.outputs import parquet_bytes, write_atomic, write_parquet
 from pipeline.progress import tqdm
-from stages.entries import TABLES, feature_requests, load_keywords, open_features, scores_key
+from stages.entries import TABLES, corrupt_features_error, feature_requests, load_keywords, open_features, scores_key
 from stages.report import md_table
+from stages.score import shards
 from stages.score.plots import plot_sparsity, plot_variability
-from stages.score.sparsity import SparsityPlan, keyword_mask, top_keyword_neurons
-from stages.score.variability import VariabilityPlan, lowest_nu_layer
+from stages.score.sparsity import keyword_mask, sparsity_tables, top_keyword_neurons
+from stages.score.variability import _between_class_basis, _class_index, _result, lowest_nu_layer
+from store import CorruptEntryError
+from store.scan import new_keep, release_handles
 
 log = logging.getLogger(__name__)
 
@@ -59,58 +64,106 @@ def dask_scheduler(spec: str):
         yield spec
 
 
-def firing_setup(entry, request) -> tuple[tuple[float, ...], str, str]:
-    """(thresholds, rule, per-sentence statistic array) of an entry, from its shard attributes.
-
-    Entries of format 1 stored one ``threshold`` and the rule a > t.
-    """
-    attrs = entry.shard_attrs("ffn/fire_count")[0]
-    thresholds = tuple(float(t) for t in attrs.get("thresholds", [attrs.get("threshold", 0.0)]))
-    rule = str(attrs.get("rule", "gt"))
-    stat = "ffn/absmax" if rule == "abs_gt" else "ffn/max"
-    if stat not in entry.datasets():
-        raise PipelineError(
-            f"{request.model.name}: sparsity needs {stat} (per-sentence max for the rule {RULE_TEXT.get(rule, rule)}); "
-            "add 'max' to extract.ffn_poolings and re-extract"
-        )
-    return thresholds, rule, stat
+# local schedulers run every task in this process: the scan's open handles serve the second pass
+LOCAL_SCHEDULERS = (None, "threads", "threading", "sync", "synchronous", "single-threaded")
 
 
-def norm_ratio_by_layer(entry) -> tuple[np.ndarray, np.ndarray]:
-    """Per layer: median and max over sentences of (largest / median counted-token norm); NaN if not stored."""
-    if "stats/norm_ratio" not in entry.datasets():
-        n = int(entry.description.get("n_layers", 0)) + 1
-        return np.full(n, np.nan), np.full(n, np.nan)
-    r = np.asarray(entry.array("stats/norm_ratio").compute(), dtype=np.float64)
-    return np.median(r, axis=0), r.max(axis=0)
+def _tree(fn, parts: list, name: str, split_every: int = 8):
+    """A delayed reduction of ``parts`` by ``fn`` in a tree of ``split_every`` (bounded memory)."""
+    level = 0
+    while len(parts) > 1:
+        parts = [
+            dask.delayed(fn, pure=False)(*parts[j : j + split_every], dask_key_name=f"{name}-{level}-{j}")
+            for j in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts[0]
 
 
 def score_entry(
     entry, request, keywords: list[str], *, rows_per_chunk: int, scheduler, include_embeddings: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    table = entry.table()
+    """Variability of every pooling and sparsity of one entry.
+
+    Every shard is opened once and read front to back once by a scan task that hashes the bytes it
+    reads and computes pass 1 of variability and the whole sparsity pass from them; a shard whose bytes
+    differ from the manifest fails with a CorruptEntryError naming it. Pass 2 of variability needs the
+    class means of the whole split and reads the hidden poolings again (one task per row chunk, every
+    pooling at once) through the handles the scans kept open. Row tables are hashed as they are read.
+    """
+    table = entry.table(verify=True)
+    if len(table) != entry.n_rows:
+        raise CorruptEntryError(f"row count mismatch: the row tables hold {len(table)} rows, the manifest {entry.n_rows}")
     labels = table["label"].to_numpy()
+    n = len(labels)
     ident = {"dataset": request.split.dataset, "split": request.split.name, "model": request.model.name}
     n_layers = entry.description.get("n_layers")
-    thresholds, rule, stat = firing_setup(entry, request)
-    # Two dask.compute calls read every shard at most twice: pass 1 of variability for every
-    # pooling, then pass 2 of every pooling fused with the sparsity pass over the per-sentence max.
-    poolings = list(request.extract.poolings)
-    plan = VariabilityPlan({p: entry.array(f"hidden/{p}", rows_per_chunk=rows_per_chunk) for p in poolings}, labels)
-    attrs = entry.shard_attrs("ffn/fire_count")
-    sparsity = SparsityPlan(
-        entry.per_shard("ffn/fire_count"),
-        [a["n_tokens"] for a in attrs],
-        entry.array(stat, rows_per_chunk=rows_per_chunk),
-        labels,
-        keyword_mask(table["text"].tolist(), keywords),
-        thresholds,
-        rule=rule,
-    )
-    (sums,) = dask.compute(plan.first_pass(), scheduler=scheduler)
-    sq, fires = dask.compute(plan.second_pass(sums), sparsity.lazy(), scheduler=scheduler)
-    by_pooling = plan.results(sq)
-    ratio_median, ratio_max = norm_ratio_by_layer(entry)
+    poolings = tuple(request.extract.poolings)
+    yidx, n_classes = _class_index(labels, None, n)
+    classes = np.unique(labels)
+    class_sizes = np.bincount(yidx, minlength=n_classes)
+    counts = class_sizes.astype(np.float64)
+    kw = keyword_mask(table["text"].tolist(), keywords)
+    sources = entry.shard_sources()
+    token = uuid.uuid4().hex
+    keep = new_keep(f"score-{token}") if scheduler in LOCAL_SCHEDULERS else None
+    try:
+        scans = [
+            dask.delayed(shards.scan_task, pure=False)(
+                src,
+                yidx[src["row_start"] : src["row_start"] + src["n_rows"]],
+                kw[src["row_start"] : src["row_start"] + src["n_rows"]],
+                n_classes,
+                poolings,
+                request.model.name,
+                keep,
+                dask_key_name=f"score-scan-{token}-{src['index']}",
+            )
+            for src in sources
+        ]
+        (first,) = dask.compute(_tree(shards.merge, scans, f"score-merge-{token}"), scheduler=scheduler)
+        setups = set(first["setup"])
+        if len(setups) > 1:
+            raise CorruptEntryError(f"shards disagree on the firing thresholds and rule: {sorted(setups)}")
+        ((thresholds, rule, _),) = setups
+        means, spectra = {}, {}
+        for p in poolings:
+            s = first["moments"][p]
+            mu = s[:n_classes] / counts[:, None, None]
+            scale = np.sqrt(s[n_classes].sum(axis=-1) / n)
+            spectra[p] = [_between_class_basis(mu[:, layer], scale[layer]) for layer in range(s.shape[1])]
+            means[p] = (mu, np.stack([b for b, _, _ in spectra[p]]))
+        means_task = dask.delayed(means, name=f"score-means-{token}")
+        parts = []
+        for src, regions in zip(sources, first["regions"]):
+            a = src["row_start"]
+            for lo in range(0, src["n_rows"], rows_per_chunk):
+                hi = min(lo + rows_per_chunk, src["n_rows"])
+                parts.append(
+                    dask.delayed(shards.project_task, pure=False)(
+                        src,
+                        regions,
+                        lo,
+                        hi,
+                        yidx[a + lo : a + hi],
+                        means_task,
+                        keep,
+                        dask_key_name=f"score-project-{token}-{src['index']}-{lo}",
+                    )
+                )
+        (sq,) = dask.compute(_tree(shards.add, parts, f"score-sum-{token}"), scheduler=scheduler)
+    finally:
+        release_handles(keep)
+    by_pooling = {
+        p: [_result(np.asarray(sq[p])[:, layer], counts, inv_s2, rank, n) for layer, (_, inv_s2, rank) in enumerate(spectra[p])]
+        for p in poolings
+    }
+    ratios = first["norm_ratio"]
+    if any(r is None for r in ratios):
+        ratio_median = ratio_max = np.full(int(n_layers or 0) + 1, np.nan)
+    else:
+        r = np.concatenate(ratios, axis=0)
+        ratio_median, ratio_max = np.median(r, axis=0), r.max(axis=0)
     var_rows = []
     for pooling in poolings:
         results = by_pooling[pooling]
@@ -137,7 +190,9 @@ def score_entry(
                     "random_init": bool(request.spec.random_init),
                 }
             )
-    layers, neurons = sparsity.finish(fires)
+    layers, neurons = sparsity_tables(
+        first["token_fires"], first["sentence_fires"], thresholds, rule, first["n_tokens"], class_sizes, kw, classes
+    )
     layers.insert(0, "model", ident["model"])
     layers.insert(0, "split", ident["split"])
     layers.insert(0, "dataset", ident["dataset"])
@@ -153,19 +208,23 @@ def run_score(cfg: ExperimentConfig, store, out: Path, *, scheduler: str = "thre
     _check_train_split(split)
     requests = feature_requests(cfg, splits={split.name: split})
     keywords = load_keywords(cfg.score.keywords)
-    entries = [(r, open_features(store, r, config=cfg.source)) for r in requests]
+    # manifests and sizes now; every shard is hashed from the bytes score reads, every row table as it is parsed
+    entries = [(r, open_features(store, r, config=cfg.source, verify="sizes")) for r in requests]
     var, spa, neu = [], [], []
     t0 = time.perf_counter()
     with dask_scheduler(scheduler) as sched:
         for r, entry in tqdm(entries, desc="score", unit="model", disable=not progress):
-            v, s, n = score_entry(
-                entry,
-                r,
-                keywords,
-                rows_per_chunk=cfg.score.rows_per_chunk,
-                scheduler=sched,
-                include_embeddings=cfg.train.include_embeddings,
-            )
+            try:
+                v, s, n = score_entry(
+                    entry,
+                    r,
+                    keywords,
+                    rows_per_chunk=cfg.score.rows_per_chunk,
+                    scheduler=sched,
+                    include_embeddings=cfg.train.include_embeddings,
+                )
+            except CorruptEntryError as e:
+                raise corrupt_features_error(store, r, e, cfg.source) from None
             var.append(v)
             spa.append(s)
             neu.append(n)

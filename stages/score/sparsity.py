@@ -128,21 +128,32 @@ class SparsityPlan:
 
     def finish(self, values) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(layers, neurons) tables from the computed ``lazy()`` values, one block per threshold."""
-        import pandas as pd
+        token_fires, sentence_fires = values
+        return sparsity_tables(
+            token_fires, sentence_fires, self.thresholds, self.rule, self.n_tokens, self.class_sizes, self.kw, self.classes
+        )
 
-        token_fires, sentence_fires = (np.asarray(v) for v in values)
-        n_tok = int(self.n_tokens.sum())
-        layers, neurons = [], []
-        for i, t in enumerate(self.thresholds):
-            per_class, kw_fires = sentence_fires[i, :-1], sentence_fires[i, -1]
-            nt = _neuron_table(token_fires[i], per_class, kw_fires, n_tok, self.class_sizes, self.kw, self.classes)
-            nt.insert(0, "threshold", t)
-            neurons.append(nt)
-            lt = _layer_table(token_fires[i], per_class, n_tok, self.ffn_max.shape[0], t)
-            lt.insert(0, "rule", self.rule)
-            lt.insert(0, "threshold", lt.pop("threshold"))
-            layers.append(lt)
-        return pd.concat(layers, ignore_index=True), pd.concat(neurons, ignore_index=True)
+
+def sparsity_tables(
+    token_fires, sentence_fires, thresholds, rule: str, n_tokens, class_sizes, kw, classes
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(layers, neurons) tables from token fires (T, L, F) and sentence fires (T, K+1, L, F), one block per threshold."""
+    import pandas as pd
+
+    token_fires, sentence_fires = np.asarray(token_fires), np.asarray(sentence_fires)
+    n_tok = int(np.asarray(n_tokens, dtype=np.int64).sum())
+    n_rows = int(np.asarray(class_sizes).sum())
+    layers, neurons = [], []
+    for i, t in enumerate(thresholds):
+        per_class, kw_fires = sentence_fires[i, :-1], sentence_fires[i, -1]
+        nt = _neuron_table(token_fires[i], per_class, kw_fires, n_tok, class_sizes, kw, classes)
+        nt.insert(0, "threshold", t)
+        neurons.append(nt)
+        lt = _layer_table(token_fires[i], per_class, n_tok, n_rows, t)
+        lt.insert(0, "rule", rule)
+        lt.insert(0, "threshold", lt.pop("threshold"))
+        layers.append(lt)
+    return pd.concat(layers, ignore_index=True), pd.concat(neurons, ignore_index=True)
 
 
 def keyword_mask(texts: Sequence[str], keywords: Sequence[str]) -> np.ndarray:
@@ -276,7 +287,9 @@ def keyword_p_values(k: np.ndarray, n: np.ndarray, n_keyword: int, n_total: int)
     from scipy.stats import hypergeom
 
     k, n = np.asarray(k, dtype=np.int64), np.asarray(n, dtype=np.int64)
-    p = hypergeom.sf(k - 1, n_total, n_keyword, n)
+    # neurons share (k, n) pairs (dead ones, ones every sentence fires, ...): each distinct pair once
+    pairs, inverse = np.unique(np.stack([k.ravel(), n.ravel()]), axis=1, return_inverse=True)
+    p = hypergeom.sf(pairs[0] - 1, n_total, n_keyword, pairs[1])[inverse.reshape(-1)].reshape(k.shape)
     return np.where(n > 0, np.clip(p, 0.0, 1.0), np.nan)
 
 

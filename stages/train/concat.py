@@ -13,10 +13,10 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from stages.train import _serial
+from pipeline.head_params import CS, DEFAULT_CS, integer, validate_params
+from stages.entries import heads_format
 from stages.train._blocks import check_against_fitted, check_blocks, check_labels
-from stages.train._params import integer, real_sequence, validate_params
-from stages.train.probes import DEFAULT_CS, fit_probe, probe_from_arrays, probe_to_arrays
+from stages.train.probes import fit_probe, probe_from_arrays, probe_to_arrays
 
 __all__ = ["ConcatHead"]
 
@@ -24,7 +24,7 @@ CONCAT_FORMAT = "concat-head"
 CONCAT_FORMAT_VERSION = 1
 
 
-class ConcatHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
+class ConcatHead(ClassifierMixin, BaseEstimator):
     """Standardised logistic regression on the concatenation of named blocks.
 
     Blocks are concatenated in sorted name order; ``C`` is chosen on dev accuracy
@@ -58,7 +58,7 @@ class ConcatHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints = {
-        "Cs": real_sequence(0.0),
+        "Cs": CS,
         "seed": integer(0),
         "max_iter": integer(1),
     }
@@ -130,16 +130,13 @@ class ConcatHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
             "n_params": self.n_params_,
             "fit_seconds": self.fit_seconds_,
         }
-        return _serial.pack(arrays, meta)
+        return heads_format.pack(arrays, meta)
 
     @classmethod
     def from_bytes(cls, blobs: Mapping[str, bytes]) -> ConcatHead:
         """Rebuild a head from :meth:`to_bytes` output."""
-        arrays, meta = _serial.unpack(blobs)
-        if meta.get("format") != CONCAT_FORMAT or meta.get("version") != CONCAT_FORMAT_VERSION:
-            raise ValueError(
-                f"not a {CONCAT_FORMAT} v{CONCAT_FORMAT_VERSION} head: format={meta.get('format')!r} version={meta.get('version')!r}"
-            )
+        arrays, meta = heads_format.unpack(blobs)
+        heads_format.check_format(meta, CONCAT_FORMAT, CONCAT_FORMAT_VERSION)
         params = dict(meta["params"])
         params["Cs"] = tuple(params["Cs"])
         head = cls(**params)

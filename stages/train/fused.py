@@ -24,6 +24,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.blocks import Block
+from pipeline.head_params import FUSION_CONSTRAINTS, LLMEMBED_CONSTRAINTS
+from stages.entries import heads_format
+from stages.train.metrics import metric_rows
 
 log = logging.getLogger(__name__)
 
@@ -133,41 +136,20 @@ def llmembed_blocks(cfg, requests, entries, train_split, models, averaged) -> Fu
 
 
 def make_head(name: str, cfg):
-    """An unfitted head for ``name``, configured from ``cfg.train``."""
+    """An unfitted head for ``name``, configured from ``cfg.train`` (its fields are the heads' own parameters)."""
     from stages.train.concat import ConcatHead
     from stages.train.fusion import FusionHead
     from stages.train.llmembed import LLMEmbedHead
 
-    fc, lc = cfg.train.fusion, cfg.train.llmembed
     if name == "concat":
         return ConcatHead(Cs=cfg.train.Cs, seed=cfg.seed)
     if name == "llmembed":
-        return LLMEmbedHead(
-            width=lc.width,
-            sigma=lc.sigma,
-            hidden=tuple(lc.hidden),
-            dropout=lc.dropout,
-            epochs=lc.epochs,
-            lr=lc.lr,
-            batch_size=lc.batch_size,
-            patience=lc.patience,
-            seed=cfg.seed,
-        )
+        params = {k: getattr(cfg.train.llmembed, k) for k in LLMEMBED_CONSTRAINTS}
+        return LLMEmbedHead(**params, seed=cfg.seed)
     switches = {"fusion": (True, True), "fusion_nu": (True, True), "fusion_no_cooc": (False, True), "concat_mlp": (False, False)}
     cooc, proj = switches[name]
-    return FusionHead(
-        width=fc.width,
-        sigma=fc.sigma,
-        dropout=fc.dropout,
-        hidden=fc.hidden,
-        epochs=fc.epochs,
-        lr=fc.lr,
-        batch_size=fc.batch_size,
-        patience=fc.patience,
-        seed=cfg.seed,
-        cooccurrence=cooc,
-        projection=proj,
-    )
+    params = {k: getattr(cfg.train.fusion, k) for k in FUSION_CONSTRAINTS}
+    return FusionHead(**params, seed=cfg.seed, cooccurrence=cooc, projection=proj)
 
 
 def head_class(name: str):
@@ -179,11 +161,12 @@ def head_class(name: str):
     return {"concat": ConcatHead, "llmembed": LLMEmbedHead}.get(name, FusionHead)
 
 
-def fit_fused(cfg, cache, plans: list[FusedPlan], y: dict, split_names, add_rows) -> dict[str, bytes]:
-    """Fit every planned head on cached features, add its dev/test rows, return its files."""
+def fit_fused(cfg, cache, plans: list[FusedPlan], y: dict, split_names) -> tuple[list[dict], dict[str, bytes]]:
+    """Fit every planned head on cached features; its dev/test rows of the train table and its files."""
     from stages.train.probes import evaluate
 
     train_split, dev_split, test_split = split_names
+    rows: list[dict] = []
     out: dict[str, bytes] = {}
     for plan in plans:
         inputs = {s: {str(b): cache.layer(b, s) for b in plan.blocks} for s in split_names}
@@ -200,9 +183,8 @@ def fit_fused(cfg, cache, plans: list[FusedPlan], y: dict, split_names, add_rows
         models = "+".join(dict.fromkeys(b.model for b in plan.blocks))
         layers = ",".join(f"{b.model}:{'pooler' if b.pooling == 'pooler' else b.layer}" for b in plan.blocks)
         pools = ",".join(sorted({b.pooling for b in plan.blocks}))
-        add_rows(plan.head, models, layers, pools, metrics, int(head.n_params_), float(seconds))
-        for fname, data in head.to_bytes().items():
-            out[f"{plan.head}.{fname.split('.', 1)[1]}"] = data
+        rows += metric_rows(cfg.data.name, plan.head, models, layers, pools, metrics, int(head.n_params_), float(seconds))
+        out.update(heads_format.entry_files(plan.head, head.to_bytes()))
         log.info(
             "%s head: dev %.4f test %.4f (%d params, %.1f s)",
             plan.head,
@@ -211,7 +193,7 @@ def fit_fused(cfg, cache, plans: list[FusedPlan], y: dict, split_names, add_rows
             head.n_params_,
             seconds,
         )
-    return out
+    return rows, out
 
 
 def ablation(train_df: pd.DataFrame, *, include_embeddings: bool = False) -> tuple[pd.DataFrame, dict | None]:

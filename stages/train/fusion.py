@@ -42,9 +42,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from stages.train import _serial
+from pipeline.head_params import FIT_CONSTRAINTS, FUSION, FUSION_CONSTRAINTS, Constraint, boolean, validate_params
+from stages.entries import heads_format
 from stages.train._blocks import check_against_fitted, check_blocks, check_labels, check_names
-from stages.train._params import Constraint, integer, real, validate_params
 from stages.train.concat import ConcatHead
 
 __all__ = ["FusionHead", "ConcatHead"]
@@ -63,6 +63,13 @@ def _is_device(value) -> bool:
     except (RuntimeError, ValueError):
         return False
     return True
+
+
+TORCH_FIT_CONSTRAINTS: dict[str, Constraint] = {
+    **FIT_CONSTRAINTS,
+    "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
+}
+"""What the torch heads take beyond their config fields: weight decay, seed, device."""
 
 
 class _Standardize(nn.Module):
@@ -147,7 +154,7 @@ def _seeded(seed: int, device: torch.device):
             torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
 
 
-class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
+class FusionHead(ClassifierMixin, BaseEstimator):
     """LLMEmbed-style fused classifier over named feature blocks.
 
     Each block is standardised with its train mean/std and projected to ``width``
@@ -162,16 +169,16 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     ----------
     width : int, default=256
         Common projection width.
-    sigma : float, default=1.0
+    sigma : float, default=0.01
         Scale inside the sigmoid. Dot products of the projected vectors grow with
         ``width``: at ``width=256`` on standardised inputs they are ~15 at initialisation,
         so ``sigma=1`` saturates nearly every co-occurrence value at 1 (a constant
         feature). Use ``sigma`` around ``1 / width`` to keep them informative.
     dropout : float, default=0.1
-        Dropout after each projection and in the MLP.
+        Dropout after each projection and in the MLP (at most 0.95).
     hidden : int, default=256
         MLP hidden width.
-    epochs : int, default=30
+    epochs : int, default=40
         Maximum passes over the training set.
     lr : float, default=1e-3
         Adam learning rate.
@@ -224,34 +231,25 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict[str, Constraint] = {
-        "width": integer(1),
-        "sigma": real(0.0, low_open=True),
-        "dropout": real(0.0, 1.0, high_open=True),
-        "hidden": integer(1),
-        "epochs": integer(1),
-        "lr": real(0.0, low_open=True),
-        "weight_decay": real(0.0),
-        "batch_size": integer(1),
-        "patience": integer(1),
-        "seed": integer(0),
-        "cooccurrence": Constraint(lambda v: isinstance(v, bool), "True or False"),
-        "projection": Constraint(lambda v: isinstance(v, bool), "True or False"),
-        "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
+        **FUSION_CONSTRAINTS,
+        **TORCH_FIT_CONSTRAINTS,
+        "cooccurrence": boolean(),
+        "projection": boolean(),
     }
     _format = FUSION_FORMAT
 
     def __init__(
         self,
         *,
-        width: int = 256,
-        sigma: float = 1.0,
-        dropout: float = 0.1,
-        hidden: int = 256,
-        epochs: int = 30,
-        lr: float = 1e-3,
+        width: int = FUSION.width,
+        sigma: float = FUSION.sigma,
+        dropout: float = FUSION.dropout,
+        hidden: int = FUSION.hidden,
+        epochs: int = FUSION.epochs,
+        lr: float = FUSION.lr,
         weight_decay: float = 0.0,
-        batch_size: int = 64,
-        patience: int = 5,
+        batch_size: int = FUSION.batch_size,
+        patience: int = FUSION.patience,
         seed: int = 0,
         cooccurrence: bool = True,
         projection: bool = True,
@@ -457,7 +455,7 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
             "format": self._format,
             "version": FUSION_FORMAT_VERSION,
             "params": self.get_params(),
-            "classes": _serial.labels_to_json(self.classes_),
+            "classes": heads_format.labels_to_json(self.classes_),
             "block_names": self.block_names_,
             "block_dims": self.block_dims_,
             "avg_keys": self.avg_keys_,
@@ -468,23 +466,20 @@ class FusionHead(_serial.DirectoryPersistence, ClassifierMixin, BaseEstimator):
             "history": self.history_,
             "torch_version": torch.__version__,
         }
-        return _serial.pack(arrays, meta)
+        return heads_format.pack(arrays, meta)
 
     @classmethod
     def from_bytes(cls, blobs: Mapping[str, bytes], *, device: str | None = None) -> FusionHead:
         """Rebuild a head from :meth:`to_bytes` output; ``device`` overrides the saved one."""
-        arrays, meta = _serial.unpack(blobs)
-        if meta.get("format") != cls._format or meta.get("version") != FUSION_FORMAT_VERSION:
-            raise ValueError(
-                f"not a {cls._format} v{FUSION_FORMAT_VERSION} head: format={meta.get('format')!r} version={meta.get('version')!r}"
-            )
+        arrays, meta = heads_format.unpack(blobs)
+        heads_format.check_format(meta, cls._format, FUSION_FORMAT_VERSION)
         params = dict(meta["params"])
         params["device"] = device or "cpu"
         head = cls(**params)
         names = list(meta["block_names"])
         dims = {k: int(v) for k, v in meta["block_dims"].items()}
         avg = list(meta["avg_keys"])
-        classes = _serial.labels_from_json(meta["classes"])
+        classes = heads_format.labels_from_json(meta["classes"])
         net = head._build_net([dims[n] for n in names], [names.index(k) for k in avg], classes.size)
         net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
         head.classes_ = classes

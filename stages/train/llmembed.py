@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from stages.train._params import Constraint, integer, real
-from stages.train.fusion import FusionHead, _is_device
+from pipeline.head_params import LLMEMBED, LLMEMBED_CONSTRAINTS, Constraint, validate_params
+from stages.train.fusion import TORCH_FIT_CONSTRAINTS, FusionHead
 
 __all__ = ["LLMEmbedHead", "REFERENCE_HIDDEN", "reference_width"]
 
 LLMEMBED_FORMAT = "llmembed-head"
-REFERENCE_HIDDEN = (1024, 256)
+REFERENCE_HIDDEN = LLMEMBED.hidden
 
 
 def reference_width(dims: Sequence[int], avg_idx: Sequence[int]) -> int:
@@ -115,55 +115,38 @@ class LLMEmbedHead(FusionHead):
     17
     """
 
-    _parameter_constraints: dict[str, Constraint] = {
-        "width": integer(0),
-        "sigma": real(0.0, low_open=True),
-        "hidden": Constraint(
-            lambda v: (
-                not isinstance(v, (str, bytes))
-                and hasattr(v, "__iter__")
-                and len(list(v)) > 0
-                and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in v)
-            ),
-            "a non-empty sequence of ints >= 1",
-        ),
-        "dropout": real(0.0, 1.0, high_open=True),
-        "epochs": integer(1),
-        "lr": real(0.0, low_open=True),
-        "weight_decay": real(0.0),
-        "batch_size": integer(1),
-        "patience": integer(1),
-        "seed": integer(0),
-        "device": Constraint(_is_device, "a torch device string such as 'cpu' or 'cuda:0'"),
-    }
+    _parameter_constraints: dict[str, Constraint] = {**LLMEMBED_CONSTRAINTS, **TORCH_FIT_CONSTRAINTS}
     _format = LLMEMBED_FORMAT
 
     def __init__(
         self,
         *,
-        width: int = 0,
-        sigma: float = 0.01,
-        hidden: Sequence[int] = REFERENCE_HIDDEN,
-        dropout: float = 0.5,
-        epochs: int = 300,
-        lr: float = 1e-4,
+        width: int = LLMEMBED.width,
+        sigma: float = LLMEMBED.sigma,
+        hidden: Sequence[int] = LLMEMBED.hidden,
+        dropout: float = LLMEMBED.dropout,
+        epochs: int = LLMEMBED.epochs,
+        lr: float = LLMEMBED.lr,
         weight_decay: float = 0.0,
-        batch_size: int = 1024,
-        patience: int = 30,
+        batch_size: int = LLMEMBED.batch_size,
+        patience: int = LLMEMBED.patience,
         seed: int = 0,
         device: str = "cpu",
     ):
-        self.width = width
-        self.sigma = sigma
-        self.hidden = hidden
-        self.dropout = dropout
-        self.epochs = epochs
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.patience = patience
-        self.seed = seed
-        self.device = device
+        # FusionHead stores every parameter (its cooccurrence/projection switches are unused here)
+        super().__init__(
+            width=width,
+            sigma=sigma,
+            hidden=hidden,
+            dropout=dropout,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            patience=patience,
+            seed=seed,
+            device=device,
+        )
 
     def _build_net(self, dims: Sequence[int], avg_idx: Sequence[int], n_classes: int) -> _LLMEmbedNet:
         width = self.width or reference_width(dims, avg_idx)
@@ -172,8 +155,6 @@ class LLMEmbedHead(FusionHead):
         )
 
     def _validate(self, owner: str) -> None:
-        from stages.train._params import validate_params
-
         validate_params(owner, self.get_params(), self._parameter_constraints)
 
     @staticmethod

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from os import PathLike
 
 import numpy as np
 import pandas as pd
@@ -33,7 +31,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from stages.train import _serial
+from pipeline.head_params import CS, DEFAULT_CS
+from stages.entries import heads_format
 
 __all__ = [
     "DEFAULT_CS",
@@ -47,13 +46,10 @@ __all__ = [
     "probe_from_arrays",
     "probe_to_bytes",
     "probe_from_bytes",
-    "save_probe",
-    "load_probe",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
 SOLVERS = ("torch", "sklearn")
 DEFAULT_BATCH_BYTES = 1 << 30
 """Cap on the float32 train features :func:`probe_layers` stacks into one batched fit."""
@@ -102,10 +98,11 @@ def _make_probe(C: float, seed: int, max_iter: int, tol: float = 1e-4) -> Pipeli
 
 
 def _check_Cs(Cs: Sequence[float]) -> list[float]:
-    Cs = [float(c) for c in Cs]
-    if not Cs or any(not math.isfinite(c) or c <= 0 for c in Cs):
-        raise ValueError(f"Cs must be a non-empty sequence of finite positive floats, got {Cs!r}")
-    return sorted(set(Cs))
+    """The distinct ``Cs``, ascending; checked against the constraint ``train.Cs`` has at config load."""
+    Cs = tuple(Cs) if hasattr(Cs, "__iter__") and not isinstance(Cs, (str, bytes)) else Cs
+    if not CS.check(Cs):
+        raise ValueError(f"Cs must be {CS.allowed}, got {Cs!r}")
+    return sorted({float(c) for c in Cs})
 
 
 def fit_probe(
@@ -548,7 +545,7 @@ def probe_to_arrays(pipeline: Pipeline) -> tuple[dict[str, np.ndarray], dict]:
             "params": {k: lr.get_params()[k] for k in ("C", "max_iter", "tol", "random_state", "solver")},
             "n_iter": np.asarray(lr.n_iter_).tolist(),
         },
-        "classes": _serial.labels_to_json(lr.classes_),
+        "classes": heads_format.labels_to_json(lr.classes_),
         "n_features_in": int(lr.n_features_in_),
     }
     return {k: np.ascontiguousarray(v) for k, v in arrays.items()}, meta
@@ -556,10 +553,7 @@ def probe_to_arrays(pipeline: Pipeline) -> tuple[dict[str, np.ndarray], dict]:
 
 def probe_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> Pipeline:
     """Rebuild the pipeline written by :func:`probe_to_arrays` (no pickle involved)."""
-    if meta.get("format") != PROBE_FORMAT or meta.get("version") != PROBE_FORMAT_VERSION:
-        raise ValueError(
-            f"not a {PROBE_FORMAT} v{PROBE_FORMAT_VERSION} probe: format={meta.get('format')!r} version={meta.get('version')!r}"
-        )
+    heads_format.check_format(meta, PROBE_FORMAT, PROBE_FORMAT_VERSION, what="probe")
     n_features = int(meta["n_features_in"])
     sm = meta["scaler"]
     scaler = StandardScaler(with_mean=sm["with_mean"], with_std=sm["with_std"])
@@ -572,7 +566,7 @@ def probe_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> Pipeli
     lr = LogisticRegression(**meta["logreg"]["params"])
     lr.coef_ = np.asarray(arrays["logreg.coef"])
     lr.intercept_ = np.asarray(arrays["logreg.intercept"])
-    lr.classes_ = _serial.labels_from_json(meta["classes"])
+    lr.classes_ = heads_format.labels_from_json(meta["classes"])
     lr.n_iter_ = np.asarray(meta["logreg"]["n_iter"], dtype=np.int32)
     lr.n_features_in_ = n_features
     if lr.coef_.shape[1] != n_features:
@@ -583,19 +577,9 @@ def probe_from_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping) -> Pipeli
 
 def probe_to_bytes(pipeline: Pipeline) -> dict[str, bytes]:
     """``{'head.safetensors': ..., 'head.json': ...}`` for a content-addressed store."""
-    return _serial.pack(*probe_to_arrays(pipeline))
+    return heads_format.pack(*probe_to_arrays(pipeline))
 
 
 def probe_from_bytes(blobs: Mapping[str, bytes]) -> Pipeline:
     """Inverse of :func:`probe_to_bytes`."""
-    return probe_from_arrays(*_serial.unpack(blobs))
-
-
-def save_probe(pipeline: Pipeline, path: str | PathLike) -> None:
-    """Write ``head.safetensors`` and ``head.json`` into directory ``path``."""
-    _serial.write_dir(probe_to_bytes(pipeline), path)
-
-
-def load_probe(path: str | PathLike) -> Pipeline:
-    """Load a probe written by :func:`save_probe`."""
-    return probe_from_bytes(_serial.read_dir(path))
+    return probe_from_arrays(*heads_format.unpack(blobs))

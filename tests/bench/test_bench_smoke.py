@@ -12,6 +12,7 @@ from bench.__main__ import main
 KEYS = (
     "extract_overhead",
     "extract_overhead/bert",
+    "extract_overhead/llama",
     "bucketing_speedup",
     "store_overhead",
     "scaling_extract",

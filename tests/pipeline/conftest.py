@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pipeline_helpers import DEV_ROWS, TEST_ROWS, TRAIN_ROWS, apply_overrides, base_config, to_toml, write_rows  # noqa: E402
+from pipeline_helpers import DEV_ROWS, TEST_ROWS, TRAIN_ROWS, base_config, write_rows  # noqa: E402
 
 
 @pytest.fixture
@@ -27,17 +27,13 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, data_dir: Path) -> Callable[..., Path]:
+def make_config(config_file, data_dir: Path) -> Callable[..., Path]:
     """make_config(**{'extract.max_length': 8}) -> path of a TOML file (base config plus overrides).
 
-    ``raw=`` appends raw TOML text (for malformed files); ``name=`` picks the file name.
+    ``raw=`` appends raw TOML text (for malformed files); ``filename=`` picks the file name.
     """
-    counter = iter(range(10_000))
 
     def factory(overrides: dict | None = None, *, raw: str = "", filename: str | None = None, **kw) -> Path:
-        data = apply_overrides(base_config(str(data_dir)), {**(overrides or {}), **kw})
-        path = tmp_path / (filename or f"config{next(counter)}.toml")
-        path.write_text(to_toml(data) + raw, encoding="utf-8")
-        return path
+        return config_file(base_config(str(data_dir)), {**(overrides or {}), **kw}, filename=filename, raw=raw)
 
     return factory

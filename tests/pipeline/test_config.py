@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import DELETE, PROJECT_ROOT
+from config_factory import DELETE, tiny_models, write_config
+from pipeline_helpers import PROJECT_ROOT
 
 from pipeline.config import (
     COMPUTE_DTYPES,
@@ -186,9 +187,9 @@ def test_wrong_type_names_field_and_value(make_config, key, value, expected):
         ("extract.token_budget", 0, ["extract.token_budget", "0", "minimum 16"]),
         ("data.limit", -1, ["data.limit", "-1", "minimum 0"]),
         ("seed", -3, ["seed", "-3", "minimum 0"]),
-        ("train.fusion.dropout", 0.99, ["train.fusion.dropout", "0.99", "maximum 0.95"]),
-        ("train.fusion.lr", -0.1, ["train.fusion.lr", "-0.1", "minimum 0.0"]),
-        ("train.Cs", [1.0, -1.0], ["train.Cs", "-1.0", "minimum 0.0"]),
+        ("train.fusion.dropout", 0.99, ["train.fusion.dropout", "0.99", "[0.0, 0.95]"]),
+        ("train.fusion.lr", -0.1, ["train.fusion.lr", "-0.1", "(0.0, inf)"]),
+        ("train.Cs", [1.0, -1.0], ["train.Cs", "-1.0", "finite reals > 0.0"]),
         ("train.fusion.sigma", float("inf"), ["train.fusion.sigma", "inf", "finite"]),
         ("models.0.thresholds", [0.1, float("nan")], ["models[0].thresholds", "nan", "finite"]),
         ("extract.thresholds", [0.1, 0.1], ["extract.thresholds", "duplicates"]),
@@ -330,11 +331,8 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch,
     exp = tmp_path / "exp"
     shutil.copytree(data_dir, exp / "data")
     (exp / "kw.txt").write_text("good\n", encoding="utf-8")
-    cfg_text = (
-        'name = "rel"\n[data]\nname = "toy"\npath = "data"\n'
-        '[[models]]\nname = "bert"\nsource = "tiny-random-bert"\n[score]\nkeywords = "kw.txt"\n'
-    )
-    (exp / "c.toml").write_text(cfg_text, encoding="utf-8")
+    relative = {"name": "rel", "data": {"name": "toy", "path": "data"}, "models": tiny_models("bert"), "score": {"keywords": "kw.txt"}}
+    write_config(exp / "c.toml", relative)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import tiny_pipeline as tp
+from config_factory import ROOT
 
 from store import Store
 
@@ -88,22 +89,22 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_run_then_predict_from_a_clean_store(tmp_path):
     cfg_path = tp.write_config(tmp_path, rows=48)
     store, out = tmp_path / "store", tmp_path / "out"
-    first = _cli("run", "--config", str(cfg_path), "--store", str(store), "--out", str(out), "-q", cwd=tp.ROOT)
+    first = _cli("run", "--config", str(cfg_path), "--store", str(store), "--out", str(out), "-q", cwd=ROOT)
     assert first.returncode == 0, first.stderr
     for name in ("variability.parquet", "sparsity.parquet", "neurons.parquet", "train.parquet", "layers.png", "report.md"):
         assert (out / name).is_file(), name
-    again = _cli("run", "--config", str(cfg_path), "--store", str(store), "--out", str(tmp_path / "out2"), cwd=tp.ROOT)
+    again = _cli("run", "--config", str(cfg_path), "--store", str(store), "--out", str(tmp_path / "out2"), cwd=ROOT)
     assert again.returncode == 0, again.stderr
     assert "all 6 entries are cached" in again.stderr + again.stdout
     a = pd.read_parquet(out / "train.parquet").drop(columns="fit_seconds")
     b = pd.read_parquet(tmp_path / "out2" / "train.parquet").drop(columns="fit_seconds")
     pd.testing.assert_frame_equal(a, b)
     pred = _cli(
-        "predict", "--config", str(cfg_path), "--store", str(store), "--head", "fusion", "-q", "a great movie", "a dull movie", cwd=tp.ROOT
+        "predict", "--config", str(cfg_path), "--store", str(store), "--head", "fusion", "-q", "a great movie", "a dull movie", cwd=ROOT
     )
     assert pred.returncode == 0, pred.stderr
     header, *lines = pred.stdout.strip().splitlines()
     assert header.split("\t")[-1] == "text" and header.split("\t")[0] == "label"
     assert [line.split("\t")[-1] for line in lines] == ["a great movie", "a dull movie"]
-    nope = _cli("predict", "--config", str(cfg_path), "--store", str(store), "--head", "nope", "-q", "x", cwd=tp.ROOT)
+    nope = _cli("predict", "--config", str(cfg_path), "--store", str(store), "--head", "nope", "-q", "x", cwd=ROOT)
     assert nope.returncode == 1 and "available:" in nope.stderr and "fusion" in nope.stderr

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import tiny_pipeline as tp
 import torch
+from config_factory import write_config
 
 
 @pytest.mark.slow  # a full tiny run, about 20 s on 2 cores
@@ -21,8 +22,7 @@ def test_string_labels_through_the_pipeline(tmp_path, capsys):
         df = pd.read_csv(tp.DATA / f"{split}.tsv", sep="\t", dtype=str, quoting=3, keep_default_na=False).head(40)
         df["label"] = df["label"].map({"0": "negative", "1": "positive"})
         df.to_csv(data / f"{split}.tsv", sep="\t", index=False, quoting=3)
-    cfg_path = tmp_path / "strings.toml"
-    cfg_path.write_text(tp.TINY_TOML.format(data=data, rows=40, keywords=tp.KEYWORDS), encoding="utf-8")
+    cfg_path = write_config(tmp_path / "strings.toml", tp.tiny_experiment(rows=40, data=data))
     cfg = tp.load(cfg_path)
     store_dir, out = tmp_path / "store", tmp_path / "out"
     previous = torch.get_num_threads()

@@ -9,58 +9,36 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import config_factory
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "data" / "sst2"
-KEYWORDS = ROOT / "configs" / "keywords" / "stem.txt"
-
-TINY_TOML = """\
-name = "e2e-tiny"
-seed = 0
-
-[data]
-name = "sst2"
-path = "{data}"
-splits = ["train", "dev", "test"]
-limit = {rows}
-
-[[models]]
-name = "llama"
-source = "tiny-random-llama"
-
-[[models]]
-name = "t5"
-source = "tiny-random-t5"
-
-[extract]
-max_length = 48
-shard_rows = 32
-
-[score]
-keywords = "{keywords}"
-rows_per_chunk = 24
-min_fires = 2
-
-[train]
-Cs = [0.1, 1.0]
-poolings = ["mean", "first"]
-
-[train.fusion]
-inputs = ["llama:-1:mean", "llama:-2:mean", "t5:-1:mean"]
-average = ["llama:-1:mean", "llama:-2:mean"]
-width = 16
-hidden = 16
-epochs = 5
-patience = 2
-"""
+from config_factory import SST2 as DATA
+from config_factory import apply_overrides, sst2_experiment
 
 
-def write_config(folder: Path, *, rows: int = 80, name: str = "tiny.toml", extra: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(TINY_TOML.format(data=DATA, rows=rows, keywords=KEYWORDS) + extra, encoding="utf-8")
-    return path
+def tiny_experiment(*, rows: int = 80, data: Path = DATA) -> dict:
+    """Two tiny random models (llama, t5) over the first ``rows`` rows of each split of ``data``."""
+    cfg = sst2_experiment("e2e-tiny", ("llama", "t5"), data=data, rows=rows, max_length=48, shard_rows=32)
+    overrides = {
+        "score.rows_per_chunk": 24,
+        "score.min_fires": 2,
+        "train": {
+            "Cs": [0.1, 1.0],
+            "poolings": ["mean", "first"],
+            "fusion": {
+                "inputs": ["llama:-1:mean", "llama:-2:mean", "t5:-1:mean"],
+                "average": ["llama:-1:mean", "llama:-2:mean"],
+                "width": 16,
+                "hidden": 16,
+                "epochs": 5,
+                "patience": 2,
+            },
+        },
+    }
+    return apply_overrides(cfg, overrides)
+
+
+def write_config(folder: Path, *, rows: int = 80, name: str = "tiny.toml") -> Path:
+    return config_factory.write_config(folder / name, tiny_experiment(rows=rows))
 
 
 def load(path: Path):

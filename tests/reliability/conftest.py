@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from reliability_helpers import Zygote, base_config, entry_dirs, store_digest, write_config
+from config_factory import write_config
+from reliability_helpers import Zygote, base_config, entry_dirs, store_digest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -15,69 +15,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from config_factory import SST2, apply_overrides, sst2_experiment
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PYTHON = sys.executable
-SST2 = ROOT / "data" / "sst2"
 
 
 # configs ----------------------------------------------------------------------------------------------
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(type(v))
-
-
-def to_toml(cfg: dict) -> str:
-    """A tiny TOML writer for the shapes our configs use (tables, arrays of tables, scalars, lists)."""
-    lines: list[str] = []
-
-    def table(prefix: str, d: dict) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))}
-        for k, v in scalars.items():
-            lines.append(f"{k} = {_toml_value(v)}")
-        for k, v in d.items():
-            if isinstance(v, dict):
-                lines.append(f"\n[{prefix}{k}]")
-                table(f"{prefix}{k}.", v)
-            elif isinstance(v, list) and v and isinstance(v[0], dict):
-                for item in v:
-                    lines.append(f"\n[[{prefix}{k}]]")
-                    table(f"{prefix}{k}.", item)
-
-    table("", cfg)
-    return "\n".join(lines) + "\n"
-
-
 def base_config(data_path: str | Path = SST2, *, rows: int = 120, shard_rows: int = 16) -> dict:
     """One tiny random BERT over the first `rows` rows of one split (train is also dev and test)."""
-    return {
-        "name": "reliability",
-        "seed": 0,
-        "data": {"name": "sst2", "path": str(data_path), "splits": ["train"], "limit": rows},
-        "models": [{"name": "bert", "source": "tiny-random-bert"}],
-        "extract": {"max_length": 64, "shard_rows": shard_rows},
-        "score": {"keywords": str(ROOT / "configs" / "keywords" / "stem.txt"), "scheduler": "synchronous"},
-        "train": {
-            "dev_split": "train",
-            "test_split": "train",
-            "Cs": [1.0],
-            "fusion": {"inputs": ["bert:-1:mean", "bert:-1:first"], "average": [], "width": 8, "hidden": 8, "epochs": 2},
+    cfg = sst2_experiment("reliability", ("bert",), data=data_path, rows=rows, splits=("train",), max_length=64, shard_rows=shard_rows)
+    return apply_overrides(
+        cfg,
+        {
+            "score.scheduler": "synchronous",
+            "train": {
+                "dev_split": "train",
+                "test_split": "train",
+                "Cs": [1.0],
+                "fusion": {"inputs": ["bert:-1:mean", "bert:-1:first"], "average": [], "width": 8, "hidden": 8, "epochs": 2},
+            },
         },
-    }
-
-
-def write_config(path: Path, cfg: dict) -> Path:
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    return path
+    )
 
 
 def write_tsv(path: Path, rows, header=("text", "label")) -> Path:

@@ -6,16 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from reliability_helpers import (
-    SST2,
-    assert_one_line_error,
-    base_config,
-    copy_store,
-    entry_dirs,
-    run_subprocess,
-    write_config,
-    write_tsv,
-)
+from config_factory import SST2, write_config
+from reliability_helpers import assert_one_line_error, base_config, copy_store, entry_dirs, run_subprocess, write_tsv
 
 RUNNERS = ["fork", pytest.param("subprocess", marks=pytest.mark.slow)]
 GOOD = [("a good film", 1), ("a bad film", 0), ("great fun", 1), ("dull and slow", 0)]

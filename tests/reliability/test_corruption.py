@@ -8,15 +8,8 @@ import os
 import shutil
 
 import pytest
-from reliability_helpers import (
-    assert_one_line_error,
-    base_config,
-    copy_store,
-    entry_dirs,
-    run_subprocess,
-    store_digest,
-    write_config,
-)
+from config_factory import write_config
+from reliability_helpers import assert_one_line_error, base_config, copy_store, entry_dirs, run_subprocess, store_digest
 
 
 @pytest.fixture(scope="session")

@@ -8,50 +8,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import config_factory
 import numpy as np
 import pandas as pd
+from config_factory import sst2_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_config(path: Path, *, models=("llama", "bert"), limit: int = 60, shard_rows: int = 16) -> Path:
     """A tiny experiment TOML with absolute data and keyword paths (tests run from any directory)."""
-    lines = [
-        'name = "share-tiny"',
-        "seed = 0",
-        "",
-        "[data]",
-        'name = "sst2"',
-        f'path = "{ROOT / "data" / "sst2"}"',
-        'splits = ["train", "dev", "test"]',
-        f"limit = {limit}",
-        "",
-    ]
-    for m in models:
-        lines += ["[[models]]", f'name = "{m}"', f'source = "tiny-random-{m}"', ""]
-    lines += [
-        "[extract]",
-        "max_length = 32",
-        f"shard_rows = {shard_rows}",
-        'device = "cpu"',
-        "",
-        "[score]",
-        f'keywords = "{ROOT / "configs" / "keywords" / "stem.txt"}"',
-        "rows_per_chunk = 24",
-        "",
-        "[train]",
-        "Cs = [1.0]",
-        "",
-        "[train.fusion]",
-        f'inputs = ["{models[0]}:-1:mean", "{models[-1]}:-1:first"]',
-        "average = []",
-        "width = 8",
-        "hidden = 8",
-        "epochs = 3",
-        "",
-    ]
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    cfg = sst2_experiment("share-tiny", tuple(models), rows=limit, shard_rows=shard_rows)
+    overrides = {
+        "extract.device": "cpu",
+        "score.rows_per_chunk": 24,
+        "train": {
+            "Cs": [1.0],
+            "fusion": {
+                "inputs": [f"{models[0]}:-1:mean", f"{models[-1]}:-1:first"],
+                "average": [],
+                "width": 8,
+                "hidden": 8,
+                "epochs": 3,
+            },
+        },
+    }
+    return config_factory.write_config(path, cfg, overrides)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline_e2e"))
 import tiny_pipeline as tp  # noqa: E402
+from config_factory import write_config  # noqa: E402
 
 from pipeline.errors import PipelineError  # noqa: E402
 from store import Store  # noqa: E402
@@ -151,8 +152,7 @@ def test_predict_from_the_store_alone(trained, tmp_path, capsys, monkeypatch):
     assert len(want) == 1 + len(texts)  # the newline and the tab stay inside their row
     assert want[2].endswith("\tdull and\\nlifeless") and want[3].endswith("\ttab\\there")
     key = expected_heads_key(cfg)
-    gone = tmp_path / "gone.toml"
-    gone.write_text(Path(cfg.source).read_text().replace(str(tp.DATA), str(tmp_path / "deleted-data")))
+    gone = write_config(tmp_path / "gone.toml", tp.tiny_experiment(data=tmp_path / "deleted-data"))
     assert _cli_rows(capsys, ["predict", "--config", str(gone), "--store", url, "--head", "fusion", "-q", *texts]) == want
     monkeypatch.chdir(tmp_path)  # no configs/default.toml here: the key alone must do
     assert _cli_rows(capsys, ["predict", "--store", url, "--head", f"{key[:10]}:fusion", "-q", *texts]) == want

@@ -15,23 +15,20 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
+from config_factory import ROOT, SST2, write_config
 
 from pipeline.cli import main
 from pipeline.config import load_config
 
 distributed = pytest.importorskip("distributed")
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 def tiny_config(path: Path, limit: int = 96, **extract: str) -> Path:
     """configs/tiny.toml (four families) with an absolute data path and fewer rows."""
-    text = (ROOT / "configs" / "tiny.toml").read_text(encoding="utf-8")
-    swapped = text.replace('path = "../data/sst2"', f'path = "{ROOT / "data" / "sst2"}"').replace("limit = 200", f"limit = {limit}")
-    assert swapped.count(str(ROOT)) == 1 and f"limit = {limit}" in swapped, "configs/tiny.toml changed shape"
-    swapped = swapped.replace("[extract]\n", "[extract]\n" + "".join(f'{k} = "{v}"\n' for k, v in extract.items()))
-    path.write_text(swapped, encoding="utf-8")
-    return path
+    shipped = tomllib.loads((ROOT / "configs" / "tiny.toml").read_text(encoding="utf-8"))
+    overrides = {"data.path": str(SST2), "data.limit": limit, **{f"extract.{k}": v for k, v in extract.items()}}
+    return write_config(path, shipped, overrides)
 
 
 def env() -> dict[str, str]:

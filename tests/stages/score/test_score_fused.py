@@ -1,6 +1,4 @@
-"""The fused score passes give what the separate calls give, and read each chunk at most twice."""
-
-import threading
+"""The fused score passes give what the separate calls give (score's reads: test_score_scan.py)."""
 
 import dask
 import dask.array as da
@@ -98,39 +96,3 @@ def test_float16_firing_is_exactly_the_float64_comparison(threshold):
     got = sparsity_mod._count_block(ffn_max, labels, kw, 2, threshold)[0, :, 0, 0]
     fired = values.astype(np.float64) > np.float64(threshold)
     assert got.tolist() == [fired[labels == 0].sum(), fired[labels == 1].sum(), fired[kw].sum()]
-
-
-def test_score_reads_each_chunk_at_most_twice(monkeypatch):
-    """score_entry's graph: hidden chunks read once per pass, ffn/max once."""
-    import store.entry as entry_mod
-
-    reads, lock = {}, threading.Lock()
-    real = entry_mod._read_block
-
-    def counting(url, so, path, name, start, stop, expected):
-        with lock:
-            reads[(name, start)] = reads.get((name, start), 0) + 1
-        return real(url, so, path, name, start, stop, expected)
-
-    monkeypatch.setattr(entry_mod, "_read_block", counting)
-    import pathlib
-    import tempfile
-    from types import SimpleNamespace as NS
-
-    from bench.score_bench import make_store
-    from stages.score.runner import score_entry
-    from store import Store
-
-    with tempfile.TemporaryDirectory() as tmp:
-        url, key, rows = make_store(pathlib.Path(tmp) / "s", 1.0)
-        request = NS(
-            split=NS(dataset="d", name="train"),
-            model=NS(name="m", threshold=0.0),
-            extract=NS(poolings=("mean", "first", "last"), ffn_poolings=("max",)),
-            spec=NS(random_init=False),
-        )
-        score_entry(Store(url).open(key), request, ["physics"], rows_per_chunk=7, scheduler="threads")
-    hidden = {k: v for k, v in reads.items() if k[0].startswith("hidden/")}
-    assert hidden and set(hidden.values()) == {2}
-    assert {v for k, v in reads.items() if k[0] == "ffn/max"} == {1}
-    assert not any(k[0] == "ffn/mean" for k in reads)

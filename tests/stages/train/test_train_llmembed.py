@@ -98,7 +98,7 @@ def test_save_load_round_trip(tiny_blocks, tmp_path):
 
 @pytest.mark.parametrize(
     ("param", "value", "allowed"),
-    [("hidden", (), "non-empty sequence of ints"), ("width", -1, "an int >= 0"), ("dropout", 1.0, "[0.0, 1.0)")],
+    [("hidden", (), "non-empty sequence of ints"), ("width", -1, "an int >= 0"), ("dropout", 1.0, "[0.0, 0.95]")],
 )
 def test_bad_parameters_name_the_parameter(tiny_blocks, param, value, allowed):
     (Xtr, ytr), _ = tiny_blocks

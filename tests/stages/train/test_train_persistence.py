@@ -7,33 +7,36 @@ import struct
 
 import numpy as np
 import pytest
-from safetensors import safe_open
+from safetensors.numpy import load as safe_load
 
+from stages.entries.heads_format import entry_files, read_entry_head
 from stages.train.fusion import ConcatHead, FusionHead
-from stages.train.probes import (
-    fit_probe,
-    load_probe,
-    probe_from_arrays,
-    probe_from_bytes,
-    probe_to_arrays,
-    probe_to_bytes,
-    save_probe,
-)
+from stages.train.probes import fit_probe, probe_from_arrays, probe_from_bytes, probe_to_arrays, probe_to_bytes
+from store import Store, fingerprint
 
 
-def _assert_safe_files(directory):
-    """Exactly one safetensors file and one JSON file, neither a pickle."""
-    assert sorted(p.name for p in directory.iterdir()) == ["head.json", "head.safetensors"]
-    raw = (directory / "head.safetensors").read_bytes()
+def _through_store(tmp_path, stem: str, blobs: dict[str, bytes]) -> dict[str, bytes]:
+    """Write a head into a heads entry and read it back, as train and predict do."""
+    desc = {"kind": "heads", "dataset": {"name": "xor", "split": "heads"}, "model": {"name": stem}}
+    writer = Store(str(tmp_path / "store")).writer(fingerprint(desc), desc, n_shards=0)
+    files = entry_files(stem, blobs)
+    assert sorted(files) == [f"{stem}.json", f"{stem}.safetensors"]
+    for name, data in files.items():
+        writer.write_file(name, data)
+    return read_entry_head(writer.commit(), stem)
+
+
+def _assert_safe_files(blobs: dict[str, bytes]) -> dict:
+    """Exactly one safetensors blob and one JSON blob, neither a pickle; returns the JSON."""
+    assert sorted(blobs) == ["head.json", "head.safetensors"]
+    raw = blobs["head.safetensors"]
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_len])
     assert header and all("dtype" in v for k, v in header.items() if k != "__metadata__")
-    with safe_open(str(directory / "head.safetensors"), framework="numpy") as fh:
-        assert sorted(fh.keys()) == sorted(k for k in header if k != "__metadata__")
-    meta = json.loads((directory / "head.json").read_text())
-    for blob in (raw, (directory / "head.json").read_bytes()):
+    assert sorted(safe_load(raw)) == sorted(k for k in header if k != "__metadata__")
+    for blob in blobs.values():
         assert not blob.startswith(b"\x80")  # pickle protocol >= 2 opcode
-    return meta
+    return json.loads(blobs["head.json"])
 
 
 @pytest.mark.parametrize("labels", ["int3", "binary", "str"])
@@ -50,11 +53,9 @@ def test_probe_roundtrip_is_identical(tmp_path, labels):
     expected = model.predict_proba(X)
 
     assert np.array_equal(probe_from_arrays(*probe_to_arrays(model)).predict_proba(X), expected)
-    assert np.array_equal(probe_from_bytes(probe_to_bytes(model)).predict_proba(X), expected)
-    save_probe(model, tmp_path / "probe")
-    meta = _assert_safe_files(tmp_path / "probe")
-    assert meta["format"] == "linear-probe"
-    loaded = load_probe(tmp_path / "probe")
+    blobs = _through_store(tmp_path, "probe-m-1-mean", probe_to_bytes(model))
+    assert _assert_safe_files(blobs)["format"] == "linear-probe"
+    loaded = probe_from_bytes(blobs)
     assert np.array_equal(loaded.predict_proba(X), expected)
     assert np.array_equal(loaded.predict(X), model.predict(X))
 
@@ -62,32 +63,29 @@ def test_probe_roundtrip_is_identical(tmp_path, labels):
 def test_fusion_roundtrip_is_identical(tmp_path, xor_data, fitted_fusion):
     _, _, (Xte, _) = xor_data
     expected = fitted_fusion.predict_proba(Xte)
-    fitted_fusion.save(tmp_path / "fusion")
-    meta = _assert_safe_files(tmp_path / "fusion")
+    blobs = fitted_fusion.to_bytes()
+    assert blobs == fitted_fusion.to_bytes()  # deterministic bytes, fit for content addressing
+    stored = _through_store(tmp_path, "fusion", blobs)
+    assert stored == blobs
+    meta = _assert_safe_files(stored)
     assert meta["format"] == "fusion-head"
     assert meta["block_names"] == ["a", "b"] and meta["params"]["width"] == 32
-    loaded = FusionHead.load(tmp_path / "fusion")
+    loaded = FusionHead.from_bytes(stored)
     assert np.array_equal(loaded.predict_proba(Xte), expected)
     assert loaded.get_params() == fitted_fusion.get_params()
     assert loaded.history_ == fitted_fusion.history_
     assert loaded.n_params_ == fitted_fusion.n_params_
-    blobs = fitted_fusion.to_bytes()
-    assert sorted(blobs) == ["head.json", "head.safetensors"]
-    assert blobs == fitted_fusion.to_bytes()  # deterministic bytes, fit for content addressing
-    assert np.array_equal(FusionHead.from_bytes(blobs).predict_proba(Xte), expected)
 
 
 def test_concat_roundtrip_is_identical(tmp_path, xor_data):
     (Xtr, ytr), (Xdv, ydv), (Xte, _) = xor_data
     head = ConcatHead(Cs=(0.1, 1.0)).fit(Xtr, ytr, Xdv, ydv)
     expected = head.predict_proba(Xte)
-    head.save(tmp_path / "concat")
-    meta = _assert_safe_files(tmp_path / "concat")
-    assert meta["format"] == "concat-head"
-    loaded = ConcatHead.load(tmp_path / "concat")
+    stored = _through_store(tmp_path, "concat", head.to_bytes())
+    assert _assert_safe_files(stored)["format"] == "concat-head"
+    loaded = ConcatHead.from_bytes(stored)
     assert np.array_equal(loaded.predict_proba(Xte), expected)
     assert loaded.get_params() == head.get_params()
-    assert np.array_equal(ConcatHead.from_bytes(head.to_bytes()).predict_proba(Xte), expected)
 
 
 def test_loading_the_wrong_kind_of_head_fails(xor_data, fitted_fusion):

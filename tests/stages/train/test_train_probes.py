@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from config_factory import SST2, write_config
 
 from stages.train.probes import (
     evaluate,
@@ -110,7 +111,7 @@ def test_fit_probe_ties_go_to_the_smaller_C():
 @pytest.mark.parametrize("Cs", [(), (0.0,), (-1.0, 1.0), (float("inf"),)])
 def test_fit_probe_rejects_bad_Cs(Cs):
     X, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
-    with pytest.raises(ValueError, match="Cs must be a non-empty sequence of finite positive floats"):
+    with pytest.raises(ValueError, match=re.escape("Cs must be a non-empty sequence of finite reals > 0.0")):
         fit_probe(X, y, X, y, Cs=Cs)
 
 
@@ -226,12 +227,15 @@ def test_batched_probes_match_sklearn_on_minilm_sst2(tmp_path, one_blas_thread):
     from pipeline.config import load_config
     from store import Store
 
-    data = Path(__file__).resolve().parents[3] / "data" / "sst2"
-    path = tmp_path / "minilm.toml"
-    path.write_text(
-        f'name = "minilm-parity"\nseed = 0\n\n[data]\nname = "sst2"\npath = "{data}"\nsplits = ["train", "dev", "test"]\n\n'
-        '[[models]]\nname = "bert"\nsource = "all-minilm-l6-v2"\n\n[extract]\nmax_length = 128\nstorage_dtype = "float16"\n',
-        encoding="utf-8",
+    path = write_config(
+        tmp_path / "minilm.toml",
+        {
+            "name": "minilm-parity",
+            "seed": 0,
+            "data": {"name": "sst2", "path": str(SST2), "splits": ["train", "dev", "test"]},
+            "models": [{"name": "bert", "source": "all-minilm-l6-v2"}],
+            "extract": {"max_length": 128, "storage_dtype": "float16"},
+        },
     )
     cfg = load_config(path)
     orchestrate.extract(cfg, str(tmp_path / "store"), progress=False)

@@ -14,18 +14,18 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import config_factory
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from config_factory import KEYWORDS
 from scipy import stats
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, PipelineError
 from store import Store
 
-ROOT = Path(__file__).resolve().parents[3]
-KEYWORDS = ROOT / "configs" / "keywords" / "stem.txt"
 SPLIT_ROWS = {"train": 240, "dev": 160, "test": 240}
 SHARD_ROWS = 64
 # signal amplitude per hidden-state layer: class means at +-a along one direction, unit noise
@@ -37,38 +37,6 @@ MODELS = {
     "beta": dict(source="tiny-random-roberta", n_layers=3, hidden=12, ffn=8, amplitude=[0.0] * 4),
     "delta": dict(source="tiny-random-llama", n_layers=3, hidden=16, ffn=8, amplitude=DELTA_AMPLITUDE),
 }
-
-CONFIG = """\
-name = "synthetic"
-seed = 0
-
-[data]
-name = "synth"
-path = "{data}"
-splits = ["train", "dev", "test"]
-
-{models}
-[extract]
-poolings = ["mean"]
-shard_rows = {shard_rows}
-
-[score]
-keywords = "{keywords}"
-rows_per_chunk = 50
-
-[train]
-poolings = ["mean"]
-Cs = [0.1, 1.0]
-
-[train.fusion]
-inputs = {fusion_inputs}
-average = []
-nu_layers = 2
-width = 8
-hidden = 8
-epochs = 8
-patience = 3
-"""
 
 
 def write_config(
@@ -86,19 +54,28 @@ def write_config(
             ]
             (data / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     sources = {**{m: MODELS[m]["source"] for m in models}, **(extra_models or {})}
-    model_toml = "".join(f'[[models]]\nname = "{m}"\nsource = "{s}"\n\n' for m, s in sources.items())
-    path = folder / "synthetic.toml"
-    path.write_text(
-        CONFIG.format(
-            data=data,
-            models=model_toml,
-            shard_rows=SHARD_ROWS,
-            keywords=KEYWORDS,
-            fusion_inputs="[" + ", ".join(f'"{b}"' for b in fusion_inputs) + "]",
-        ),
-        encoding="utf-8",
-    )
-    return path
+    cfg = {
+        "name": "synthetic",
+        "seed": 0,
+        "data": {"name": "synth", "path": str(data), "splits": ["train", "dev", "test"]},
+        "models": [{"name": m, "source": s} for m, s in sources.items()],
+        "extract": {"poolings": ["mean"], "shard_rows": SHARD_ROWS},
+        "score": {"keywords": str(KEYWORDS), "rows_per_chunk": 50},
+        "train": {
+            "poolings": ["mean"],
+            "Cs": [0.1, 1.0],
+            "fusion": {
+                "inputs": list(fusion_inputs),
+                "average": [],
+                "nu_layers": 2,
+                "width": 8,
+                "hidden": 8,
+                "epochs": 8,
+                "patience": 3,
+            },
+        },
+    }
+    return config_factory.write_config(folder / "synthetic.toml", cfg)
 
 
 def synthetic_features(model: str, split: str, labels: np.ndarray) -> dict[str, np.ndarray]:

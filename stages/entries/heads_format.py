@@ -1,16 +1,16 @@
-"""Safe persistence for heads: safetensors for arrays, JSON for everything else.
+"""The heads' on-store format: safetensors for arrays, JSON for everything else.
 
-Nothing executable is ever written or read (no pickle), so a head fetched
-from a shared store can be loaded without trusting whoever wrote it.
+Every head (probe, concat, fusion, LLMEmbed) is two blobs, ``head.safetensors`` and
+``head.json``; a heads entry stores them as ``<stem>.safetensors`` and ``<stem>.json``.
+Train writes them and predict reads them through this module, so the format has one owner.
+Nothing executable is ever written or read (no pickle), so a head fetched from a shared
+store can be loaded without trusting whoever wrote it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load as st_load
@@ -19,16 +19,20 @@ from safetensors.numpy import save as st_save
 __all__ = [
     "TENSORS_NAME",
     "META_NAME",
+    "SUFFIXES",
     "pack",
     "unpack",
-    "write_dir",
-    "read_dir",
+    "check_format",
+    "entry_files",
+    "read_entry_head",
     "labels_to_json",
     "labels_from_json",
 ]
 
 TENSORS_NAME = "head.safetensors"
 META_NAME = "head.json"
+SUFFIXES = ("safetensors", "json")
+"""File suffixes of one head inside a heads entry, in :data:`TENSORS_NAME`, :data:`META_NAME` order."""
 
 
 def pack(arrays: Mapping[str, np.ndarray], meta: Mapping) -> dict[str, bytes]:
@@ -50,26 +54,20 @@ def unpack(blobs: Mapping[str, bytes]) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
-def write_dir(blobs: Mapping[str, bytes], path: str | os.PathLike) -> Path:
-    """Write each blob into directory ``path``, atomically per file; JSON last."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for name in sorted(blobs, key=lambda n: n == META_NAME):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blobs[name])
-            os.replace(tmp, path / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return path
+def check_format(meta: Mapping, fmt: str, version: int, *, what: str = "head") -> None:
+    """Refuse metadata of another kind of head, or of another version of this one."""
+    if meta.get("format") != fmt or meta.get("version") != version:
+        raise ValueError(f"not a {fmt} v{version} {what}: format={meta.get('format')!r} version={meta.get('version')!r}")
 
 
-def read_dir(path: str | os.PathLike) -> dict[str, bytes]:
-    """Read the two head files back from directory ``path``."""
-    path = Path(path)
-    return {name: (path / name).read_bytes() for name in (TENSORS_NAME, META_NAME)}
+def entry_files(stem: str, blobs: Mapping[str, bytes]) -> dict[str, bytes]:
+    """A head's blobs under their file names in a heads entry (``<stem>.safetensors``, ``<stem>.json``)."""
+    return {f"{stem}.{name.split('.', 1)[1]}": data for name, data in blobs.items()}
+
+
+def read_entry_head(entry, stem: str) -> dict[str, bytes]:
+    """The blobs of head ``stem`` read back from a heads entry; inverse of :func:`entry_files`."""
+    return {name: entry.read_file(f"{stem}.{suffix}") for name, suffix in zip((TENSORS_NAME, META_NAME), SUFFIXES)}
 
 
 def labels_to_json(classes: np.ndarray) -> dict:
@@ -85,16 +83,3 @@ def labels_to_json(classes: np.ndarray) -> dict:
 def labels_from_json(obj: Mapping) -> np.ndarray:
     """Inverse of :func:`labels_to_json`."""
     return np.asarray(obj["values"], dtype=np.dtype(obj["dtype"]))
-
-
-class DirectoryPersistence:
-    """``save``/``load`` of a head through a directory, given its ``to_bytes``/``from_bytes``."""
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write ``head.safetensors`` and ``head.json`` into directory ``path``."""
-        write_dir(self.to_bytes(), path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs):
-        """Load a head written by :meth:`save` (keyword arguments go to ``from_bytes``)."""
-        return cls.from_bytes(read_dir(path), **kwargs)
