@@ -216,11 +216,9 @@ def fused_heads(cfg_path: Path, store_url: str, extract_seconds: float, tmp: Pat
     first = requests[0].model.name
     y = {s: entries[(first, s)].table()["label"].to_numpy() for s in splits}
     rows: dict[str, dict] = {}
-
-    def add_rows(head, models, layers, pooling, metrics, n_params, seconds):
-        rows[head] = {"models": models, "blocks": layers.count(",") + 1, "params": n_params, "seconds": seconds, **metrics}
-
-    fit_fused(cfg, FeatureCache(entries), plans, y, splits, add_rows)
+    for r in fit_fused(cfg, FeatureCache(entries), plans, y, splits)[0]:  # one row per (head, dev/test split)
+        rows.setdefault(r["head"], {"blocks": r["layers"].count(",") + 1, "params": r["n_params"], "seconds": r["fit_seconds"]})
+        rows[r["head"]][f"{r['split']}_accuracy"] = r["accuracy"]
     spec = {r.model.name: r.spec for r in requests}
     frozen_of = {m: frozen_params(spec[m]) for m in dict.fromkeys(b.model for p in plans for b in p.blocks)}
     shapes = fused_head_shapes()

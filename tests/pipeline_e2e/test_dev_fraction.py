@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import tiny_pipeline as tp
 import torch
+from config_factory import KEYWORDS, ROOT
 
 TREC_TOML = """\
 name = "trec-tiny"
@@ -39,11 +39,12 @@ poolings = ["mean"]
 @pytest.mark.slow  # extract, score and train of one tiny model, about 10 s on 2 cores
 def test_carved_dev_split_through_extract_score_and_train(tmp_path):
     from pipeline import orchestrate
+    from pipeline.config import load_config
     from pipeline.data import load_splits
 
     cfg_path = tmp_path / "trec.toml"
-    cfg_path.write_text(TREC_TOML.format(data=tp.ROOT / "data" / "trec", keywords=tp.KEYWORDS), encoding="utf-8")
-    cfg = tp.load(cfg_path)
+    cfg_path.write_text(TREC_TOML.format(data=ROOT / "data" / "trec", keywords=KEYWORDS), encoding="utf-8")
+    cfg = load_config(cfg_path)
     splits = load_splits(cfg.data, cfg.seed)
     assert {s: len(v) for s, v in splits.items()} == {"train": 90 - len(splits["dev"]), "test": 90, "dev": len(splits["dev"])}
     assert 0 < len(splits["dev"]) < 90
