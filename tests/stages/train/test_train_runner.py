@@ -230,6 +230,7 @@ def test_fusion_nu_fuses_each_models_lowest_nu_layers(trained):
     expected = []
     for model in ("alpha", "beta"):
         rows = var[(var["model"] == model) & (var["pooling"] == "mean") & np.isfinite(var["variability"])]
+        rows = rows[rows["layer"] >= 1]  # block outputs only (train.include_embeddings = false)
         lowest = sorted(rows.sort_values("variability")["layer"].head(cfg.train.fusion.nu_layers))
         expected += [f"{model}:{layer}" for layer in lowest]
     row = train_df[(train_df["head"] == "fusion_nu") & (train_df["split"] == "test")].iloc[0]
