@@ -396,6 +396,29 @@ def _sparsity_section(spa: pd.DataFrame, requests) -> list[str]:
     ]
 
 
+def class_concentration(top: pd.DataFrame, labels: np.ndarray, has_kw: np.ndarray, *, p_max: float) -> pd.DataFrame:
+    """Per model, how many significant top keyword neurons fire most in each class, with the class
+    shares and keyword rates to compare against; models without a significant neuron get zeros."""
+    classes, counts = np.unique(labels, return_counts=True)
+    rows = []
+    for model, part in top.groupby("model", sort=False):
+        sig = part[part["keyword_p_value"] < p_max]
+        row = {"model": model, "neurons": len(sig)}
+        for c in classes:
+            row[f"top_class={c}"] = int((sig["top_class"] == c).sum())
+        rows.append(row)
+    share = {"model": "(class share of sentences)", "neurons": int(len(labels))}
+    for c, n in zip(classes, counts):
+        share[f"top_class={c}"] = round(float(n / len(labels)), 3)
+    rows.append(share)
+    if len(has_kw) == len(labels):
+        rate = {"model": "(keyword rate in the class)", "neurons": int(has_kw.sum())}
+        for c in classes:
+            rate[f"top_class={c}"] = round(float(has_kw[labels == c].mean()), 3)
+        rows.append(rate)
+    return pd.DataFrame(rows)
+
+
 def _keyword_section(
     result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFrame, keywords: list[str], labels: np.ndarray, has_kw: np.ndarray
 ) -> list[str]:
@@ -417,30 +440,14 @@ def _keyword_section(
         "",
     ]
     if len(labels):
-        kw = None
-        if len(top):
-            classes, counts = np.unique(labels, return_counts=True)
-            rows = []
-            for model, part in top.groupby("model", sort=False):
-                row = {"model": model, "neurons": len(part)}
-                for c in classes:
-                    row[f"top_class={c}"] = int((part["top_class"] == c).sum())
-                rows.append(row)
-            share = {"model": "(class share of sentences)", "neurons": int(len(labels))}
-            for c, n in zip(classes, counts):
-                share[f"top_class={c}"] = round(float(n / len(labels)), 3)
-            rows.append(share)
-            if len(has_kw) == len(labels):
-                rate = {"model": "(keyword rate in the class)", "neurons": int(has_kw.sum())}
-                for c in classes:
-                    rate[f"top_class={c}"] = round(float(has_kw[labels == c].mean()), 3)
-                rows.append(rate)
-            kw = pd.DataFrame(rows)
+        kw = class_concentration(top, labels, has_kw, p_max=0.05 / m) if len(top) else None
         if kw is not None:
             parts += [
                 "Where the top keyword neurons fire most (the class with the highest fire rate, per neuron), against "
                 "the share of each class in the split: a concentration on the class whose sentences carry the keywords "
-                "means the neurons track the topic.",
+                f"means the neurons track the topic. Only neurons that survive the Bonferroni correction (p < {0.05 / m:.2g}) "
+                "count; `neurons` = 0 means no neuron of that model is a keyword neuron at its first threshold (a neuron that "
+                "fires in nearly every sentence cannot be one).",
                 "",
                 md_table(kw),
                 "",
