@@ -90,7 +90,7 @@ def test_score_on_cluster_matches_local(tmp_path, cluster):
     assert main(["score", "--config", cfg, "--store", store, "--out", str(tmp_path / "local"), "-q"]) == 0
     assert main(["score", "--config", cfg, "--store", store, "--out", str(tmp_path / "cluster"), "--scheduler", address, "-q"]) == 0
     prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-    assert any("store-read" in p for p in prefixes), prefixes  # the workers read the shards
+    assert any("score-scan" in p for p in prefixes), prefixes  # the workers read (and hash) the shards
     for name in TABLES:
         local, remote = pd.read_parquet(tmp_path / "local" / name), pd.read_parquet(tmp_path / "cluster" / name)
         assert len(local) > 0
