@@ -24,10 +24,10 @@ from pipeline.config import ExperimentConfig
 from pipeline.data import load_splits
 from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
-from pipeline.outputs import parquet_bytes, write_atomic, write_parquet
+from pipeline.outputs import parquet_bytes, write_parquet
 from pipeline.progress import tqdm
 from stages.entries import TABLES, corrupt_features_error, feature_requests, load_keywords, open_features, scores_key
-from stages.report import md_table
+from stages.report import md_table, write_score_part
 from stages.score import shards
 from stages.score.plots import plot_sparsity, plot_variability
 from stages.score.sparsity import keyword_mask, sparsity_tables, top_keyword_neurons
@@ -278,7 +278,7 @@ def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, request
     write_parquet(top, out / "keyword_neurons.parquet")
     labels = np.asarray(requests[0].split.labels) if requests else np.array([])
     has_kw = keyword_mask(list(requests[0].split.texts), keywords) if requests else np.array([], dtype=bool)
-    write_atomic(out / "report.md", score_report(result, cfg, requests, top, keywords, labels, has_kw))
+    write_score_part(out / "report.md", score_report(result, cfg, requests, top, keywords, labels, has_kw))
     log.info("score: wrote %s", ", ".join(str(out / n) for n in (*TABLES, "variability.png", "sparsity.png", "report.md")))
 
 

@@ -23,7 +23,7 @@ from pipeline.device import resolve_device
 from pipeline.errors import ConfigError, PipelineError, rerun_hint
 from pipeline.progress import tqdm
 from stages.entries import config_scores_key, head_file, heads_format, heads_key, load_scores, make_lineage, open_features, train_requests
-from stages.report import md_table, write_section
+from stages.report import TRAIN_MARKER, md_table, write_section
 from stages.train.fused import FUSED_HEADS, ablation_section, fit_fused, plan_heads
 from stages.train.metrics import TRAIN_COLUMNS, metric_rows
 from stages.train.plots import plot_layers
@@ -312,7 +312,7 @@ def _write_outputs(cfg, out: Path, result: TrainResult) -> None:
     result.layers_df.to_parquet(out / "layers.parquet", index=False)
     result.selection_df.to_parquet(out / "selection.parquet", index=False)
     _plot_layers(cfg, out, result.layers_df, result.selection_df, result.chance)
-    write_section(out / "report.md", cfg.name, "## Train: heads on cached features", train_section(cfg, result))
+    write_section(out / "report.md", cfg.name, TRAIN_MARKER, train_section(cfg, result))
     log.info("train: wrote %s/train.parquet, layers.png and the train section of report.md", out)
 
 
@@ -343,7 +343,7 @@ def train_section(cfg, result: TrainResult) -> str:
     ]
     best = best_probes(wide[wide["head"] == "probe"], include_embeddings=cfg.train.include_embeddings)
     among = "all hidden states 0..L" if cfg.train.include_embeddings else "block outputs 1..L"
-    section = [f"## Train: heads on cached features (store entry {result.key[:12]})", ""]
+    section = [f"{TRAIN_MARKER} (store entry {result.key[:12]})", ""]
     if result.random_models:
         section += [
             f"> **Random weights:** {', '.join(result.random_models)}; their heads show the pipeline works, not what a trained model does.",
