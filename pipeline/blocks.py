@@ -42,3 +42,10 @@ def candidate_layers(n_hidden: int, include_embeddings: bool = False) -> range:
     Xie et al. select among transformer block outputs; the embedding output is a lookup table, not a layer.
     """
     return range(0 if include_embeddings else 1, n_hidden) if n_hidden > 1 else range(n_hidden)
+
+
+def among_candidates(df, include_embeddings: bool = False):
+    """The rows of one model's per-layer table (a ``layer`` column) whose layer selection may pick."""
+    if df.empty:
+        return df
+    return df[df["layer"].isin(list(candidate_layers(int(df["layer"].max()) + 1, include_embeddings)))]

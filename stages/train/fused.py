@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.blocks import Block, candidate_layers
+from pipeline.blocks import Block, among_candidates
 from pipeline.head_params import FUSION_CONSTRAINTS, LLMEMBED_CONSTRAINTS
 from stages.entries import heads_format
 from stages.train.metrics import metric_rows
@@ -97,9 +97,7 @@ def plan_heads(cfg, requests, entries, train_split: str, nu_table: pd.DataFrame 
         for model in models:
             pooling = next((b.pooling for b in blocks if b.model == model and b.pooling != "pooler"), "mean")
             rows = nu_table[(nu_table["model"] == model) & (nu_table["pooling"] == pooling)]
-            rows = rows[np.isfinite(rows["variability"])]
-            if len(rows):  # the same candidates as layer selection: block outputs unless include_embeddings
-                rows = rows[rows["layer"].isin(list(candidate_layers(int(rows["layer"].max()) + 1, cfg.train.include_embeddings)))]
+            rows = among_candidates(rows[np.isfinite(rows["variability"])], cfg.train.include_embeddings)  # as layer selection
             rows = rows.sort_values(["variability", "layer"])
             chosen = [Block(model, int(layer), pooling) for layer in sorted(rows["layer"].head(cfg.train.fusion.nu_layers))]
             nu_blocks += chosen

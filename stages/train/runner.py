@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.blocks import Block, candidate_layers
+from pipeline.blocks import Block, among_candidates
 from pipeline.config import ExperimentConfig
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError, PipelineError, rerun_hint
@@ -245,7 +245,7 @@ def select_layers(df: pd.DataFrame, *, include_embeddings: bool = False):
     and never at test: the nu-selected layer has the lowest finite nu (computed on the training
     split), the dev-best the highest dev accuracy (the first on ties). None where no candidate has a finite nu.
     """
-    cands = df[df["layer"].isin(list(candidate_layers(int(df["layer"].max()) + 1, include_embeddings)))]
+    cands = among_candidates(df, include_embeddings)
     finite = cands[np.isfinite(cands["nu"])]
     sel = finite.loc[finite["nu"].idxmin()] if len(finite) else None
     best = cands.loc[cands["dev_accuracy"].idxmax()]
