@@ -157,11 +157,14 @@ def extract_overhead(plan: Plan, tmp: Path) -> tuple[dict, Path | None]:
         bare_forward(b, batches)  # warm-up (allocator, kernels)
         _, warm = full_extract(b, split, tmp)
         shutil.rmtree(warm)
-        bare, full, bare_cpu, full_cpu = [], [], [], []
+        bare, full, bare_cpu, full_cpu, hooked = [], [], [], [], []
         for _ in range(plan.reps):
             with Timer() as t:
                 bare_forward(b, batches)
             bare.append(t.wall), bare_cpu.append(t.cpu)
+            with Timer() as t:
+                features_forward(b, batches)
+            hooked.append(t.wall)
             with Timer() as t:
                 stats, path = full_extract(b, split, tmp)
             full.append(t.wall), full_cpu.append(t.cpu)
@@ -186,6 +189,10 @@ def extract_overhead(plan: Plan, tmp: Path) -> tuple[dict, Path | None]:
                 "bare_seconds": [round(x, 3) for x in bare],
                 "extract_seconds": [round(x, 3) for x in full],
                 "cpu_time_ratio": round(paired_ratio(bare_cpu, full_cpu), 4),
+                # the forward with every hook and pooling but no tokenising, host copy or writing:
+                # how much of the gap is the on-device reductions themselves
+                "features_seconds": [round(x, 3) for x in hooked],
+                "features_only_ratio": round(paired_ratio(bare, hooked), 4),
                 "goal": ">= 0.95",
             },
             ratio=ratio,

@@ -49,6 +49,14 @@ def test_smoke_run_writes_every_result(tmp_path):
         assert rec["value"] == pytest.approx(rec["details"]["fit_seconds"], abs=1e-3) and rec["value"] > 0, head
         read = sum(rec["details"]["frozen_params"].values())
         assert rec["ratio"] == pytest.approx(rec["details"]["params"] / read, rel=1e-3, abs=1e-6), head
+    # where the extract gap is: the hooked forward alone, timed in the same repetitions
+    for fam in ("bert", "llama"):
+        det = results[f"extract_overhead/{fam}"]["details"]
+        assert len(det["features_seconds"]) == len(det["bare_seconds"]) and det["features_only_ratio"] > 0, fam
+    # score with the shard files dropped from the page cache, next to the warm figure
+    det = results["score_read_fraction"]["details"]
+    assert len(det["cold_score_seconds"]) == len(det["cold_plain_seconds"]) >= 2
+    assert math.isfinite(det["cold_ratio"]) and det["cold_ratio"] > 0
     shapes = results["fused_heads"]["details"]["heads"]
     assert set(shapes) == {"concat", "concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu", "llmembed"}
     assert results["fused_heads"]["ratio"] == max(h["ratio"] for h in shapes.values()) < 0.04
