@@ -110,5 +110,31 @@ Details of every record (per-repetition times, sizes, CPU-time ratios, profiles)
 """
 
 
+def _bounds(name: str, r: dict) -> str | None:
+    """What the record's own details measured about the gap to its goal, or None."""
+    d = r.get("details", {})
+    prefix = name.split("/", 1)[0]
+    if prefix == "extract_overhead" and "features_only_ratio" in d:
+        return (
+            f"the hooked forward alone (every hook and pooling, no tokenising, host copy or write) keeps "
+            f"{_fmt(d['features_only_ratio'])} of a bare forward; the whole extract {_fmt(r['ratio'])}"
+        )
+    if prefix == "score_read_fraction" and "ratio_if_only_hashing" in d:
+        cold = d.get("cold_ratio")
+        said = f"a score that did nothing but hash every shard byte would reach {_fmt(d['ratio_if_only_hashing'])}"
+        return said + (f"; with the files dropped from the page cache first, score reaches {_fmt(cold)}" if cold is not None else "")
+    if prefix == "train_stage_seconds" and d.get("fit_seconds_by_head"):
+        heads = d["fit_seconds_by_head"]
+        slow = max(heads, key=heads.get)
+        return f"the slowest head, `{slow}`, took {_fmt(float(heads[slow]))} s of the {_fmt(r['value'])} s"
+    return None
+
+
+def gaps(results: dict) -> str:
+    """One line per missed goal with the figures that bound it, measured in the same run."""
+    lines = [f"- `{name}`: {said}." for name, r in results.items() if status(name, r) == "**missed**" and (said := _bounds(name, r))]
+    return "\n".join(["", "### Where the missed goals stand", "", *lines, ""]) if lines else ""
+
+
 def write_readme(path: Path, results: dict, info: dict) -> None:
-    path.write_text(INTRO + table(results, info) + "\n", encoding="utf-8")
+    path.write_text(INTRO + table(results, info) + "\n" + gaps(results), encoding="utf-8")
