@@ -66,7 +66,7 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
     from pipeline.blocks import Block
     from pipeline.config import load_config
     from stages.entries import feature_requests, open_features
-    from stages.train.fused import make_head
+    from stages.train.fused import base_blocks, make_head
     from stages.train.probes import fit_probe
     from stages.train.runner import FeatureCache
     from store import Store
@@ -79,9 +79,10 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
     cache = FeatureCache(entries)
     y = {s: entries[(cfg.models[0].name, s)].table()["label"].to_numpy() for s in (tr, dev)}
     n_layers = {m: int(entries[(m, tr)].description["n_layers"]) for m, _ in entries}
-    fc = cfg.train.fusion
-    blocks = [Block.parse(t).resolved(n_layers[Block.parse(t).model]) for t in fc.inputs]
-    avg = [str(Block.parse(t).resolved(n_layers[Block.parse(t).model])) for t in fc.average]
+    blocks, avg_blocks = base_blocks(cfg, requests, entries, tr)  # as train plans the fusion head: named or derived
+    if not blocks:
+        raise ValueError(f"{cfg_path.name}: no block to fuse (no train.fusion.inputs and no real-weight model)")
+    avg = [str(b) for b in avg_blocks]
     inputs = {s: {str(b): cache.layer(b, s) for b in blocks} for s in (tr, dev)}
 
     probe_block = Block(cfg.models[0].name, n_layers[cfg.models[0].name], "mean")
@@ -108,11 +109,11 @@ def train_seconds(cfg_path: Path, store_url: str, extract_seconds: float) -> dic
             "ratio": round(probe.n_params / frozen_probe, 6),
         },
         "fusion": {
-            "inputs": list(fc.inputs),
+            "inputs": [str(b) for b in blocks],
             "seconds": round(fusion_s, 3),
             "params": int(head.n_params_),
             "frozen_params": frozen,
-            "epochs": fc.epochs,
+            "epochs": cfg.train.fusion.epochs,
         },
         "default_config_shapes": default_head_vs_frozen(),
         "note": "LLMEmbed reports ~4% of a GPT-3 baseline's parameters; ratio here = fusion head params / the frozen "

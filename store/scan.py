@@ -11,9 +11,9 @@ Contiguous, uncompressed datasets (what the writer produces without ``compressio
 straight from the stream; any other dataset is read through h5py, from the same open file, and the
 stream still hashes the whole file.
 
-A handle can be kept for a later pass over the same run (``keep``): the score stage reads the hidden
-states a second time for the projections of its variability statistic, from the handle the scan
-opened, with positional reads. ``release_handles(keep)`` closes them.
+A handle can be kept for a later pass of the same run (``keep``, a ``KeptHandles`` the run owns and
+closes): the score stage reads the hidden states a second time for the projections of its
+variability statistic, from the handle the scan opened, with positional reads.
 """
 
 from __future__ import annotations
@@ -93,35 +93,47 @@ def open_shard(sfs: StoreFS, path: str) -> ShardHandle:
     return ShardHandle(sfs, path)
 
 
-_KEPT: dict[tuple[str, str], ShardHandle] = {}
-_LIVE: set[str] = set()  # keep tokens between new_keep() and release_handles()
-_KEPT_LOCK = threading.Lock()
+class KeptHandles:
+    """Shard handles that scans leave open for a later pass of the same run, owned by that run.
 
+    A scan given one adopts its handle here instead of closing it; ``read_rows`` reads through it;
+    ``close()`` (or leaving the ``with`` block) closes them all, after which a late scan closes its
+    own handle. Lives in one process: a run on a distributed cluster passes none.
+    """
 
-def new_keep(token: str) -> str:
-    """Start keeping scan handles under ``token`` in this process, until ``release_handles(token)``."""
-    with _KEPT_LOCK:
-        _LIVE.add(token)
-    return token
+    def __init__(self) -> None:
+        self._handles: dict[str, ShardHandle] = {}
+        self._lock = threading.Lock()
+        self._open = True
 
+    def get(self, path: str) -> ShardHandle | None:
+        with self._lock:
+            return self._handles.get(path)
 
-def kept_handle(keep: str | None, path: str) -> ShardHandle | None:
-    if keep is None:
-        return None
-    with _KEPT_LOCK:
-        return _KEPT.get((keep, path))
+    def adopt(self, path: str, handle: ShardHandle) -> bool:
+        """Keep ``handle`` for ``path`` (closing one kept before); False once closed: the caller closes it."""
+        with self._lock:
+            if not self._open:
+                return False
+            old = self._handles.pop(path, None)
+            self._handles[path] = handle
+        if old is not None and old is not handle:
+            old.close()
+        return True
 
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for h in handles:
+            h.close()
 
-def release_handles(keep: str | None) -> None:
-    """Close every handle a scan kept under ``keep`` (in this process)."""
-    if keep is None:
-        return
-    with _KEPT_LOCK:
-        _LIVE.discard(keep)  # a scan still running (its run failed elsewhere) closes its handle itself
-        mine = [k for k in _KEPT if k[0] == keep]
-        handles = [_KEPT.pop(k) for k in mine]
-    for h in handles:
-        h.close()
+    def __enter__(self) -> KeptHandles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def scan_shard(
@@ -132,7 +144,7 @@ def scan_shard(
     sha256: str,
     size: int,
     setup: Callable[[h5py.File], tuple[dict[str, Consumer], Any]],
-    keep: str | None = None,
+    keep: KeptHandles | None = None,
     piece_bytes: int = PIECE_BYTES,
 ) -> tuple[Any, dict[str, Region]]:
     """Read shard ``path`` once, front to back, feeding row pieces of wanted datasets to consumers.
@@ -145,7 +157,7 @@ def scan_shard(
     """
     sfs = StoreFS(url, storage_options)
     handle = open_shard(sfs, path)
-    kept, old = False, None
+    kept = False
     try:
         try:
             with h5py.File(handle.fh, "r") as f:
@@ -169,22 +181,18 @@ def scan_shard(
         if digest != sha256 or n != size:
             _mismatch(path, n, size)
         if keep is not None:
-            with _KEPT_LOCK:
-                if keep in _LIVE:
-                    old = _KEPT.pop((keep, path), None)
-                    _KEPT[(keep, path)] = handle
-                    kept = True
-            if kept and old is not None:
-                old.close()
+            kept = keep.adopt(path, handle)
         return value, {r.name: r for r in regions.values()}
     finally:
         if not kept:
             handle.close()
 
 
-def read_rows(url: str, storage_options: dict, path: str, region: Region, lo: int, hi: int, *, keep: str | None = None) -> np.ndarray:
+def read_rows(
+    url: str, storage_options: dict, path: str, region: Region, lo: int, hi: int, *, keep: KeptHandles | None = None
+) -> np.ndarray:
     """Rows [lo, hi) of a dataset a scan located, by positional read (the kept handle if there is one)."""
-    handle = kept_handle(keep, path)
+    handle = keep.get(path) if keep is not None else None
     own = handle is None
     if own:
         handle = open_shard(StoreFS(url, storage_options), path)

@@ -33,7 +33,7 @@ from stages.score.plots import plot_sparsity, plot_variability
 from stages.score.sparsity import keyword_mask, sparsity_tables, top_keyword_neurons
 from stages.score.variability import _between_class_basis, _class_index, _result, lowest_nu_layer
 from store import CorruptEntryError
-from store.scan import new_keep, release_handles
+from store.scan import KeptHandles
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def score_entry(
     kw = keyword_mask(table["text"].tolist(), keywords)
     sources = entry.shard_sources()
     token = uuid.uuid4().hex
-    keep = new_keep(f"score-{token}") if scheduler in LOCAL_SCHEDULERS else None
+    keep = KeptHandles() if scheduler in LOCAL_SCHEDULERS else None
     try:
         scans = [
             dask.delayed(shards.scan_task, pure=False)(
@@ -153,7 +153,8 @@ def score_entry(
                 )
         (sq,) = dask.compute(_tree(shards.add, parts, f"score-sum-{token}"), scheduler=scheduler)
     finally:
-        release_handles(keep)
+        if keep is not None:
+            keep.close()
     by_pooling = {
         p: [_result(np.asarray(sq[p])[:, layer], counts, inv_s2, rank, n) for layer, (_, inv_s2, rank) in enumerate(spectra[p])]
         for p in poolings

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.models.families import RULE_TEXT
 from stages.score.sparsity import _count_block_multi
 from stages.score.variability import _moments_block, _projection_block
-from store.scan import PIECE_BYTES, Region, read_rows, scan_shard
+from store.scan import PIECE_BYTES, KeptHandles, Region, read_rows, scan_shard
 
 FIRE_COUNT = "ffn/fire_count"
 NORM_RATIO = "stats/norm_ratio"
@@ -31,7 +31,9 @@ def _attrs(ds) -> dict[str, Any]:
     return out
 
 
-def scan_task(src: dict, yidx: np.ndarray, kw: np.ndarray, n_classes: int, poolings: tuple[str, ...], model: str, keep: str | None) -> dict:
+def scan_task(
+    src: dict, yidx: np.ndarray, kw: np.ndarray, n_classes: int, poolings: tuple[str, ...], model: str, keep: KeptHandles | None
+) -> dict:
     """Pass 1 over one shard (see the module docstring); returns a partial result for ``merge``."""
     out: dict[str, Any] = {}
 
@@ -101,7 +103,7 @@ def merge(*parts: dict) -> dict:
 
 
 def project_task(
-    src: dict, regions: dict[str, Region], lo: int, hi: int, yb: np.ndarray, means: dict, keep: str | None
+    src: dict, regions: dict[str, Region], lo: int, hi: int, yb: np.ndarray, means: dict, keep: KeptHandles | None
 ) -> dict[str, np.ndarray]:
     """Pass 2 over rows [lo, hi) of one shard, every pooling in one task: per-class sums of squared
     projections of the centred rows, name -> (K, n_layers, K-1)."""

@@ -4,6 +4,7 @@ fails the run with an error naming it."""
 
 import json
 import threading
+import time
 from types import SimpleNamespace as NS
 
 import numpy as np
@@ -58,19 +59,28 @@ def test_scan_matches_the_dask_array_passes(entry):
         np.testing.assert_array_equal(neurons[c].to_numpy(), ref_neurons[c].to_numpy(), err_msg=c)
 
 
-def test_each_shard_file_opened_and_read_once(entry, monkeypatch):
-    opened, handles, lock = {}, [], threading.Lock()
+@pytest.fixture
+def opened(monkeypatch):
+    """Every shard handle the scans open, in order (``store.scan.open_shard`` is the one place)."""
+    handles, lock = [], threading.Lock()
     real = scan_mod.open_shard
 
     def counting(sfs, path):
         h = real(sfs, path)
         with lock:
-            opened[path] = opened.get(path, 0) + 1
             handles.append(h)
         return h
 
     monkeypatch.setattr(scan_mod, "open_shard", counting)
+    return handles
+
+
+def test_each_shard_file_opened_and_read_once(entry, opened):
+    handles = opened
     _score(entry)
+    opened = {}
+    for h in handles:
+        opened[h.path] = opened.get(h.path, 0) + 1
     shards = entry.shard_sources()
     assert sorted(opened) == sorted(s["path"] for s in shards)
     assert set(opened.values()) == {1}, opened  # one open per shard file for both passes
@@ -78,12 +88,12 @@ def test_each_shard_file_opened_and_read_once(entry, monkeypatch):
     for h, s in zip(sorted(handles, key=lambda h: h.path), sorted(shards, key=lambda s: s["path"])):
         # the whole file once (hashed), then the hidden rows once more for variability's second pass
         assert h.bytes_read == s["size"] + s["n_rows"] * hidden_row, (h.path, h.bytes_read, s["size"])
-    assert not scan_mod._KEPT  # the handles are closed at the end
+    assert all(h.fh.closed for h in handles)  # the run closes the handles it kept
 
 
 @pytest.mark.parametrize("where", ["data", "metadata"])
 @pytest.mark.parametrize("scheduler", ["threads", "sync"])
-def test_shard_changed_after_commit_fails_naming_it(entry, where, scheduler):
+def test_shard_changed_after_commit_fails_naming_it(entry, opened, where, scheduler):
     src = entry.shard_sources()[1]
     path = src["path"]
     import os
@@ -95,7 +105,11 @@ def test_shard_changed_after_commit_fails_naming_it(entry, where, scheduler):
     assert json.loads(Store(entry._sfs.url).fs.cat(entry._path("manifest.json")))["shards"][1]["sha256"] == src["sha256"]
     with pytest.raises(CorruptEntryError, match=r"shard_00001\.h5: sha256 mismatch"):
         _score(entry, scheduler=scheduler)
-    assert not scan_mod._KEPT
+    # the failed run leaves no handle open: scans still running when it raised close their own on return
+    deadline = time.monotonic() + 10
+    while not all(h.fh.closed for h in opened) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert opened and all(h.fh.closed for h in opened)
 
 
 def test_row_table_changed_after_commit_fails_naming_it(entry):
