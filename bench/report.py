@@ -61,6 +61,15 @@ def table(results: dict, info: dict) -> str:
         f"mode: {info['mode']}, {info['date']}, {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
         f"torch {info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, "
         f"load average {info.get('load_average_start')} -> {info.get('load_average_end')}",
+        *(
+            [
+                f"re-measured in a later run of the same mode: {', '.join(f'`{b}`' for b in info['rerun']['benchmarks'])} "
+                f"({info['rerun']['date']}, load average {info['rerun']['load_average_start']} -> {info['rerun']['load_average_end']}); "
+                "their records say why"
+            ]
+            if info.get("rerun")
+            else []
+        ),
         "",
         "| benchmark | value | reference | ratio | unit | goal | status |",
         "|---|---:|---:|---:|---|---|---|",

@@ -37,3 +37,13 @@ def test_no_section_when_every_goal_is_met(tmp_path):
     )
     readme = (tmp_path / "README.md").read_text()
     assert readme.index("| `train_stage_seconds` |") < readme.index("### Where the missed goals stand")
+
+
+def test_readme_names_records_measured_in_a_later_run(tmp_path):
+    info = {"mode": "full", "date": "d", "cpu": "c", "cores": 2, "ram_gib": 1, "torch": "t", "torch_threads": 2, "transformers": "x"}
+    info["rerun"] = {"benchmarks": ["train_stage_seconds"], "date": "d2", "load_average_start": [0.5], "load_average_end": [0.7]}
+    write_readme(tmp_path / "README.md", RESULTS, info)
+    assert (
+        "re-measured in a later run of the same mode: `train_stage_seconds` (d2, load average [0.5] -> [0.7])"
+        in (tmp_path / "README.md").read_text()
+    )
