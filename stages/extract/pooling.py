@@ -175,6 +175,47 @@ class CountedTokens:
                 r0 = r
 
 
+# Rows of counted tokens reduced at a time: about one core's L2 cache, so every pass after the
+# gather (max, |x|, max, one comparison and one count per threshold) reads the block from cache.
+BLOCK_BYTES = 1 << 20
+
+
+def _counted_max_and_fire_counts(x: torch.Tensor, counted: CountedTokens, thresholds, magnitude: bool, ws: Workspace):
+    """The ``counted`` path of ``masked_max_and_fire_counts``, a cache-sized block of rows at a time.
+
+    Each block gathers the counted tokens of a few rows with the same count, takes their row max
+    (and the max of ``|x|``) and adds the block's fired flags per threshold to a float32 count,
+    exact because every partial sum is an integer below 2**24. Same results as one pass per
+    reduction over all tokens, with each block read from memory once.
+    """
+    b, t, f = x.shape
+    flat = x.reshape(b * t, f)
+    mx = torch.empty((b, f), dtype=x.dtype, device=x.device)
+    absmx = torch.empty((b, f), dtype=x.dtype, device=x.device) if magnitude else None
+    acc = torch.zeros((len(thresholds), f), dtype=torch.float32, device=x.device)
+    cap = max(1, BLOCK_BYTES // (f * x.element_size()))  # tokens per block
+    for r0, r1, off, n in counted.runs:
+        # Every row has >= 1 counted token (token_masks falls back to its real tokens).
+        step = max(1, cap // n)
+        for a in range(r0, r1, step):
+            z = min(a + step, r1)
+            lo, m = off + (a - r0) * n, (z - a) * n
+            xs = ws.get("block", (m, f), x.dtype, x.device)
+            torch.index_select(flat, 0, counted.index[lo : lo + m], out=xs)
+            # Reducing the outer dim of a (n, rows, F) view is much faster on the CPU than the middle one.
+            rows = xs.view(z - a, n, f).permute(1, 0, 2)
+            torch.amax(rows, dim=0, out=mx[a:z])
+            if magnitude:
+                torch.abs(xs, out=xs)  # the signed values are done with
+                torch.amax(rows, dim=0, out=absmx[a:z])
+            fired = ws.get("block_fired", (m, f), torch.float32, x.device)
+            ones = ws.ones(m, x.device)
+            for i, thr in enumerate(thresholds):
+                torch.gt(xs, thr, out=fired)  # compared in x's dtype, as ``x > threshold``
+                acc[i] += (ones @ fired).squeeze(0)
+    return mx, absmx, acc.round().to(torch.int64)
+
+
 def masked_max_and_fire_counts(
     x: torch.Tensor,
     mask: torch.Tensor,
@@ -188,9 +229,9 @@ def masked_max_and_fire_counts(
     """``masked_max``, the masked max of ``|x|`` (with ``magnitude``, else None) and ``fire_counts``
     at every threshold, in a few passes, with the same results as the separate reductions.
 
-    With ``counted`` (``CountedTokens(mask)``, CPU): gathers the counted tokens once, takes each
-    row's max over its contiguous slice of them and counts the fired flags of the gathered
-    tokens only. Otherwise: one masked copy where excluded positions are -inf, which is never
+    With ``counted`` (``CountedTokens(mask)``, CPU): gathers the counted tokens a cache-sized block
+    of rows at a time, takes each row's max over its contiguous slice of them and counts the fired
+    flags of the gathered tokens only. Otherwise: one masked copy where excluded positions are -inf, which is never
     > a finite threshold, so the firing test needs no second mask. ``keep`` is
     ``mask.bool().unsqueeze(-1)`` when the caller has it already; ``workspace`` holds the
     scratch buffers between calls (nothing is allocated at the size of ``x`` when it is given).
@@ -199,31 +240,7 @@ def masked_max_and_fire_counts(
     ws = workspace or Workspace()
     counts = torch.empty((len(thresholds), f), dtype=torch.int64, device=x.device)
     if counted is not None and counted.n < _EXACT_FLOAT_COUNT and counted.shape == (b, t):
-        xs = ws.get("counted", (counted.n, f), x.dtype, x.device)
-        torch.index_select(x.reshape(b * t, f), 0, counted.index, out=xs)
-
-        def row_max(values: torch.Tensor) -> torch.Tensor:
-            mx = torch.empty((b, f), dtype=x.dtype, device=x.device)
-            for r0, r1, off, n in counted.runs:
-                # Every row has >= 1 counted token (token_masks falls back to its real tokens).
-                group = values[off : off + (r1 - r0) * n].view(r1 - r0, n, f)
-                # Reducing the outer dim of a (n, rows, F) view is much faster on the CPU than the middle one.
-                torch.amax(group.permute(1, 0, 2), dim=0, out=mx[r0:r1])
-            return mx
-
-        mx = row_max(xs)
-        absmx = None
-        if magnitude:
-            torch.abs(xs, out=xs)  # the signed values are done with
-            absmx = row_max(xs)
-        ones = ws.ones(counted.n, x.device)
-        for i, thr in enumerate(thresholds):
-            last = i == len(thresholds) - 1
-            # the last comparison may overwrite xs itself (float32 only: the flags are float32)
-            fired = xs if last and x.dtype == torch.float32 else ws.get("fired", (counted.n, f), torch.float32, x.device)
-            torch.gt(xs, thr, out=fired)  # compared in x's dtype, as ``x > threshold``
-            counts[i] = (ones @ fired).squeeze(0).round().to(torch.int64)
-        return mx, absmx, counts
+        return _counted_max_and_fire_counts(x, counted, thresholds, magnitude, ws)
     if keep is None:
         keep = mask.bool().unsqueeze(-1)
     xm = ws.get("masked", (b, t, f), x.dtype, x.device)

@@ -103,9 +103,12 @@ def test_masked_mean_max_fire_match_loop(padding, include_special, magnitude):
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("thresholds", [(-0.5,), (0.0,), (0.25,), (0.0, 0.25, 1.0)])
 @pytest.mark.parametrize("magnitude", [False, True])
-@pytest.mark.parametrize("counted", [False, True])
-def test_fused_max_and_fire_counts_equal_separate(padding, thresholds, magnitude, counted):
-    """The capture hook's one-pass max (+ max |a|) + firing counts must equal the separate reductions."""
+@pytest.mark.parametrize("counted", [False, "one block", "row blocks"])
+def test_fused_max_and_fire_counts_equal_separate(padding, thresholds, magnitude, counted, monkeypatch):
+    """The capture hook's one-pass max (+ max |a|) + firing counts must equal the separate reductions,
+    whether the counted tokens fit one cache-sized block or each row is a block of its own."""
+    if counted == "row blocks":
+        monkeypatch.setattr(pooling, "BLOCK_BYTES", 1)
     x, attention, special, _ = _batch(padding)
     mask = pooling.token_masks(attention, special, False)
     extra = {"counted": pooling.CountedTokens(mask)} if counted else {}
