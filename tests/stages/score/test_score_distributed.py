@@ -1,9 +1,9 @@
 """Same numbers on dask.distributed, and bounded memory out of core."""
 
-import dask
 import dask.array as da
 import numpy as np
 import pytest
+from dask_cluster import memory_bounded_client
 
 from stages.score.sparsity import sparsity_stats
 from stages.score.variability import variability_by_layer
@@ -25,22 +25,8 @@ def client():
 
 @pytest.fixture
 def small_client():
-    """Workers limited to 200 MB each. Pausing and spilling are off, so a
-    worker that outgrows its limit is killed (at 95%) instead of waiting
-    forever; a restart shows up as a changed worker set."""
-    no_pause = {
-        "distributed.worker.memory.target": False,
-        "distributed.worker.memory.spill": False,
-        "distributed.worker.memory.pause": False,
-    }
-    with (
-        dask.config.set(no_pause),
-        distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, memory_limit="200MB", dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
-        assert all(c.run(lambda: dask.config.get("distributed.worker.memory.pause") is False).values())
+    """Workers limited to 200 MB each, killed rather than paused when they outgrow it."""
+    with memory_bounded_client("200MB") as c:
         yield c
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from dask_cluster import memory_bounded_client
 
 from pipeline.config import ExtractConfig, ModelConfig
 from pipeline.data import Split
@@ -11,8 +12,7 @@ from stages.entries import FeatureRequest
 from stages.score.runner import score_entry
 from store import Store
 
-distributed = pytest.importorskip("distributed")
-dask = pytest.importorskip("dask")
+pytest.importorskip("distributed")
 
 pytestmark = pytest.mark.slow
 
@@ -68,18 +68,7 @@ def test_score_on_entry_three_times_worker_memory(tmp_path):
     request, entry = _entry(tmp_path)
     on_disk = sum(f["bytes"] for f in entry.manifest["shards"])
     assert on_disk > 3 * WORKER_LIMIT
-    no_pause = {
-        "distributed.worker.memory.target": False,
-        "distributed.worker.memory.spill": False,
-        "distributed.worker.memory.pause": False,
-    }
-    with (
-        dask.config.set(no_pause),
-        distributed.LocalCluster(
-            n_workers=2, processes=True, threads_per_worker=1, memory_limit=WORKER_LIMIT, dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+    with memory_bounded_client(WORKER_LIMIT) as client:
         workers = set(client.scheduler_info()["workers"])
         remote = score_entry(entry, request, ["physics"], rows_per_chunk=256, scheduler=client)
         assert set(client.scheduler_info()["workers"]) == workers, "a worker was restarted: memory was not bounded"
