@@ -62,13 +62,9 @@ def table(results: dict, info: dict) -> str:
         f"torch {info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, "
         f"load average {info.get('load_average_start')} -> {info.get('load_average_end')}",
         *(
-            [
-                f"re-measured in a later run of the same mode: {', '.join(f'`{b}`' for b in info['rerun']['benchmarks'])} "
-                f"({info['rerun']['date']}, load average {info['rerun']['load_average_start']} -> {info['rerun']['load_average_end']}); "
-                "their records say why"
-            ]
-            if info.get("rerun")
-            else []
+            f"re-measured in a later run of the same mode: {', '.join(f'`{b}`' for b in r['benchmarks'])} "
+            f"({r['date']}, load average {r['load_average_start']} -> {r['load_average_end']}): {r['why']}"
+            for r in info.get("reruns", [])
         ),
         "",
         "| benchmark | value | reference | ratio | unit | goal | status |",

@@ -41,9 +41,17 @@ def test_no_section_when_every_goal_is_met(tmp_path):
 
 def test_readme_names_records_measured_in_a_later_run(tmp_path):
     info = {"mode": "full", "date": "d", "cpu": "c", "cores": 2, "ram_gib": 1, "torch": "t", "torch_threads": 2, "transformers": "x"}
-    info["rerun"] = {"benchmarks": ["train_stage_seconds"], "date": "d2", "load_average_start": [0.5], "load_average_end": [0.7]}
+    info["reruns"] = [
+        {
+            "benchmarks": ["train_stage_seconds"],
+            "date": "d2",
+            "load_average_start": [0.5],
+            "load_average_end": [0.7],
+            "why": "a slow machine",
+        },
+        {"benchmarks": ["extract_overhead"], "date": "d3", "load_average_start": [0.9], "load_average_end": [1.1], "why": "new code"},
+    ]
     write_readme(tmp_path / "README.md", RESULTS, info)
-    assert (
-        "re-measured in a later run of the same mode: `train_stage_seconds` (d2, load average [0.5] -> [0.7])"
-        in (tmp_path / "README.md").read_text()
-    )
+    text = (tmp_path / "README.md").read_text()
+    assert "re-measured in a later run of the same mode: `train_stage_seconds` (d2, load average [0.5] -> [0.7]): a slow machine" in text
+    assert "`extract_overhead` (d3, load average [0.9] -> [1.1]): new code" in text
