@@ -231,16 +231,16 @@ def masked_max_and_fire_counts(
 
     With ``counted`` (``CountedTokens(mask)``, CPU): gathers the counted tokens a cache-sized block
     of rows at a time, takes each row's max over its contiguous slice of them and counts the fired
-    flags of the gathered tokens only. Otherwise: one masked copy where excluded positions are -inf, which is never
-    > a finite threshold, so the firing test needs no second mask. ``keep`` is
+    flags of the gathered tokens only. Otherwise: one masked copy where excluded positions are
+    -inf, which is never > a finite threshold, so the firing test needs no second mask. ``keep`` is
     ``mask.bool().unsqueeze(-1)`` when the caller has it already; ``workspace`` holds the
     scratch buffers between calls (nothing is allocated at the size of ``x`` when it is given).
     """
     b, t, f = x.shape
     ws = workspace or Workspace()
-    counts = torch.empty((len(thresholds), f), dtype=torch.int64, device=x.device)
     if counted is not None and counted.n < _EXACT_FLOAT_COUNT and counted.shape == (b, t):
         return _counted_max_and_fire_counts(x, counted, thresholds, magnitude, ws)
+    counts = torch.empty((len(thresholds), f), dtype=torch.int64, device=x.device)
     if keep is None:
         keep = mask.bool().unsqueeze(-1)
     xm = ws.get("masked", (b, t, f), x.dtype, x.device)
