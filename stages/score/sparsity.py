@@ -284,13 +284,73 @@ def _fp16_fire_bounds(threshold: float) -> tuple[int, int] | None:
 def keyword_p_values(k: np.ndarray, n: np.ndarray, n_keyword: int, n_total: int) -> np.ndarray:
     """One-sided hypergeometric P(X >= k): X keyword sentences among ``n`` drawn from ``n_total``, ``n_keyword`` of them
     with a keyword. NaN where n == 0."""
-    from scipy.stats import hypergeom
-
     k, n = np.asarray(k, dtype=np.int64), np.asarray(n, dtype=np.int64)
     # neurons share (k, n) pairs (dead ones, ones every sentence fires, ...): each distinct pair once
     pairs, inverse = np.unique(np.stack([k.ravel(), n.ravel()]), axis=1, return_inverse=True)
-    p = hypergeom.sf(pairs[0] - 1, n_total, n_keyword, pairs[1])[inverse.reshape(-1)].reshape(k.shape)
-    return np.where(n > 0, np.clip(p, 0.0, 1.0), np.nan)
+    p = hypergeom_sf(pairs[0], pairs[1], n_keyword, n_total)[inverse.reshape(-1)].reshape(k.shape)
+    return np.where(n > 0, p, np.nan)
+
+
+# probability terms per block of hypergeom_sf: (draw counts x window) float64 arrays of 16 MiB
+_SF_BLOCK = 2**21
+
+
+def hypergeom_sf(k: np.ndarray, n: np.ndarray, n_keyword: int, n_total: int) -> np.ndarray:
+    """P(X >= k) for X hypergeometric (``n`` draws), summed exactly from the probability terms.
+
+    The pairs that share a draw count ``n`` are answered from one reverse cumulative sum of the
+    terms j = (smallest k) .. min(n, n_keyword), each term a sum of log factorials from one table.
+    The neurons of a score share a few thousand draw counts, so this is one vectorised pass where
+    ``scipy.stats.hypergeom.sf`` sums the terms again for every pair (10-40x slower on the default
+    run). Relative error about 1e-11 (the rounding of log N!); underflows to 0 below 1e-308.
+    """
+    from scipy.special import gammaln
+
+    shape = np.shape(k)
+    k, n = np.asarray(k, dtype=np.int64).ravel(), np.asarray(n, dtype=np.int64).ravel()
+    big_k, big_n = int(n_keyword), int(n_total)
+    if not 0 <= big_k <= big_n or np.any((n < 0) | (n > big_n)):
+        raise ValueError(f"hypergeom_sf needs 0 <= n_keyword <= n_total and 0 <= n <= n_total (n_total={big_n}, n_keyword={big_k})")
+    lf = gammaln(np.arange(big_n + 1, dtype=np.float64) + 1.0)  # log i!
+    draws, row = np.unique(n, return_inverse=True)
+    row = row.reshape(-1)
+    first = np.full(len(draws), big_n, dtype=np.int64)
+    np.minimum.at(first, row, k)
+    lo = np.maximum(first, np.maximum(draws - (big_n - big_k), 0))
+    hi = np.minimum(draws, big_k)
+    width = np.maximum(hi - lo + 1, 1)
+    log_norm = lf[big_n] - lf[draws] - lf[big_n - draws]
+    col = k - lo[row]
+    out = np.where(col < 0, 1.0, 0.0)  # below the support: certain; above it: impossible
+    local = np.empty(len(draws), dtype=np.int64)
+    for rows in _by_width(width):
+        j = lo[rows, None] + np.arange(int(width[rows].max()))[None]
+        valid = j <= hi[rows, None]
+        j = np.minimum(j, hi[rows, None])
+        d = draws[rows, None]
+        logp = lf[big_k] - lf[j] - lf[big_k - j] + lf[big_n - big_k] - lf[d - j] - lf[big_n - big_k - d + j] - log_norm[rows, None]
+        logp[~valid] = -np.inf
+        top = logp.max(axis=1)
+        tail = np.cumsum(np.exp(logp - top[:, None])[:, ::-1], axis=1)[:, ::-1]  # smallest terms first
+        local[:] = -1
+        local[rows] = np.arange(len(rows))
+        mine = np.flatnonzero((local[row] >= 0) & (col >= 0) & (col < width[row]))
+        r = local[row[mine]]
+        with np.errstate(divide="ignore"):
+            out[mine] = np.exp(np.log(tail[r, col[mine]]) + top[r])
+    return np.clip(out, 0.0, 1.0).reshape(shape)
+
+
+def _by_width(width: np.ndarray):
+    """Indices in blocks of similar width, each block's (rows x widest) at most _SF_BLOCK terms."""
+    order = np.argsort(width, kind="stable")
+    a = 0
+    while a < len(order):
+        b = a + 1
+        while b < len(order) and (b + 1 - a) * int(width[order[b]]) <= _SF_BLOCK:
+            b += 1
+        yield order[a:b]
+        a = b
 
 
 def _neuron_table(

@@ -206,3 +206,45 @@ def test_stem_keyword_list_loads():
     words = [w.strip() for w in path.read_text().splitlines() if w.strip()]
     assert len(words) >= 50 and len(set(words)) == len(words)
     assert keyword_mask(["A new algorithm for physics"], words).all()
+
+
+@pytest.mark.parametrize("n_total, n_kw", [(12, 5), (9, 0), (9, 9), (1, 1), (17, 16)])
+def test_hypergeom_sf_matches_exact_sums_on_every_pair(n_total, n_kw):
+    """Every (k, n) of the support, and k beyond it, against sums of binomial coefficients."""
+    from stages.score import sparsity
+
+    pairs = [(k, n) for n in range(n_total + 1) for k in range(-1, n + 2)]
+    k, n = np.array(pairs).T
+    got = sparsity.hypergeom_sf(k, n, n_kw, n_total)
+    want = [hypergeom_sf(max(int(a), 0), int(b), n_kw, n_total) for a, b in pairs]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("block", [1, 50, 2**21])
+def test_hypergeom_sf_matches_scipy_in_the_tails_whatever_the_blocks(monkeypatch, block):
+    """Large populations, deep tails and blocks of one draw count or many give scipy's p-values."""
+    from scipy.stats import hypergeom
+
+    from stages.score import sparsity
+
+    monkeypatch.setattr(sparsity, "_SF_BLOCK", block)
+    rng = np.random.default_rng(block)
+    n_total, n_kw = 20000, 700
+    n = rng.integers(0, n_total + 1, 400)
+    lo, hi = np.maximum(0, n - (n_total - n_kw)), np.minimum(n, n_kw)
+    k = np.minimum(lo + (rng.random(400) * (hi - lo + 1)).astype(np.int64), hi)
+    k[:20], k[20:40] = hi[:20], lo[20:40]  # the extremes of each support
+    want = hypergeom.sf(k - 1, n_total, n_kw, n)
+    got = sparsity.hypergeom_sf(k.reshape(20, 20), n.reshape(20, 20), n_kw, n_total).ravel()
+    tiny = want < 1e-290
+    np.testing.assert_allclose(got[~tiny], want[~tiny], rtol=1e-9)
+    assert (got[tiny] < 1e-280).all() and (got[~tiny] > 0).all()
+
+
+def test_hypergeom_sf_rejects_impossible_populations():
+    from stages.score import sparsity
+
+    with pytest.raises(ValueError, match="n_keyword"):
+        sparsity.hypergeom_sf(np.array([0]), np.array([3]), 11, 10)
+    with pytest.raises(ValueError, match="n_total"):
+        sparsity.hypergeom_sf(np.array([0]), np.array([11]), 3, 10)
