@@ -120,13 +120,20 @@ def _bounds(name: str, r: dict) -> str | None:
     d = r.get("details", {})
     prefix = name.split("/", 1)[0]
     if prefix == "extract_overhead" and "features_only_ratio" in d:
-        return (
+        said = (
             f"the hooked forward alone (every hook and pooling, no tokenising, host copy or write) keeps "
             f"{_fmt(d['features_only_ratio'])} of a bare forward; the whole extract {_fmt(r['ratio'])}"
         )
+        if "read_once_ratio" in d:
+            said += f"; hooks that only read each FFN activation once (one fused pass, nothing else) keep {_fmt(d['read_once_ratio'])}"
+        return said
     if prefix == "score_read_fraction" and "ratio_if_only_hashing" in d:
         cold = d.get("cold_ratio")
         said = f"a score that did nothing but hash every shard byte would reach {_fmt(d['ratio_if_only_hashing'])}"
+        if "ratio_if_only_hashing_all_cores" in d:
+            said += f" ({_fmt(d['ratio_if_only_hashing_all_cores'])} with every core hashing a shard at once)"
+        if "ratio_without_hashing" in d:
+            said += f"; score with the hashing left out reaches {_fmt(d['ratio_without_hashing'])}"
         return said + (f"; with the files dropped from the page cache first, score reaches {_fmt(cold)}" if cold is not None else "")
     if prefix == "train_stage_seconds" and d.get("fit_seconds_by_head"):
         heads = d["fit_seconds_by_head"]

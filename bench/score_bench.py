@@ -121,18 +121,46 @@ def plain_read(url: str) -> int:
     return total
 
 
-def hash_files(url: str) -> int:
-    """SHA-256 of every shard file in 4 MiB blocks (what score's scan hashes), no parsing; returns bytes."""
+def hash_files(url: str, workers: int = 1) -> int:
+    """SHA-256 of every shard file in 4 MiB blocks (what score's scan hashes), no parsing, ``workers``
+    files at once (hashlib releases the GIL); returns bytes."""
     import hashlib
+    from concurrent.futures import ThreadPoolExecutor
 
-    total = 0
-    for f in sorted(Path(url).rglob("*.h5")):
+    def one(f: Path) -> int:
+        n = 0
         h = hashlib.sha256()
         with open(f, "rb", buffering=0) as fh:
             while block := fh.read(4 * 2**20):
                 h.update(block)
-                total += len(block)
-    return total
+                n += len(block)
+        return n
+
+    with ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(one, sorted(Path(url).rglob("*.h5"))))
+
+
+class _NoDigest:
+    def update(self, data) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+@contextlib.contextmanager
+def shard_hash_skipped():
+    """Score's shard scans with SHA-256 left out (bench only): what score's own arithmetic costs."""
+    from types import SimpleNamespace
+
+    import store.scan as scan
+
+    saved = scan.hashlib, scan._mismatch
+    scan.hashlib, scan._mismatch = SimpleNamespace(sha256=_NoDigest), lambda *a: None
+    try:
+        yield
+    finally:
+        scan.hashlib, scan._mismatch = saved
 
 
 def evict(url: str) -> None:
@@ -154,8 +182,9 @@ def score_read_fraction(plan: Plan, tmp: Path) -> tuple[dict, tuple[str, str, in
     target = plan.score_limit_mb * 3.2
     url, key, rows = make_store(tmp / "score-store", target)
     run_score(url, key, plan.score_rows_per_chunk)  # warm-up (imports, page cache)
-    plain_t, score_t, hash_t = [], [], []
+    plain_t, score_t, hash_t, hash_all_t, unhashed_t = [], [], [], [], []
     plain_b = score_b = 0
+    cores = os.cpu_count() or 1
     for _ in range(max(2, plan.reps)):
         with Timer() as t:
             plain_b = plain_read(url)
@@ -164,8 +193,14 @@ def score_read_fraction(plan: Plan, tmp: Path) -> tuple[dict, tuple[str, str, in
             hash_files(url)
         hash_t.append(t.wall)
         with Timer() as t:
+            hash_files(url, workers=cores)
+        hash_all_t.append(t.wall)
+        with Timer() as t:
             score_b = run_score(url, key, plan.score_rows_per_chunk)
         score_t.append(t.wall)
+        with shard_hash_skipped(), Timer() as t:
+            run_score(url, key, plan.score_rows_per_chunk)
+        unhashed_t.append(t.wall)
     cold_plain_t, cold_score_t = [], []
     if hasattr(os, "posix_fadvise"):
         for _ in range(max(2, plan.reps)):
@@ -198,6 +233,12 @@ def score_read_fraction(plan: Plan, tmp: Path) -> tuple[dict, tuple[str, str, in
                 "sha256_seconds": [round(x, 3) for x in hash_t],
                 # what the ratio would be if score cost nothing but hashing every shard byte once
                 "ratio_if_only_hashing": round(median([score_b / h / (plain_b / p) for h, p in zip(hash_t, plain_t)]), 3),
+                # the same with every core hashing a shard file at once (score's scans run in parallel)
+                "sha256_all_cores_seconds": [round(x, 3) for x in hash_all_t],
+                "ratio_if_only_hashing_all_cores": round(median([score_b / h / (plain_b / p) for h, p in zip(hash_all_t, plain_t)]), 3),
+                # score with the SHA-256 left out of its scans: its own reads and arithmetic
+                "unhashed_score_seconds": [round(x, 3) for x in unhashed_t],
+                "ratio_without_hashing": round(median([score_b / u / (plain_b / p) for u, p in zip(unhashed_t, plain_t)]), 3),
                 # the same pair with the files dropped from the page cache first: a store larger than memory
                 "cold_plain_seconds": [round(x, 3) for x in cold_plain_t],
                 "cold_score_seconds": [round(x, 3) for x in cold_score_t],

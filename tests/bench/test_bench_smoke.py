@@ -53,10 +53,14 @@ def test_smoke_run_writes_every_result(tmp_path):
     for fam in ("bert", "llama"):
         det = results[f"extract_overhead/{fam}"]["details"]
         assert len(det["features_seconds"]) == len(det["bare_seconds"]) and det["features_only_ratio"] > 0, fam
+        assert len(det["read_once_seconds"]) == len(det["bare_seconds"]) and det["read_once_ratio"] > 0, fam
     # score with the shard files dropped from the page cache, next to the warm figure
     det = results["score_read_fraction"]["details"]
     assert len(det["cold_score_seconds"]) == len(det["cold_plain_seconds"]) >= 2
     assert math.isfinite(det["cold_ratio"]) and det["cold_ratio"] > 0
+    # and the bounds: hashing alone on one core and on all, score with the hashing left out
+    assert len(det["unhashed_score_seconds"]) == len(det["sha256_all_cores_seconds"]) == len(det["score_seconds"])
+    assert 0 < det["ratio_if_only_hashing"] and 0 < det["ratio_if_only_hashing_all_cores"] and 0 < det["ratio_without_hashing"]
     shapes = results["fused_heads"]["details"]["heads"]
     assert set(shapes) == {"concat", "concat_mlp", "fusion_no_cooc", "fusion", "fusion_nu", "llmembed"}
     assert results["fused_heads"]["ratio"] == max(h["ratio"] for h in shapes.values()) < 0.04
