@@ -44,8 +44,14 @@ def candidate_layers(n_hidden: int, include_embeddings: bool = False) -> range:
     return range(0 if include_embeddings else 1, n_hidden) if n_hidden > 1 else range(n_hidden)
 
 
-def among_candidates(df, include_embeddings: bool = False):
-    """The rows of one model's per-layer table (a ``layer`` column) whose layer selection may pick."""
+def among_candidates(df, include_embeddings: bool = False, *, layer: str = "layer", model: str | None = None):
+    """The rows of a per-layer table whose layer selection may pick (``candidate_layers``).
+
+    One model's table by default; with ``model``, a table of several models, each judged by its own
+    deepest layer. ``layer`` names the column of hidden-state indices (integers or their strings).
+    """
     if df.empty:
         return df
-    return df[df["layer"].isin(list(candidate_layers(int(df["layer"].max()) + 1, include_embeddings)))]
+    layers = df[layer].astype(int)
+    deepest = layers.groupby(df[model]).transform("max") if model else [int(layers.max())] * len(df)
+    return df[[lay in candidate_layers(int(top) + 1, include_embeddings) for lay, top in zip(layers, deepest)]]

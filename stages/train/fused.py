@@ -216,9 +216,7 @@ def ablation(train_df: pd.DataFrame, *, include_embeddings: bool = False) -> tup
     table = fused[["head", "n_params", "fit_seconds", "dev", "test"]].rename(columns={"dev": "dev_accuracy", "test": "test_accuracy"})
     table.insert(1, "blocks", fused["layers"].str.count(",") + 1)
     pick = fused[fused["head"].isin(SELECTABLE)]
-    probes = wide[wide["head"] == "probe"]
-    if not include_embeddings:
-        probes = probes[probes["layers"].astype(int) > 0]
+    probes = among_candidates(wide[wide["head"] == "probe"], include_embeddings, layer="layers", model="models")
     if pick.empty or probes.empty:
         return table.reset_index(drop=True), None
     best_fused = pick.loc[pick["dev"].idxmax()]

@@ -299,8 +299,7 @@ def _save_heads(store, cfg: ExperimentConfig, blobs: dict[str, bytes], train_df:
 
 def best_probes(probes: pd.DataFrame, *, include_embeddings: bool = False) -> pd.DataFrame:
     """Per model, the probe (any pooling) with the highest dev accuracy among candidate layers; ties to the first row."""
-    layer = probes["layers"].astype(int)
-    cands = probes if include_embeddings else probes[layer > 0]
+    cands = among_candidates(probes, include_embeddings, layer="layers", model="models")
     order = cands.sort_values("dev_accuracy", ascending=False, kind="mergesort")
     return order.groupby("models", sort=False).head(1)
 

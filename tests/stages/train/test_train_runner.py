@@ -410,3 +410,19 @@ def test_include_embeddings_lets_selection_pick_layer_0(tmp_path):
     run_train(cfg, store, tmp_path / "out", progress=False)
     sel = pd.read_parquet(tmp_path / "out" / "selection.parquet").iloc[0]
     assert sel["selected_layer"] == 0
+
+
+@pytest.mark.parametrize("include_embeddings", [False, True])
+def test_best_probes_pick_among_each_models_candidate_layers(include_embeddings):
+    from stages.train.runner import best_probes
+
+    probes = pd.DataFrame(
+        {
+            "models": ["deep", "deep", "deep", "flat"],
+            "layers": ["0", "1", "2", "0"],  # flat keeps one hidden state (a pooler output): its only layer counts
+            "pooling": ["mean"] * 4,
+            "dev_accuracy": [0.9, 0.7, 0.8, 0.6],
+        }
+    )
+    best = best_probes(probes, include_embeddings=include_embeddings)
+    assert dict(zip(best["models"], best["layers"])) == {"deep": "0" if include_embeddings else "2", "flat": "0"}
