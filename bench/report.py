@@ -115,8 +115,8 @@ Details of every record (per-repetition times, sizes, CPU-time ratios, profiles)
 """
 
 
-def _bounds(name: str, r: dict) -> str | None:
-    """What the record's own details measured about the gap to its goal, or None."""
+def _bounds(name: str, r: dict, results: dict) -> str | None:
+    """What the record's details (and the records it names) measured about the gap to its goal, or None."""
     d = r.get("details", {})
     prefix = name.split("/", 1)[0]
     if prefix == "extract_overhead" and "features_only_ratio" in d:
@@ -138,13 +138,22 @@ def _bounds(name: str, r: dict) -> str | None:
     if prefix == "train_stage_seconds" and d.get("fit_seconds_by_head"):
         heads = d["fit_seconds_by_head"]
         slow = max(heads, key=heads.get)
-        return f"the slowest head, `{slow}`, took {_fmt(float(heads[slow]))} s of the {_fmt(r['value'])} s"
+        said = f"the slowest head, `{slow}`, took {_fmt(float(heads[slow]))} s of the {_fmt(r['value'])} s"
+        floor = results.get(f"fused_heads/{slow}", {}).get("details", {})
+        if "seconds_at_matmul_peak" in floor:
+            said += (
+                f"; its {floor['epochs_run']} epochs of {_fmt(floor['epoch_flop'] / 1e9)} GFLOP would take {_fmt(floor['seconds_at_matmul_peak'])} s "
+                f"even at the {_fmt(floor['matmul_gflops'])} GFLOP/s of a large float32 matmul on these cores (`fused_heads/{slow}`)"
+            )
+        return said
     return None
 
 
 def gaps(results: dict) -> str:
     """One line per missed goal with the figures that bound it, measured in the same run."""
-    lines = [f"- `{name}`: {said}." for name, r in results.items() if status(name, r) == "**missed**" and (said := _bounds(name, r))]
+    lines = [
+        f"- `{name}`: {said}." for name, r in results.items() if status(name, r) == "**missed**" and (said := _bounds(name, r, results))
+    ]
     return "\n".join(["", "### Where the missed goals stand", "", *lines, ""]) if lines else ""
 
 

@@ -217,7 +217,9 @@ def fused_heads(cfg_path: Path, store_url: str, extract_seconds: float, tmp: Pat
     first = requests[0].model.name
     y = {s: entries[(first, s)].table()["label"].to_numpy() for s in splits}
     rows: dict[str, dict] = {}
-    for r in fit_fused(cfg, FeatureCache(entries), plans, y, splits)[0]:  # one row per (head, dev/test split)
+    fitted, blobs = fit_fused(cfg, FeatureCache(entries), plans, y, splits)
+    peak = matmul_gflops()
+    for r in fitted:  # one row per (head, dev/test split)
         rows.setdefault(r["head"], {"blocks": r["layers"].count(",") + 1, "params": r["n_params"], "seconds": r["fit_seconds"]})
         rows[r["head"]][f"{r['split']}_accuracy"] = r["accuracy"]
     spec = {r.model.name: r.spec for r in requests}
@@ -238,6 +240,7 @@ def fused_heads(cfg_path: Path, store_url: str, extract_seconds: float, tmp: Pat
             "dev_accuracy": round(float(r["dev_accuracy"]), 4),
             "test_accuracy": round(float(r["test_accuracy"]), 4),
             "default_config_shapes": shapes["heads"].get(plan.head),
+            **compute_floor(plan.head, blobs, len(y[splits[0]]), len(y[splits[1]]), peak),
         }
         out[f"fused_heads/{plan.head}"] = result(
             r["seconds"],
@@ -260,6 +263,50 @@ def fused_heads(cfg_path: Path, store_url: str, extract_seconds: float, tmp: Pat
         },
     )
     return out
+
+
+def matmul_gflops(reps: int = 10) -> float:
+    """Float32 GFLOP/s of a large matmul on this process's torch threads: what a dense head's arithmetic gets at best."""
+    import torch
+
+    a, b = torch.randn(1024, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * 1024 * 2048 * 2048 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def compute_floor(head: str, blobs: dict[str, bytes], train_rows: int, dev_rows: int, peak_gflops: float) -> dict:
+    """For a torch head: the epochs it ran, the FLOPs of one epoch (every train row forward and backward, every
+    dev row forward, counted by torch) and the seconds those epochs need at ``peak_gflops``; {} for other heads."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.entries import heads_format
+    from stages.train.fused import head_class
+
+    files = {heads_format.TENSORS_NAME: blobs[f"{head}.safetensors"], heads_format.META_NAME: blobs[f"{head}.json"]}
+    meta = heads_format.unpack(files)[1]
+    if "history" not in meta:
+        return {}
+    net = head_class(head).from_bytes(files).net_
+    dims = [int(meta["block_dims"][name]) for name in meta["block_names"]]
+    net.train()
+    with FlopCounterMode(display=False) as step:
+        net([torch.randn(train_rows, d) for d in dims]).sum().backward()
+    net.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as dev:
+        net([torch.randn(dev_rows, d) for d in dims])
+    epoch = step.get_total_flops() + dev.get_total_flops()
+    epochs = len(meta["history"])
+    return {
+        "epochs_run": epochs,
+        "epoch_flop": int(epoch),
+        "matmul_gflops": round(peak_gflops, 1),
+        "seconds_at_matmul_peak": float(f"{epochs * epoch / 1e9 / peak_gflops:.6g}"),
+    }
 
 
 # MiniLM over an SST-2 slice for the quick probe benchmark (full mode reads configs/default.toml's store).

@@ -20,6 +20,9 @@ RESULTS = {
     ),
     "train_stage_seconds": _rec(260.0, 60.0, 4.33, {"fit_seconds_by_head": {"probe": 45.0, "llmembed": 137.4, "fusion": 4.5}}),
     "probe_speedup": _rec(70.0, 5.0, 14.0, {}),
+    "fused_heads/llmembed": _rec(
+        137.4, 600.0, 0.01, {"epochs_run": 128, "epoch_flop": 147e9, "matmul_gflops": 300.0, "seconds_at_matmul_peak": 62.72}
+    ),
 }
 
 
@@ -32,6 +35,7 @@ def test_gaps_quote_the_measured_bounds_of_missed_goals_only():
     assert "hash every shard byte would reach 0.210 (0.400 with every core hashing a shard at once)" in lines[1]
     assert "with the hashing left out reaches 0.220" in lines[1] and "score reaches 0.260" in lines[1]
     assert "`llmembed`, took 137 s of the 260 s" in lines[2]
+    assert "its 128 epochs of 147 GFLOP would take 62.720 s even at the 300 GFLOP/s of a large float32 matmul" in lines[2]
 
 
 def test_no_section_when_every_goal_is_met(tmp_path):
