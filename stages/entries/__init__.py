@@ -4,7 +4,15 @@ Every stage imports this and the foundation (``pipeline.config``, ``data``, ``mo
 ``store``); no stage imports another stage's runner or the driver.
 """
 
-from stages.entries.features import FORMAT_VERSION, FeatureRequest, corrupt_features_error, feature_requests, model_dims, open_features
+from stages.entries.features import (
+    FORMAT_VERSION,
+    FeatureRequest,
+    corrupt_features_error,
+    feature_requests,
+    model_dims,
+    open_features,
+    open_verified,
+)
 from stages.entries.heads import TRAIN_VERSION, expected_heads_key, head_file, heads_key, make_lineage, train_requests
 from stages.entries.scores import SCORES_VERSION, TABLES, config_scores_key, load_keywords, load_scores, scores_key
 
@@ -25,6 +33,7 @@ __all__ = [
     "make_lineage",
     "model_dims",
     "open_features",
+    "open_verified",
     "scores_key",
     "train_requests",
 ]

@@ -206,18 +206,38 @@ def open_features(store, request: FeatureRequest, *, verify: bool | str = True, 
     reports a mismatch through ``corrupt_features_error``. ``config`` (the config file's path) is
     named in the error, so the user knows which ``make extract`` run provides the entry.
     """
-    name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
-    if not store.exists(request.key):
-        raise PipelineError(
-            f"no features for {name} in {store.url} (key {request.key[:12]}); run `{rerun_hint('extract', config, store.url)}` first"
-        )
+    if verify is True:
+        return open_verified(store, [request], config=config)[0]
+    _require_committed(store, request, config)
     try:
-        entry = store.open(request.key, verify=verify is True)
+        entry = store.open(request.key)
         if verify == "sizes":
             entry.check_sizes()
         return entry
     except CorruptEntryError as e:
         raise corrupt_features_error(store, request, e, config) from None
+
+
+def open_verified(store, requests: list[FeatureRequest], *, config: str = "") -> list:
+    """The committed entries of several requests, every file of all of them rehashed in one
+    ``Store.verify`` (a file per core at a time); the first missing or corrupt one is a clear error."""
+    for r in requests:
+        _require_committed(store, r, config)
+    problems = store.verify(list(dict.fromkeys(r.key for r in requests)))
+    if problems:
+        err = problems[0].error()
+        if not isinstance(err, CorruptEntryError):
+            raise err
+        raise corrupt_features_error(store, next(r for r in requests if r.key == problems[0].key), err, config) from None
+    return [store.open(r.key) for r in requests]
+
+
+def _require_committed(store, request: FeatureRequest, config: str) -> None:
+    if not store.exists(request.key):
+        name = f"{request.split.dataset}/{request.split.name}/{request.model.name}"
+        raise PipelineError(
+            f"no features for {name} in {store.url} (key {request.key[:12]}); run `{rerun_hint('extract', config, store.url)}` first"
+        )
 
 
 def corrupt_features_error(store, request: FeatureRequest, error: Exception, config: str = "") -> PipelineError:

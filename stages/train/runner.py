@@ -22,7 +22,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.device import resolve_device
 from pipeline.errors import ConfigError, PipelineError, rerun_hint
 from pipeline.progress import tqdm
-from stages.entries import config_scores_key, head_file, heads_format, heads_key, load_scores, make_lineage, open_features, train_requests
+from stages.entries import config_scores_key, head_file, heads_format, heads_key, load_scores, make_lineage, open_verified, train_requests
 from stages.report import TRAIN_MARKER, md_table, write_section
 from stages.train.fused import FUSED_HEADS, ablation_section, fit_fused, plan_heads
 from stages.train.metrics import TRAIN_COLUMNS, metric_rows
@@ -135,7 +135,7 @@ def open_inputs(cfg: ExperimentConfig, store) -> TrainInputs:
     """Open the features and scores train needs; every missing input fails here, before any fitting."""
     splits = (cfg.data.splits[0], cfg.train.dev_split, cfg.train.test_split)
     requests = train_requests(cfg)
-    entries = {(r.model.name, r.split.name): open_features(store, r, config=cfg.source) for r in requests}
+    entries = {(r.model.name, r.split.name): e for r, e in zip(requests, open_verified(store, requests, config=cfg.source))}
     _fusion_blocks(cfg, entries, splits[0])  # named fusion inputs: a config error before any fitting
     skey = config_scores_key(cfg, requests)
     if not store.exists(skey):

@@ -152,3 +152,25 @@ def test_row_dataset_shorter_than_its_table_fails_verify(tmp_path, description, 
     w.commit()
     path = str(tmp_path / "fs" / "entries" / key / "shard_00001.h5")
     assert [(p.path, p.reason) for p in store.verify([key])] == [(path, "row count mismatch: dataset hidden/mean has 3 rows, expected 5")]
+
+
+def test_problems_of_several_entries_come_in_entry_and_file_order(tmp_path, write_entry, monkeypatch):
+    """Files are hashed concurrently; the report still lists entry by entry, file by file."""
+    import threading
+
+    from tests.store.conftest import make_description
+
+    store = Store(tmp_path / "fs")
+    keys = [write_entry(store, description={**make_description(), "name": f"e{i}"})[0] for i in range(3)]
+    for key, names in zip(keys, (["shard_00002.h5", "shard_00000.parquet"], [], ["shard_00001.h5", "shard_00000.h5"])):
+        for name in names:
+            path = _writable(tmp_path / "fs" / "entries" / key / name)
+            path.write_bytes(path.read_bytes()[:-1])
+    seen = set()
+    sha256 = store.fs.sha256
+    monkeypatch.setattr(store.fs, "sha256", lambda path: (seen.add(threading.current_thread().name), sha256(path))[1])
+    problems = store.verify(list(reversed(keys)))
+    want = [(keys[2], "shard_00000.h5"), (keys[2], "shard_00001.h5"), (keys[0], "shard_00000.parquet"), (keys[0], "shard_00002.h5")]
+    assert [(p.key, p.path) for p in problems] == [(k, str(tmp_path / "fs" / "entries" / k / name)) for k, name in want]
+    assert {p.reason for p in problems} == {"size mismatch (truncated?)"}
+    assert all(name.startswith("store-verify") for name in seen) and seen
