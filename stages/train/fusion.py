@@ -46,6 +46,7 @@ from pipeline.head_params import FIT_CONSTRAINTS, FUSION, FUSION_CONSTRAINTS, Co
 from stages.entries import heads_format
 from stages.train._blocks import check_against_fitted, check_blocks, check_labels, check_names
 from stages.train.concat import ConcatHead
+from stages.train.dropout import Dropout
 
 __all__ = ["FusionHead", "ConcatHead"]
 
@@ -107,13 +108,13 @@ class _FusionNet(nn.Module):
         self.cooccurrence = cooccurrence
         self.norm = nn.ModuleList(_Standardize(d) for d in dims)
         self.proj = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Dropout(dropout)) if projection else nn.Identity() for d in dims
+            nn.Sequential(nn.Linear(d, width), nn.ReLU(), Dropout(dropout)) if projection else nn.Identity() for d in dims
         )
         # Upper triangle incl. diagonal of the symmetric m x m co-occurrence matrix.
         self.register_buffer("pairs", torch.triu_indices(m, m, offset=0), persistent=False)
         n_in = (self.pairs.shape[1] if cooccurrence else 0) + (m * width if projection else sum(dims))
         n_in += dims[self.avg_idx[0]] if self.avg_idx else 0
-        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), Dropout(dropout), nn.Linear(hidden, n_classes))
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         zs = [norm(x) for norm, x in zip(self.norm, xs)]

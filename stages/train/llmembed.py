@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pipeline.head_params import LLMEMBED, LLMEMBED_CONSTRAINTS, Constraint, validate_params
+from stages.train.dropout import Dropout
 from stages.train.fusion import TORCH_FIT_CONSTRAINTS, FusionHead
 
 __all__ = ["LLMEmbedHead", "REFERENCE_HIDDEN", "reference_width"]
@@ -63,12 +64,12 @@ class _LLMEmbedNet(nn.Module):
         self.sigma = float(sigma)
         self.avg_idx = list(avg_idx)
         self.compress = nn.ModuleList(
-            nn.Identity() if d == width else nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Dropout(dropout)) for d in dims
+            nn.Identity() if d == width else nn.Sequential(nn.Linear(d, width), nn.ReLU(), Dropout(dropout)) for d in dims
         )
         layers: list[nn.Module] = []
         prev = m * m + (dims[self.avg_idx[0]] if self.avg_idx else 0)
         for h in hidden:
-            layers += [nn.Linear(prev, h), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(prev, h), nn.ReLU(), Dropout(dropout)]
             prev = h
         layers.append(nn.Linear(prev, n_classes))
         self.mlp = nn.Sequential(*layers)
