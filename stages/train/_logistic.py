@@ -87,10 +87,10 @@ class _Problem:
         self.k = 1 if self.binary else n_classes
         self.lam = (inv_C / n).to(Z.dtype)  # (m,) penalty weight on the mean loss
         if self.binary:
-            self.target = y.to(Z.dtype).view(1, n, 1)
+            self.target = y.to(Z.dtype).view(1, 1, n)
             curvature = 0.25
         else:
-            self.onehot = torch.nn.functional.one_hot(y, n_classes).to(Z.dtype).view(1, n, 1, n_classes)
+            self.onehot = torch.nn.functional.one_hot(y, n_classes).to(Z.dtype).T.reshape(1, 1, n_classes, n)
             curvature = 1.0 / n_classes
         gram = torch.bmm(Z.transpose(1, 2), Z) / n
         evals, V = _eigh(gram.double())  # (L, d), (L, d, d)
@@ -110,19 +110,23 @@ class _Problem:
         """``(f (L, m), grad wrt theta, max |grad| wrt (W, b) (L, m))``."""
         L, d, m, k, n = theta.shape[0], self.d, self.m, self.k, self.n
         W, b = self.weights(theta)
-        logits = torch.bmm(self.Z, W.view(L, d, m * k)).view(L, n, m, k) + b.unsqueeze(1)
+        # Problems x samples, (L, m, k, n): both products below then read Z row-major with the
+        # small operand on the left, which CPU BLAS ran 2x (logits) and 7x (gradient) faster
+        # than Z @ W and Z^T @ G on SmolLM2's 31 x 6920 x 576 features.
+        Wt = W.view(L, d, m * k).transpose(1, 2).contiguous()
+        logits = torch.bmm(Wt, self.Z.transpose(1, 2)).view(L, m, k, n) + b.unsqueeze(-1)
         if self.binary:
-            t = logits.squeeze(-1)
-            data = (torch.nn.functional.softplus(t) - self.target * t).mean(dim=1)
-            G = (torch.sigmoid(t) - self.target).unsqueeze(-1)
+            t = logits.squeeze(2)
+            data = (torch.nn.functional.softplus(t) - self.target * t).mean(dim=-1)
+            G = (torch.sigmoid(t) - self.target).unsqueeze(2)
         else:
-            lse = torch.logsumexp(logits, dim=-1)
-            data = (lse - (logits * self.onehot).sum(-1)).mean(dim=1)
-            G = torch.softmax(logits, dim=-1) - self.onehot
+            lse = torch.logsumexp(logits, dim=2)
+            data = (lse - (logits * self.onehot).sum(2)).mean(dim=-1)
+            G = torch.softmax(logits, dim=2) - self.onehot
         lam = self.lam.view(1, 1, m, 1)
         f = data + 0.5 * self.lam.view(1, m) * W.square().sum(dim=(1, 3))
-        gW = torch.bmm(self.Z.transpose(1, 2), G.reshape(L, n, m * k)).view(L, d, m, k) / n + lam * W
-        gb = G.mean(dim=1)
+        gW = torch.bmm(G.reshape(L, m * k, n), self.Z).transpose(1, 2).reshape(L, d, m, k) / n + lam * W
+        gb = G.mean(dim=-1)
         gmax = torch.maximum(gW.abs().amax(dim=(1, 3)), gb.abs().amax(dim=-1))
         g_rot = torch.bmm(self.V.transpose(1, 2), gW.view(L, d, m * k)).view(L, d, m, k)
         g_theta = torch.cat([self.D * g_rot, (gb * self.Db).unsqueeze(1)], dim=1)
