@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -34,7 +35,10 @@ KEYS = (
 @pytest.mark.slow
 def test_smoke_run_writes_every_result(tmp_path):
     out = tmp_path / "results.json"
+    threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     assert main(["--smoke", "--out", str(out)]) == 0
+    # the Dask workers' one-thread settings must not leak into the bench's later subprocesses
+    assert {k: os.environ.get(k) for k in threads} == threads
     results = json.loads(out.read_text())
     assert set(KEYS) <= set(results), sorted(set(KEYS) - set(results))
     for name, rec in results.items():
