@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from stages.train._logistic import _eigh, fit_batched, standardise
+from stages.train._logistic import _eigh, _Problem, fit_batched, standardise
 
 CS = [0.01, 0.1, 1.0, 10.0]
 
@@ -91,6 +91,26 @@ def test_fit_batched_reaches_tight_tolerances_in_float32(n_classes, seed):
     assert fit.converged.all(), fit.n_iter
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("overwrite_Z", [False, True])
+def test_fit_batched_drops_solved_layers_and_solves_each_as_if_alone(monkeypatch, n_classes, overwrite_Z):
+    """Layers need from 3 to 23 iterations here; the solver must go on with fewer layers once
+    most are done, and every layer's fit must be the one it gets alone."""
+    X, y = _layers(n_classes, n_layers=8)
+    Z, _, _ = standardise(torch.from_numpy(X.copy()))
+    alone = [fit_batched(Z[i : i + 1].clone(), torch.from_numpy(y), n_classes, CS, tol=1e-5) for i in range(8)]
+    batch_sizes = []
+    loss_grad = _Problem.loss_grad
+    monkeypatch.setattr(_Problem, "loss_grad", lambda self, theta: batch_sizes.append(theta.shape[0]) or loss_grad(self, theta))
+    fit = fit_batched(Z.clone(), torch.from_numpy(y), n_classes, CS, tol=1e-5, overwrite_Z=overwrite_Z)
+    assert batch_sizes[0] == 8 and min(batch_sizes) < 4
+    assert fit.converged.all()
+    for i, one in enumerate(alone):
+        assert torch.equal(fit.n_iter[i], one.n_iter[0])
+        torch.testing.assert_close(fit.coef[i], one.coef[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fit.intercept[i], one.intercept[0], rtol=1e-5, atol=1e-6)
+
+
 def test_fit_batched_stops_at_max_iter_and_reports_it():
     X, y = _layers(2)
     Z, _, _ = standardise(torch.from_numpy(X.copy()))
@@ -133,6 +153,20 @@ def test_fit_batched_survives_an_eigh_that_does_not_converge(monkeypatch):
     Zs = StandardScaler().fit_transform(X[2].astype(np.float64))
     ref = LogisticRegression(C=1.0, solver="lbfgs", tol=1e-8, max_iter=10_000).fit(Zs, y)
     np.testing.assert_allclose(fit.coef[2, 2].double().numpy(), ref.coef_, atol=2e-3 * max(1.0, np.abs(ref.coef_).max()))
+
+
+def test_eigh_decomposes_gram_matrices_in_float32_to_float32_precision():
+    """The preconditioner's eigenvectors come from a float32 ``eigh`` (the float64 one cost a
+    third of the SmolLM2 sweep); they must still decompose each layer's Gram matrix."""
+    X, _ = _layers(2)
+    Z, _, _ = standardise(torch.from_numpy(X.copy()))
+    G = torch.bmm(Z.transpose(1, 2), Z) / Z.shape[1]
+    evals, V = _eigh(G.double())
+    assert evals.dtype == V.dtype == torch.float32
+    reference = torch.linalg.eigvalsh(G.double())
+    np.testing.assert_allclose(evals.double().numpy(), reference.numpy(), atol=1e-5 * float(reference.max()))
+    np.testing.assert_allclose((V @ torch.diag_embed(evals) @ V.transpose(1, 2)).numpy(), G.numpy(), atol=1e-5)
+    np.testing.assert_allclose((V.transpose(1, 2) @ V).numpy(), np.broadcast_to(np.eye(G.shape[1]), G.shape), atol=1e-5)
 
 
 def test_eigh_of_a_gram_matrix_that_lapack_could_not_decompose():
