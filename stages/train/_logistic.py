@@ -60,15 +60,17 @@ class BatchedFit:
     converged: torch.Tensor
 
 
-def standardise(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def standardise(X: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(Z, mean, var)`` for ``X`` of shape ``(L, n, d)``, StandardScaler's convention.
 
     Two passes (mean, then the centred second moment) keep float32 accurate; a constant
-    feature gets scale 1, as scikit-learn does, so it stays zero.
+    feature gets scale 1, as scikit-learn does, so it stays zero. With ``overwrite``, ``Z`` is
+    ``X`` itself, standardised in place; either way no temporary is larger than one layer, so
+    the features of a batch are held once (twice without ``overwrite``), not three times.
     """
     mean = X.mean(dim=1, keepdim=True)
-    X = X - mean
-    var = X.square().mean(dim=1, keepdim=True)
+    X = X.sub_(mean) if overwrite else X - mean
+    var = torch.stack([x.square().mean(dim=0) for x in X]).unsqueeze(1)
     scale = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
     X /= scale
     return X, mean.squeeze(1), var.squeeze(1)

@@ -272,7 +272,7 @@ def _fit_stacked(X, y_train, Xs_dev, y_dev, Cs, seed, max_iter, tol, device, t0)
     if classes.size < 2:
         raise ValueError(f"a probe needs at least 2 classes in y_train, got only {classes.tolist()}")
     device = torch.device(device if device is not None else "cpu")
-    Z, mean, var = standardise(X.to(device))
+    Z, mean, var = standardise(X.to(device), overwrite=True)
     fit = fit_batched(Z, torch.from_numpy(y_idx).long(), int(classes.size), Cs, max_iter=max_iter, tol=tol, overwrite_Z=True)
     del Z
     coef, intercept = fit.coef.double().cpu().numpy(), fit.intercept.double().cpu().numpy()

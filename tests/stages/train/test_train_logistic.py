@@ -49,6 +49,22 @@ def _objective(Z: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: np.nda
     return float(loss.mean() + (coef**2).sum() / (2 * C * y.size))
 
 
+def test_standardise_matches_standard_scaler_and_overwrites_only_when_asked():
+    X, _ = _layers(2)
+    original = torch.from_numpy(X.copy())
+    Z, mean, var = standardise(original)
+    assert torch.equal(original, torch.from_numpy(X)) and Z.data_ptr() != original.data_ptr()
+    for i in range(X.shape[0]):
+        scaler = StandardScaler().fit(X[i].astype(np.float64))
+        np.testing.assert_allclose(Z[i].numpy(), scaler.transform(X[i].astype(np.float64)), atol=1e-4)
+        np.testing.assert_allclose(mean[i].numpy(), scaler.mean_, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var[i].numpy(), scaler.var_, rtol=1e-4, atol=1e-6)
+    in_place = torch.from_numpy(X.copy())
+    Z2, mean2, var2 = standardise(in_place, overwrite=True)
+    assert Z2.data_ptr() == in_place.data_ptr()
+    assert torch.equal(Z2, Z) and torch.equal(mean2, mean) and torch.equal(var2, var)
+
+
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_fit_batched_matches_sklearn_lbfgs_on_every_layer_and_C(n_classes):
     X, y = _layers(n_classes)
