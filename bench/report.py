@@ -61,8 +61,9 @@ def table(results: dict, info: dict) -> str:
         f"mode: {info['mode']}, {info['date']}, {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
         f"torch {info['torch']} ({info['torch_threads']} threads), transformers {info['transformers']}, "
         f"load average {info.get('load_average_start')} -> {info.get('load_average_end')}",
+        *([""] if info.get("reruns") else []),
         *(
-            f"re-measured in a later run of the same mode: {', '.join(f'`{b}`' for b in r['benchmarks'])} "
+            f"- re-measured in a later run of the same mode: {', '.join(f'`{b}`' for b in r['benchmarks'])} "
             f"({r['date']}, load average {r['load_average_start']} -> {r['load_average_end']}): {r['why']}"
             for r in info.get("reruns", [])
         ),

@@ -64,5 +64,7 @@ def test_readme_names_records_measured_in_a_later_run(tmp_path):
     ]
     write_readme(tmp_path / "README.md", RESULTS, info)
     text = (tmp_path / "README.md").read_text()
-    assert "re-measured in a later run of the same mode: `train_stage_seconds` (d2, load average [0.5] -> [0.7]): a slow machine" in text
+    assert (
+        "\n\n- re-measured in a later run of the same mode: `train_stage_seconds` (d2, load average [0.5] -> [0.7]): a slow machine" in text
+    )
     assert "`extract_overhead` (d3, load average [0.9] -> [1.1]): new code" in text
