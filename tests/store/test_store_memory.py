@@ -27,6 +27,7 @@ def test_memory_round_trip(mem_store, write_entry):
     key, inputs, _ = write_entry(mem_store)
     entry = mem_store.open(key, verify=True)
     np.testing.assert_array_equal(entry.array("hidden/mean").compute(), np.concatenate([i[0]["hidden/mean"] for i in inputs]))
+    np.testing.assert_array_equal(entry.read("hidden/first"), np.concatenate([i[0]["hidden/first"] for i in inputs]))
     np.testing.assert_array_equal(entry.per_shard("ffn/fire_count").compute()[2], inputs[2][0]["ffn/fire_count"])
     assert entry.shard_attrs("ffn/fire_count")[1]["n_tokens"] == 20
     pd.testing.assert_frame_equal(entry.table(), pd.concat([i[1] for i in inputs], ignore_index=True))

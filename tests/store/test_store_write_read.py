@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from store import Entry, Store, StoreError, fingerprint
+from store import CorruptEntryError, Entry, Store, StoreError, fingerprint
 from store.fs import StoreFS
 
 
@@ -41,6 +41,34 @@ def test_rows_per_chunk_splits_shards(tmp_path, write_entry):
     arr = entry.array("hidden/first", rows_per_chunk=2)
     assert arr.chunks[0] == (2, 2, 1) * 3
     np.testing.assert_array_equal(arr.compute(), np.concatenate([i[0]["hidden/first"] for i in inputs]))
+
+
+def test_read_returns_what_the_lazy_array_computes(tmp_path, write_entry):
+    store = Store(tmp_path / "fs")
+    key, inputs, _ = write_entry(store)
+    entry = store.open(key)
+    for name in ("hidden/mean", "hidden/first"):
+        got = entry.read(name)
+        np.testing.assert_array_equal(got, np.concatenate([i[0][name] for i in inputs]))
+        assert got.dtype == entry.array(name).dtype and got.flags.c_contiguous and got.flags.writeable
+    with pytest.raises(CorruptEntryError, match="use per_shard"):
+        entry.read("ffn/fire_count")  # one row per shard, not per text
+    with pytest.raises(KeyError, match="no dataset 'hidden/last'"):
+        entry.read("hidden/last")
+
+
+def test_read_refuses_a_shard_whose_rows_disagree_with_shard_0(tmp_path, write_entry, make_shard, description):
+    store = Store(tmp_path / "fs")
+    desc = description()
+    w = store.writer(fingerprint(desc), desc, n_shards=2)
+    for i in range(2):
+        arrays, table, row_start, attrs = make_shard(i, width=4 + i)
+        w.write_shard(i, arrays, table, row_start=row_start, attrs=attrs)
+    entry = w.commit()
+    with pytest.raises(
+        CorruptEntryError, match=r"shard_00001.h5: dataset 'hidden/mean' has shape \(5, 3, 5\), shard 0 has rows of shape \(3, 4\)"
+    ):
+        entry.read("hidden/mean")
 
 
 def test_files_carry_key_and_description(tmp_path, write_entry):

@@ -426,3 +426,33 @@ def test_best_probes_pick_among_each_models_candidate_layers(include_embeddings)
     )
     best = best_probes(probes, include_embeddings=include_embeddings)
     assert dict(zip(best["models"], best["layers"])) == {"deep": "0" if include_embeddings else "2", "flat": "0"}
+
+
+class _CountingEntry:
+    """The two things FeatureCache asks of a store entry, counting the reads."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays, self.reads = arrays, []
+
+    def datasets(self) -> dict:
+        return {name: (a.shape[1:], a.dtype) for name, a in self.arrays.items()}
+
+    def read(self, name: str) -> np.ndarray:
+        self.reads.append(name)
+        return self.arrays[name].copy()
+
+
+def test_feature_cache_reads_each_pooling_once_and_casts_one_layer_exactly():
+    from pipeline.blocks import Block
+    from stages.train.runner import FeatureCache
+
+    stored = np.random.default_rng(0).standard_normal((7, 4, 5)).astype(np.float16)
+    entry = _CountingEntry({"hidden/mean": stored})
+    cache = FeatureCache({("alpha", "train"): entry})
+    for layer in range(4):
+        got = cache.layer(Block("alpha", layer, "mean"), "train")
+        assert got.dtype == np.float32 and got.shape == (7, 5)
+        np.testing.assert_array_equal(got, stored[:, layer, :].astype(np.float32))
+    assert entry.reads == ["hidden/mean"]
+    with pytest.raises(PipelineError, match="pooling 'last' was not extracted"):
+        cache.layer(Block("alpha", 0, "last"), "train")
