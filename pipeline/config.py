@@ -127,7 +127,9 @@ class ScoreConfig:
         "threads", help="Dask scheduler: threads, synchronous, or a dask.distributed address tcp://host:port.", pattern="scheduler"
     )
     rows_per_chunk: int = _field(1024, help="Rows per Dask chunk; memory stays bounded by one chunk plus accumulators.", min=1)
-    top_neurons: int = _field(10, help="Neurons listed per layer by keyword score in the report.", min=0)
+    top_neurons: int = _field(
+        10, help="Neurons listed per model and layer by keyword significance in keyword_neurons.parquet and the report.", min=0
+    )
     min_fires: int = _field(5, help="Sentences a neuron must fire on to be ranked by keyword score.", min=1)
 
 

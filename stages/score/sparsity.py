@@ -172,14 +172,15 @@ def keyword_mask(texts: Sequence[str], keywords: Sequence[str]) -> np.ndarray:
 
 
 def top_keyword_neurons(neurons_df: pd.DataFrame, k: int, *, min_fire_sentences: int = 5) -> pd.DataFrame:
-    """Top-``k`` neurons per (threshold, layer) by significance of their keyword score.
+    """Top-``k`` neurons per (model, threshold, layer) by significance of their keyword score.
 
     Ranked by the one-sided hypergeometric p-value (smallest first), ties to
     the higher lift, then the lower neuron index. Neurons fired by fewer than
-    ``min_fire_sentences`` sentences are left out.
+    ``min_fire_sentences`` sentences are left out. Every model gets its own
+    ``k`` per layer: models never compete for one layer index's places.
     """
     eligible = neurons_df[(neurons_df["n_fire_sentences"] >= min_fire_sentences) & neurons_df["keyword_p_value"].notna()]
-    groups = [c for c in ("threshold", "layer") if c in eligible]
+    groups = [c for c in ("model", "threshold", "layer") if c in eligible]
     ranked = eligible.sort_values(
         [*groups, "keyword_p_value", "keyword_lift", "neuron"], ascending=[True] * len(groups) + [True, False, True], kind="mergesort"
     )

@@ -199,6 +199,23 @@ def test_top_keyword_neurons_rank_by_significance_not_score():
     assert len(top_keyword_neurons(df, 5, min_fire_sentences=1)) == 6
 
 
+def test_top_keyword_neurons_are_per_model_when_models_share_layer_indices():
+    """Two models' layer 0: the weaker model still gets its own top neurons (they once competed for one layer's k places)."""
+    df = pd.DataFrame(
+        {
+            "model": ["strong"] * 3 + ["weak"] * 3,
+            "threshold": [0.0] * 6,
+            "layer": [0] * 6,
+            "neuron": [0, 1, 2, 0, 1, 2],
+            "n_fire_sentences": [50] * 6,
+            "keyword_lift": [5.0, 4.0, 3.0, 1.2, 1.1, 1.0],
+            "keyword_p_value": [1e-30, 1e-20, 1e-10, 0.1, 0.2, 0.3],
+        }
+    )
+    top = top_keyword_neurons(df, 2)
+    assert list(zip(top["model"], top["neuron"])) == [("strong", 0), ("strong", 1), ("weak", 0), ("weak", 1)]
+
+
 def test_stem_keyword_list_loads():
     from pathlib import Path
 
