@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import BLOCK_POOLINGS
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
-
-POOLINGS = ("mean", "first", "last")
 
 
 def _store(store):
@@ -31,12 +30,17 @@ def _store(store):
 def _feature_entry(st, dataset, split, model, key):
     from store.store import display_name
 
+    match = {k: v for k, v in (("dataset.name", dataset), ("dataset.split", split), ("model.name", model)) if v is not None}
     if key is not None:
         entry = st.open(key, verify=True)
         if entry.description.get("kind") != "features":
             raise PipelineError(f"entry {entry.key[:12]} is a {entry.description.get('kind')} entry, not features")
+        for dotted, wanted in match.items():
+            group, field = dotted.split(".")
+            have = entry.description.get(group, {}).get(field)
+            if have != wanted:
+                raise PipelineError(f"entry {entry.key[:12]} has {dotted}={have!r}, not {wanted!r}; drop the name or the key")
         return entry
-    match = {k: v for k, v in (("dataset.name", dataset), ("dataset.split", split), ("model.name", model)) if v is not None}
     found = st.find(kind="features", **match)
     if not found:
         wanted = ", ".join(f"{k.split('.')[0] if k != 'dataset.split' else 'split'}={v!r}" for k, v in match.items())
@@ -69,7 +73,9 @@ def load_features(
         Names as ``store ls`` shows them (``sst2/train/bert``); together they must pick one entry.
     layer : int, default -1
         Hidden-state index (0 = embeddings, i = output of block i); negative counts from the top.
-    pooling : {'mean', 'first', 'last'}, default 'mean'
+    pooling : {'mean', 'first', 'last', 'pooler'}, default 'mean'
+        ``pooler`` is the model's trained pooler output (what the LLMEmbed head reads as
+        ``model:pooler``), stored as one layer: ``layer`` must be 0 or -1.
     key : str, optional
         An entry key or unique prefix instead of the names.
     as_frame : bool, default False
@@ -88,16 +94,21 @@ def load_features(
     >>> X, y = load_features("featurestore", dataset="sst2", split="train", model="bert", layer=4)
     >>> clf = LogisticRegression(max_iter=1000).fit(X, y)
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}: expected one of {list(POOLINGS)}")
+    if pooling not in BLOCK_POOLINGS:
+        raise ValueError(f"pooling={pooling!r}: expected one of {list(BLOCK_POOLINGS)}")
+    if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+        raise ValueError(f"layer={layer!r}: expected an int (0 = embeddings, negative counts from the top)")
     if as_frame and lazy:
         raise ValueError("as_frame=True and lazy=True: choose one (a Dask array, or a pandas frame in memory)")
     entry = _feature_entry(_store(store), dataset, split, model, key)
-    n_layers = int(entry.description["n_layers"])
+    n_layers = 0 if pooling == "pooler" else int(entry.description["n_layers"])
     index = layer if layer >= 0 else n_layers + 1 + layer
     if not 0 <= index <= n_layers:
-        raise ValueError(f"layer={layer}: expected 0..{n_layers} (or -1..-{n_layers + 1}) for {entry.description.get('name')}")
+        what = "(the pooler output is one layer)" if pooling == "pooler" else f"for {entry.description.get('name')}"
+        raise ValueError(f"layer={layer}: expected 0..{n_layers} (or -1..-{n_layers + 1}) {what}")
     if f"hidden/{pooling}" not in entry.datasets():
+        if pooling == "pooler":
+            raise PipelineError(f"entry {entry.key[:12]} has no pooler output (random weights, or no trained pooler in the checkpoint)")
         raise PipelineError(f"pooling {pooling!r} was not extracted for entry {entry.key[:12]}; add it to extract.poolings")
     X = entry.array(f"hidden/{pooling}")[:, index, :].astype(np.float32)
     labels = entry.table()["label"].to_numpy()

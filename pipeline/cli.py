@@ -17,6 +17,7 @@ from pipeline.errors import PipelineError
 
 DEFAULT_CONFIG = "configs/default.toml"
 KEYS_HELP = "entry keys, or unique prefixes of 8+ hex characters (as `store ls` shows them)"
+ENTRY_KINDS = ("features", "scores", "heads")  # what the stages write (their descriptions' "kind")
 log = logging.getLogger("pipeline")
 
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("texts", nargs="*", help="texts to label")
 
-    p = sub.add_parser("store", help="inspect and maintain a store: ls, verify, gc")
+    p = sub.add_parser("store", help="inspect and maintain a store: ls, verify, rm, gc, push, pull")
     ssub = p.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     q = ssub.add_parser("ls", help="list entries with human names, sizes and age, and a total")
     _common(q, config=False)
@@ -123,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("dataset", "dataset name, e.g. sst2"),
         ("split", "split, e.g. train"),
         ("model", "model name from the config, e.g. bert"),
-        ("kind", "features, scores or heads"),
     ):
         q.add_argument(f"--{name}", default=None, help=f"only entries of this {what}")
+    q.add_argument("--kind", default=None, choices=ENTRY_KINDS, help="only entries of this kind")
     q = ssub.add_parser("verify", help="rehash every file and check row counts; exit 1 naming each bad one")
     _common(q, config=False)
     q.add_argument("keys", nargs="*", help=KEYS_HELP + " (default: all)")

@@ -154,6 +154,18 @@ class Entry:
                 raise KeyError(f"entry {self.key} has no dataset {name!r}; available: {sorted(self.datasets())}")
             return tuple(f[name].shape), f[name].dtype
 
+    def _row_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """``_meta`` of a dataset with one row per text; ValueError for a scalar or per-shard one."""
+        shape0, dtype = self._meta(name)
+        if not shape0:
+            raise ValueError(f"dataset {name!r} of entry {self.key} is a scalar; use shard_attrs or per_shard")
+        rows = self.manifest["shards"][0]["n_rows"]
+        if shape0[0] != rows:
+            raise ValueError(
+                f"dataset {name!r} of entry {self.key} is per shard, not per row (shard 0 holds {shape0} for its {rows} rows); use per_shard"
+            )
+        return shape0, dtype
+
     def array(self, name: str, rows_per_chunk: int | None = None) -> da.Array:
         """Row-wise dataset `name` over all shards, concatenated on axis 0, lazily (one chunk per shard)."""
         import dask
@@ -161,9 +173,7 @@ class Entry:
 
         if rows_per_chunk is not None and (not isinstance(rows_per_chunk, int) or rows_per_chunk < 1):
             raise ValueError(f"rows_per_chunk={rows_per_chunk!r}: expected a positive integer")
-        shape0, dtype = self._meta(name)
-        if not shape0:
-            raise ValueError(f"dataset {name!r} of entry {self.key} is a scalar; use shard_attrs or per_shard")
+        shape0, dtype = self._row_meta(name)
         tail = shape0[1:]
         blocks = []
         token = dask.base.tokenize(self._sfs.url, self.key, name, rows_per_chunk)
@@ -194,9 +204,7 @@ class Entry:
         the whole dataset in memory pays no Dask graph, no concatenation copy and no second allocation
         (about 3x faster than ``array(name).compute()`` on the default store).
         """
-        shape0, dtype = self._meta(name)
-        if not shape0:
-            raise ValueError(f"dataset {name!r} of entry {self.key} is a scalar; use shard_attrs or per_shard")
+        shape0, dtype = self._row_meta(name)
         shards = self.manifest["shards"]
         out = np.empty((sum(s["n_rows"] for s in shards), *shape0[1:]), dtype=dtype)
         lo = 0

@@ -214,15 +214,14 @@ class Store:
     def verify(self, keys: list[str] | None = None) -> list[Problem]:
         """Rehash every file of the given (default: all committed) entries against their manifests.
 
-        Files are hashed on a thread per core (hashlib and file reads release the GIL), the problems
-        reported in entry and file order whatever finishes first.
+        ``keys`` are full keys or unique prefixes, as for :meth:`open`. Files are hashed on a thread
+        per core (hashlib and file reads release the GIL), the problems reported in entry and file
+        order whatever finishes first.
         """
-        if keys is None:
-            keys = [k for k in self._keys() if self.exists(k)]
+        keys = [k for k in self._keys() if self.exists(k)] if keys is None else [self.resolve(k) for k in keys]
         problems: list[Problem] = []
         manifests: list[tuple[str, str, dict[str, Any]]] = []
         for key in keys:
-            validate_key(key)
             mpath = layout.entry_file(self._sfs, key, mf.MANIFEST_NAME)
             try:
                 _, manifest = mf.read(self._sfs, key)

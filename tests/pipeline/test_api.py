@@ -90,6 +90,49 @@ def test_load_features_ambiguous_and_missing(tmp_path):
         load_features(store, model="roberta")
 
 
+def test_key_and_names_must_agree_and_layer_must_be_an_int(tmp_path):
+    from pipeline import load_features
+    from pipeline.errors import PipelineError
+    from store import Store
+
+    store = Store(tmp_path / "fs")
+    dev, hidden, _ = _features(store, "dev", 10, 1)
+    X, _ = load_features(store, key=dev.key[:8], split="dev", model="bert", layer=2)
+    np.testing.assert_array_equal(X, hidden[:, 2, :].astype(np.float32))
+    with pytest.raises(PipelineError, match=rf"entry {dev.key[:12]} has model.name='bert', not 'llama'; drop the name or the key"):
+        load_features(store, key=dev.key[:8], model="llama")
+    with pytest.raises(PipelineError, match=r"has dataset.split='dev', not 'train'"):
+        load_features(store, key=dev.key, split="train")
+    for bad in ("4", True, 4.0):
+        with pytest.raises(ValueError, match=r"layer=.*: expected an int"):
+            load_features(store, key=dev.key, layer=bad)
+
+
+def test_pooler_output_loads_as_its_one_layer(tmp_path):
+    """What the LLMEmbed head reads as ``bert:pooler``; a model without a trained pooler says so."""
+    from pipeline import load_features
+    from pipeline.errors import PipelineError
+    from store import Store, fingerprint
+
+    store = Store(tmp_path / "fs")
+    plain, _, _ = _features(store, "dev", 10, 1)
+    desc = {"kind": "features", "dataset": {"name": "sst2", "split": "dev"}, "model": {"name": "pooled"}, "n_layers": N_LAYERS}
+    pooler = np.random.default_rng(0).standard_normal((8, 1, WIDTH)).astype(np.float16)
+    w = store.writer(fingerprint(desc), desc, n_shards=1)
+    table = pd.DataFrame({"row": np.arange(8), "label": np.arange(8) % 2, "text": list("abcdefgh")})
+    w.write_shard(0, {"hidden/mean": np.zeros((8, N_LAYERS + 1, WIDTH), np.float16), "hidden/pooler": pooler}, table, row_start=0)
+    w.commit()
+    for layer in (0, -1):
+        X, y = load_features(store, model="pooled", pooling="pooler", layer=layer)
+        np.testing.assert_array_equal(X, pooler[:, 0, :].astype(np.float32))
+    with pytest.raises(ValueError, match=r"layer=1: expected 0..0 \(or -1..-1\) \(the pooler output is one layer\)"):
+        load_features(store, model="pooled", pooling="pooler", layer=1)
+    with pytest.raises(PipelineError, match=rf"entry {plain.key[:12]} has no pooler output"):
+        load_features(store, model="bert", pooling="pooler", layer=0)
+    with pytest.raises(ValueError, match=r"pooling='cls': expected one of \['mean', 'first', 'last', 'pooler'\]"):
+        load_features(store, model="bert", pooling="cls")
+
+
 def test_importing_the_config_does_not_import_the_stages():
     code = "import sys, pipeline.config; import pipeline; print(any(m.startswith(('stages', 'torch', 'dask')) for m in sys.modules))"
     proc = subprocess.run(

@@ -154,6 +154,11 @@ def test_store_ls_and_verify_on_empty_store(tmp_path):
     assert run_cli("store", "gc", "--dry-run", "--store", store).returncode == 0
 
 
+def test_store_ls_refuses_an_unknown_kind_instead_of_listing_nothing(tmp_path):
+    proc = run_cli("store", "ls", "--kind", "head", "--store", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "invalid choice: 'head' (choose from 'features', 'scores', 'heads')" in proc.stderr, proc.stderr
+
+
 def _store_with_entries(path, n=2):
     from store import Store, fingerprint
 

@@ -36,6 +36,7 @@ def test_flipped_byte(entry_dir):
     path.write_bytes(bytes(data))
     problems = store.verify([key])
     assert [(p.path, p.reason) for p in problems] == [(str(path), "sha256 mismatch")]
+    assert store.verify([key[:8]]) == store.verify([key[:16]]) == problems  # a prefix, as open and the CLI take
     text, code = commands.verify(store, [key])
     assert code == 1 and f"{path}: sha256 mismatch" in text
     with pytest.raises(CorruptEntryError, match="shard_00001.h5: sha256 mismatch"):

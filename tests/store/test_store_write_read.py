@@ -51,8 +51,11 @@ def test_read_returns_what_the_lazy_array_computes(tmp_path, write_entry):
         got = entry.read(name)
         np.testing.assert_array_equal(got, np.concatenate([i[0][name] for i in inputs]))
         assert got.dtype == entry.array(name).dtype and got.flags.c_contiguous and got.flags.writeable
-    with pytest.raises(CorruptEntryError, match="use per_shard"):
-        entry.read("ffn/fire_count")  # one row per shard, not per text
+    for lazy_or_not in (entry.read, entry.array):  # one row per threshold in each shard, not one per text
+        with pytest.raises(
+            ValueError, match=r"'ffn/fire_count' .* is per shard, not per row \(shard 0 holds \(3, 6\) for its 5 rows\); use per_shard"
+        ):
+            lazy_or_not("ffn/fire_count")
     with pytest.raises(KeyError, match="no dataset 'hidden/last'"):
         entry.read("hidden/last")
 
