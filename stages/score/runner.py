@@ -357,7 +357,10 @@ def _sink_section(var: pd.DataFrame, requests) -> list[str]:
         "Per sentence and layer, the largest hidden-state norm over the median one, among the tokens that enter the mean "
         "(special tokens and a prepended sink excluded); the median over sentences is shown for the worst layer. A value in "
         "the hundreds means one token (a sink) dominates the mean-pooled vector. `sink = auto` prepends the model's BOS to "
-        "decoder models whose tokenizer adds none, so no real word becomes the sink.",
+        "decoder models whose tokenizer adds none, so no real word becomes the sink. The ratio finds sinks in a pre-norm "
+        "residual stream (Llama's layers below its final norm); a state taken after a normalisation (every layer of a "
+        "post-norm encoder such as BERT, RoBERTa and MPNet, the last layer of Llama and T5) has each token rescaled to "
+        "about the same norm, so its ratio stays near 1 (exactly 1 with untrained norm weights) whatever the attention does.",
         "",
         md_table(pd.DataFrame(rows)),
         "",

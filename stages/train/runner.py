@@ -214,11 +214,14 @@ def select_probes(
             src, dst = head_file(f"probe:{model}:{layer}:{pooling}"), head_file(f"{head}:{model}:{pooling}")
             for suffix in heads_format.SUFFIXES:
                 chosen[f"{dst}.{suffix}"] = blobs[f"{src}.{suffix}"]
-    return rows, selection_record(df, model, pooling, n_layers, sel, top, best), chosen
+    record = selection_record(df, model, pooling, n_layers, sel, top, best, include_embeddings=cfg.train.include_embeddings)
+    return rows, record, chosen
 
 
-def selection_record(df: pd.DataFrame, model: str, pooling: str, n_layers: int, sel, top, best) -> dict:
-    """One row of selection.parquet: the nu-selected, top and dev-best layers and their accuracies."""
+def selection_record(df: pd.DataFrame, model: str, pooling: str, n_layers: int, sel, top, best, *, include_embeddings: bool) -> dict:
+    """One row of selection.parquet: the nu-selected, top and dev-best layers and their accuracies, and
+    the rank correlation of nu with test accuracy over the layers selection chooses among."""
+    cands = among_candidates(df, include_embeddings)
     return {
         "model": model,
         "pooling": pooling,
@@ -232,7 +235,7 @@ def selection_record(df: pd.DataFrame, model: str, pooling: str, n_layers: int, 
         "best_layer": int(best["layer"]),
         "best_dev_accuracy": float(best["dev_accuracy"]),
         "best_test_accuracy": float(best["test_accuracy"]),
-        "spearman_nu_accuracy": spearman_nu_accuracy(df["nu"].to_numpy(), df["test_accuracy"].to_numpy()),
+        "spearman_nu_accuracy": spearman_nu_accuracy(cands["nu"].to_numpy(), cands["test_accuracy"].to_numpy()),
     }
 
 
@@ -358,11 +361,16 @@ def train_section(cfg, result: TrainResult) -> str:
         f"{cfg.train.dev_split}; the variability-selected layer is the lowest nu (on {cfg.score.split}) and the best layer "
         f"the highest {cfg.train.dev_split} accuracy, both among {among} (`train.include_embeddings`); "
         f"{cfg.train.test_split} accuracy is only reported. Chance (the {cfg.data.splits[0]} majority class on "
-        f"{cfg.train.test_split}): {chance:.3f}. Full tables: train.parquet, layers.parquet, selection.parquet.",
+        f"{cfg.train.test_split}): {chance:.3f}. A probe's fit_seconds is its share of the batched sweep that fits all "
+        "layers of its model and pooling together (the sweep's time / its layers), so selected and top probes show the "
+        "same. Full tables: train.parquet, layers.parquet, selection.parquet.",
         "",
         md_table(summary),
         "",
         "### Variability-selected layer vs top layer",
+        "",
+        f"spearman_nu_accuracy: rank correlation of nu with {cfg.train.test_split} accuracy over {among}, the layers "
+        "selection chooses among (negative = lower nu goes with higher accuracy, as Xie et al. claim).",
         "",
         md_table(
             selection_df[

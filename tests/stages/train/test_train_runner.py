@@ -194,7 +194,7 @@ def test_probes_and_nu_pick_the_separable_layer(trained):
     sel = pd.read_parquet(out / "selection.parquet").set_index("model")
     assert sel.loc["alpha", "selected_layer"] == 2 and sel.loc["alpha", "best_layer"] == 2 and sel.loc["alpha", "top_layer"] == 4
     assert sel.loc["alpha", "selected_test_accuracy"] > sel.loc["alpha", "top_test_accuracy"] + 0.3
-    rho = stats.spearmanr(alpha["nu"], alpha["test_accuracy"]).statistic
+    rho = stats.spearmanr(alpha.loc[1:, "nu"], alpha.loc[1:, "test_accuracy"]).statistic  # block outputs 1..L, as selection
     assert rho < -0.8 and sel.loc["alpha", "spearman_nu_accuracy"] == pytest.approx(rho)
     test = train_df[(train_df["split"] == "test") & (train_df["models"] == "alpha")].set_index("head")
     assert test.loc["selected", "layers"] == "2" and test.loc["top", "layers"] == "4"
@@ -456,3 +456,24 @@ def test_feature_cache_reads_each_pooling_once_and_casts_one_layer_exactly():
     assert entry.reads == ["hidden/mean"]
     with pytest.raises(PipelineError, match="pooling 'last' was not extracted"):
         cache.layer(Block("alpha", 0, "last"), "train")
+
+
+@pytest.mark.parametrize("include_embeddings", [False, True])
+def test_spearman_nu_accuracy_is_over_the_layers_selection_chooses_among(include_embeddings):
+    """Layer 0 (infinite nu, chance accuracy) would turn a positive trend over layers 1..3 into a negative one."""
+    from stages.train.runner import select_layers, selection_record
+
+    df = pd.DataFrame(
+        {
+            "layer": [0, 1, 2, 3],
+            "nu": [np.inf, 1.0, 2.0, 3.0],
+            "dev_accuracy": [0.5, 0.7, 0.8, 0.9],
+            "test_accuracy": [0.5, 0.7, 0.8, 0.9],
+        }
+    )
+    record = selection_record(
+        df, "m", "mean", 3, *select_layers(df, include_embeddings=include_embeddings), include_embeddings=include_embeddings
+    )
+    expected = stats.spearmanr([4, 1, 2, 3], df["test_accuracy"]).statistic if include_embeddings else 1.0
+    assert record["spearman_nu_accuracy"] == pytest.approx(expected)
+    assert (record["spearman_nu_accuracy"] < 0) == include_embeddings
