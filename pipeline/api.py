@@ -153,7 +153,9 @@ def load_head(store, name: str | None = None, *, key: str | None = None):
     from stages.predict import _head_blocks, class_names, default_head, find_heads, label_names
 
     st = _store(store)
-    if key is None:
+    if key is not None:
+        key = st.resolve(key)  # a bad key fails with the store's message, not as a CLI head name
+    else:
         heads = sorted((i for i in st.list() if i.complete and i.kind == "heads"), key=lambda i: -(i.created or 0))
         if not heads:
             raise PipelineError(f"no heads entry in {st.url}; run `make train` first")

@@ -234,3 +234,5 @@ def test_load_head_predicts_like_the_stored_head(trained):
     assert y.dtype.kind == "i" and set(head.classes_.tolist()) == {0, 1}
     best = load_head(store, key=expected_heads_key(cfg)[:10])
     assert hasattr(best, "predict_proba")
+    with pytest.raises(ValueError, match=r"invalid store key '.*': expected a key or a unique prefix of 8\+ lowercase hex"):
+        load_head(store, key=expected_heads_key(cfg)[:10].upper())
