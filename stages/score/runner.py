@@ -278,8 +278,10 @@ def write_outputs(result: ScoreResult, cfg: ExperimentConfig, out: Path, request
     top = top_keyword_neurons(primary_threshold(result.neurons), cfg.score.top_neurons, min_fire_sentences=cfg.score.min_fires)
     write_parquet(top, out / "keyword_neurons.parquet")
     labels = np.asarray(requests[0].split.labels) if requests else np.array([])
-    has_kw = keyword_mask(list(requests[0].split.texts), keywords) if requests else np.array([], dtype=bool)
-    write_score_part(out / "report.md", score_report(result, cfg, requests, top, keywords, labels, has_kw))
+    texts = list(requests[0].split.texts) if requests else []
+    has_kw = keyword_mask(texts, keywords)
+    words = np.array([len(t.split()) for t in texts], dtype=np.int64)
+    write_score_part(out / "report.md", score_report(result, cfg, requests, top, keywords, labels, has_kw, words))
     log.info("score: wrote %s", ", ".join(str(out / n) for n in (*TABLES, "variability.png", "sparsity.png", "report.md")))
 
 
@@ -292,7 +294,14 @@ def primary_threshold(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def score_report(
-    result: ScoreResult, cfg: ExperimentConfig, requests, top: pd.DataFrame, keywords: list[str], labels: np.ndarray, has_kw: np.ndarray
+    result: ScoreResult,
+    cfg: ExperimentConfig,
+    requests,
+    top: pd.DataFrame,
+    keywords: list[str],
+    labels: np.ndarray,
+    has_kw: np.ndarray,
+    words: np.ndarray,
 ) -> str:
     random_models = [f"{r.model.name} ({r.spec.source})" for r in requests if r.spec.random_init]
     var = result.variability
@@ -326,7 +335,7 @@ def score_report(
     ]
     parts += _sink_section(var, requests)
     parts += _sparsity_section(spa, requests)
-    parts += _keyword_section(result, cfg, top, keywords, labels, has_kw)
+    parts += _keyword_section(result, cfg, top, keywords, labels, has_kw, words, random_models)
     return "\n".join(parts)
 
 
@@ -424,7 +433,14 @@ def class_concentration(top: pd.DataFrame, labels: np.ndarray, has_kw: np.ndarra
 
 
 def _keyword_section(
-    result: ScoreResult, cfg: ExperimentConfig, top: pd.DataFrame, keywords: list[str], labels: np.ndarray, has_kw: np.ndarray
+    result: ScoreResult,
+    cfg: ExperimentConfig,
+    top: pd.DataFrame,
+    keywords: list[str],
+    labels: np.ndarray,
+    has_kw: np.ndarray,
+    words: np.ndarray,
+    random_models: list[str],
 ) -> list[str]:
     neurons = primary_threshold(result.neurons)
     if neurons.empty or "keyword_base_rate" not in neurons:
@@ -443,6 +459,19 @@ def _keyword_section(
         "correction over them. Full table: keyword_neurons.parquet.",
         "",
     ]
+    if has_kw.any() and (~has_kw).any() and len(words) == len(has_kw):
+        control = (
+            f" The random-weight models ({', '.join(random_models)}) are a negative control: each of their neurons that "
+            "survives is a false positive of this test."
+            if random_models
+            else ""
+        )
+        parts += [
+            "Caveat: the test takes every sentence as equally likely to fire a neuron, but a longer sentence has more "
+            f"tokens that can fire; here sentences with a keyword average {words[has_kw].mean():.1f} words, the others "
+            f"{words[~has_kw].mean():.1f}.{control}",
+            "",
+        ]
     if len(labels):
         kw = class_concentration(top, labels, has_kw, p_max=0.05 / m) if len(top) else None
         if kw is not None:

@@ -221,3 +221,20 @@ def test_distributed_cluster_gives_identical_tables(scored, tmp_path):
         remote = run_score(cfg, store, tmp_path, scheduler=cluster.scheduler_address, progress=False)
     for a, b in ((result.variability, remote.variability), (result.sparsity, remote.sparsity), (result.neurons, remote.neurons)):
         pd.testing.assert_frame_equal(a, b)
+
+
+def test_keyword_section_states_the_length_confound_with_measured_lengths(scored):
+    """Keyword sentences are longer, so they fire more neurons by chance; the report says by how much, from the texts."""
+    from stages.entries import load_keywords
+    from stages.score.sparsity import keyword_mask
+
+    cfg, store, out, result, store_dir = scored
+    texts = list(_request(cfg, "llama").split.texts)
+    has = keyword_mask(texts, load_keywords(cfg.score.keywords))
+    assert 0 < has.sum() < len(texts)
+    words = np.array([len(t.split()) for t in texts])
+    report = (out / "report.md").read_text()
+    assert (
+        f"here sentences with a keyword average {words[has].mean():.1f} words, the others {words[~has].mean():.1f}. "
+        "The random-weight models (llama (tiny-random-llama), t5 (tiny-random-t5)) are a negative control" in report
+    )
