@@ -125,11 +125,17 @@ def load_features(
 
 
 class LabelledHead:
-    """A fitted head whose ``predict`` returns class names; ``predict_proba`` columns follow ``classes_``."""
+    """A fitted head whose ``predict`` returns class names; ``predict_proba`` columns follow ``classes_``.
 
-    def __init__(self, head: Any, classes: list):
+    ``name`` is the head's name in its heads entry and ``blocks`` the features it reads, as
+    ``model:layer:pooling``: a probe reads one block, a fused head a dict with these keys.
+    """
+
+    def __init__(self, head: Any, classes: list, name: str = "", blocks: list[str] | None = None):
         self.head = head
         self.classes_ = np.asarray(classes)
+        self.name = name
+        self.blocks = list(blocks or [])
 
     def predict_proba(self, X) -> np.ndarray:
         return self.head.predict_proba(X)
@@ -138,7 +144,7 @@ class LabelledHead:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
     def __repr__(self) -> str:
-        return f"LabelledHead({self.head!r}, classes={list(self.classes_)})"
+        return f"LabelledHead({self.name!r}, blocks={self.blocks}, classes={self.classes_.tolist()})"
 
 
 def load_head(store, name: str | None = None, *, key: str | None = None):
@@ -163,5 +169,6 @@ def load_head(store, name: str | None = None, *, key: str | None = None):
             log.info("several experiments have heads in %s; using the newest (%s); pass key= to choose", st.url, heads[0].name)
         key = heads[0].key
     entry, chosen = find_heads(st, key if name is None else f"{key}:{name}")
-    head, _ = _head_blocks(chosen or default_head(entry), entry)
-    return LabelledHead(head, class_names(head, label_names(entry)))
+    name = chosen or default_head(entry)
+    head, blocks = _head_blocks(name, entry)
+    return LabelledHead(head, class_names(head, label_names(entry)), name, [str(b) for b in blocks])

@@ -223,7 +223,7 @@ def test_load_head_predicts_like_the_stored_head(trained):
     """`load_head` + `load_features` in a notebook give what the head gives on the stored features."""
     from pipeline import load_features, load_head
     from stages.entries import expected_heads_key
-    from stages.predict import _head_blocks, heads_entry
+    from stages.predict import _head_blocks, default_head, heads_entry
 
     cfg, store, _ = trained
     X, y = load_features(store, dataset="sst2", split=cfg.train.dev_split, model="t5", layer=1)
@@ -232,7 +232,11 @@ def test_load_head_predicts_like_the_stored_head(trained):
     np.testing.assert_allclose(head.predict_proba(X), ref.predict_proba(X), rtol=0, atol=0)
     np.testing.assert_array_equal(head.predict(X), ref.predict(X))
     assert y.dtype.kind == "i" and set(head.classes_.tolist()) == {0, 1}
+    assert head.name == "probe:t5:1:mean" and head.blocks == ["t5:1:mean"]
+    assert repr(head) == "LabelledHead('probe:t5:1:mean', blocks=['t5:1:mean'], classes=[0, 1])"
     best = load_head(store, key=expected_heads_key(cfg)[:10])
-    assert hasattr(best, "predict_proba")
+    assert hasattr(best, "predict_proba") and best.name == default_head(heads_entry(cfg, store))
+    fusion = load_head(store, "fusion")
+    assert fusion.blocks == fusion.head.block_names_ and len(fusion.blocks) > 1
     with pytest.raises(ValueError, match=r"invalid store key '.*': expected a key or a unique prefix of 8\+ lowercase hex"):
         load_head(store, key=expected_heads_key(cfg)[:10].upper())
