@@ -162,7 +162,8 @@ class Entry:
         rows = self.manifest["shards"][0]["n_rows"]
         if shape0[0] != rows:
             raise ValueError(
-                f"dataset {name!r} of entry {self.key} is per shard, not per row (shard 0 holds {shape0} for its {rows} rows); use per_shard"
+                f"dataset {name!r} of entry {self.key} is not one row per text (shard 0 holds {shape0} for its {rows} rows): "
+                "a per-shard dataset (use per_shard), or a damaged entry (`store verify` checks it)"
             )
         return shape0, dtype
 

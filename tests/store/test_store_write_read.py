@@ -53,7 +53,8 @@ def test_read_returns_what_the_lazy_array_computes(tmp_path, write_entry):
         assert got.dtype == entry.array(name).dtype and got.flags.c_contiguous and got.flags.writeable
     for lazy_or_not in (entry.read, entry.array):  # one row per threshold in each shard, not one per text
         with pytest.raises(
-            ValueError, match=r"'ffn/fire_count' .* is per shard, not per row \(shard 0 holds \(3, 6\) for its 5 rows\); use per_shard"
+            ValueError,
+            match=r"'ffn/fire_count' .* is not one row per text \(shard 0 holds \(3, 6\) for its 5 rows\): a per-shard dataset \(use per_shard\)",
         ):
             lazy_or_not("ffn/fire_count")
     with pytest.raises(KeyError, match="no dataset 'hidden/last'"):
