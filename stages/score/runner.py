@@ -462,7 +462,7 @@ def _keyword_section(
     if has_kw.any() and (~has_kw).any() and len(words) == len(has_kw):
         control = (
             f" The random-weight models ({', '.join(random_models)}) are a negative control: each of their neurons that "
-            "survives is a false positive of this test."
+            "survives does so without learned meaning (through which tokens a sentence has, and how many)."
             if random_models
             else ""
         )

@@ -59,7 +59,10 @@ class FeatureCache:
         """One layer's features as float32 (torch casts float16 about 4x faster than numpy here)."""
         import torch
 
-        return torch.from_numpy(self.get(block.model, block.pooling, split)[:, block.layer, :]).to(torch.float32).numpy()
+        x = self.get(block.model, block.pooling, split)[:, block.layer, :]
+        if not x.dtype.isnative:  # an HDF5 file written big-endian elsewhere: torch takes native byte order only
+            return np.asarray(x, dtype=np.float32)
+        return torch.from_numpy(x).to(torch.float32).numpy()
 
 
 def _labels(entry) -> np.ndarray:
@@ -361,9 +364,9 @@ def train_section(cfg, result: TrainResult) -> str:
         f"{cfg.train.dev_split}; the variability-selected layer is the lowest nu (on {cfg.score.split}) and the best layer "
         f"the highest {cfg.train.dev_split} accuracy, both among {among} (`train.include_embeddings`); "
         f"{cfg.train.test_split} accuracy is only reported. Chance (the {cfg.data.splits[0]} majority class on "
-        f"{cfg.train.test_split}): {chance:.3f}. A probe's fit_seconds is its share of the batched sweep that fits all "
-        "layers of its model and pooling together (the sweep's time / its layers), so selected and top probes show the "
-        "same. Full tables: train.parquet, layers.parquet, selection.parquet.",
+        f"{cfg.train.test_split}): {chance:.3f}. A probe's fit_seconds is its share of the batch of layers fitted together "
+        "with it (the batch's time / its layers; `train` batches as many layers of a model and pooling as fit in 1 GiB). "
+        "Full tables: train.parquet, layers.parquet, selection.parquet.",
         "",
         md_table(summary),
         "",

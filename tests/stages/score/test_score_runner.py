@@ -236,5 +236,6 @@ def test_keyword_section_states_the_length_confound_with_measured_lengths(scored
     report = (out / "report.md").read_text()
     assert (
         f"here sentences with a keyword average {words[has].mean():.1f} words, the others {words[~has].mean():.1f}. "
-        "The random-weight models (llama (tiny-random-llama), t5 (tiny-random-t5)) are a negative control" in report
+        "The random-weight models (llama (tiny-random-llama), t5 (tiny-random-t5)) are a negative control: each of their "
+        "neurons that survives does so without learned meaning" in report
     )

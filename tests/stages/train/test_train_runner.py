@@ -442,11 +442,12 @@ class _CountingEntry:
         return self.arrays[name].copy()
 
 
-def test_feature_cache_reads_each_pooling_once_and_casts_one_layer_exactly():
+@pytest.mark.parametrize("dtype", ["<f2", ">f2", "<f4"])  # as extract writes it, big-endian from elsewhere, float32
+def test_feature_cache_reads_each_pooling_once_and_casts_one_layer_exactly(dtype):
     from pipeline.blocks import Block
     from stages.train.runner import FeatureCache
 
-    stored = np.random.default_rng(0).standard_normal((7, 4, 5)).astype(np.float16)
+    stored = np.random.default_rng(0).standard_normal((7, 4, 5)).astype(dtype)
     entry = _CountingEntry({"hidden/mean": stored})
     cache = FeatureCache({("alpha", "train"): entry})
     for layer in range(4):
