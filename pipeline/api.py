@@ -28,7 +28,7 @@ def _store(store):
 
 
 def _feature_entry(st, dataset, split, model, key):
-    from store.store import display_name
+    from store.store import display_name, lookup
 
     match = {k: v for k, v in (("dataset.name", dataset), ("dataset.split", split), ("model.name", model)) if v is not None}
     if key is not None:
@@ -36,10 +36,10 @@ def _feature_entry(st, dataset, split, model, key):
         if entry.description.get("kind") != "features":
             raise PipelineError(f"entry {entry.key[:12]} is a {entry.description.get('kind')} entry, not features")
         for dotted, wanted in match.items():
-            group, field = dotted.split(".")
-            have = entry.description.get(group, {}).get(field)
+            have = lookup(entry.description, dotted)
             if have != wanted:
-                raise PipelineError(f"entry {entry.key[:12]} has {dotted}={have!r}, not {wanted!r}; drop the name or the key")
+                found = f"{dotted}={have!r}" if isinstance(have, str) else f"no {dotted}"
+                raise PipelineError(f"entry {entry.key[:12]} has {found}, not {wanted!r}; drop the name or the key")
         return entry
     found = st.find(kind="features", **match)
     if not found:

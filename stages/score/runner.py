@@ -459,7 +459,7 @@ def _keyword_section(
         "correction over them. Full table: keyword_neurons.parquet.",
         "",
     ]
-    if has_kw.any() and (~has_kw).any() and len(words) == len(has_kw):
+    if has_kw.any() and (~has_kw).any():
         control = (
             f" The random-weight models ({', '.join(random_models)}) are a negative control: each of their neurons that "
             "survives does so without learned meaning (through which tokens a sentence has, and how many)."
